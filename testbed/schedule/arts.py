@@ -1,0 +1,77 @@
+"""ARTS (Hyperion's Stage 2, HypSched-RT): least predicted finish delay per stage.
+
+Our reconstruction (ALGORITHMS.md, Stage 2): for each stage, among the up replicas with memory
+headroom for the request's KV cache there, pick argmin d_k = (queued_work_s_k + work_s_k) /
+C_hat_k; ties go to the larger C_hat, then to the smaller name. If no up replica has headroom
+the filter is dropped for that stage (the request still needs a route; the stage server will
+queue or refuse it). C_hat_k starts at the snapshot's ``capacity`` prior and is refined by an
+EWMA of observed speed = predicted_work_s / service_s from completions, clamped to
+[min_capacity, max_capacity].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from testbed.schedule.base import (
+    SCHEDULERS,
+    ClusterSnapshot,
+    NodeState,
+    RequestView,
+    Route,
+    Scheduler,
+    StageCompletion,
+    up_nodes,
+)
+
+
+@SCHEDULERS.register("arts")
+@dataclass(frozen=True)
+class Arts(Scheduler):
+    """ARTS: least predicted finish delay, capacity learned from completions (EWMA)."""
+
+    alpha: float = 0.2  # EWMA weight of a new speed observation (0 = never learn)
+    use_memory_filter: bool = True  # skip replicas without KV headroom for the request
+    min_capacity: float = 0.01  # clamp for observed speed and C_hat
+    max_capacity: float = 100.0
+
+    # mutable state, per instance (set in __post_init__; ClassVar keeps it out of the parameters)
+    _c_hat: ClassVar[dict[str, float]]  # node -> learned speed factor
+    _prior: ClassVar[dict[str, float]]  # node -> last capacity prior seen in a snapshot
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.min_capacity <= self.max_capacity:
+            raise ValueError("need 0 < min_capacity <= max_capacity")
+        object.__setattr__(self, "_c_hat", {})
+        object.__setattr__(self, "_prior", {})
+
+    def capacity(self, node: NodeState) -> float:
+        """C_hat for ``node``: the learned estimate, else the snapshot's prior."""
+        self._prior[node.name] = node.capacity
+        return self._c_hat.get(node.name, node.capacity)
+
+    def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:
+        route = []
+        for s, stage in enumerate(snapshot.stages):
+            live = up_nodes(stage, s)
+            kv = request.kv_bytes[s] if s < len(request.kv_bytes) else 0
+            fits = [n for n in live if n.mem_free_bytes >= kv] if self.use_memory_filter else []
+            best = min(fits or live, key=lambda n: self._key(n, request))
+            route.append(best.name)
+        return tuple(route)
+
+    def _key(self, node: NodeState, request: RequestView) -> tuple[float, float, str]:
+        c = max(self.capacity(node), self.min_capacity)
+        return ((node.queued_work_s + request.work_s[node.name]) / c, -c, node.name)
+
+    def on_complete(self, event: StageCompletion) -> None:
+        if self.alpha == 0.0 or event.service_s <= 0.0 or event.predicted_work_s <= 0.0:
+            return
+        speed = min(
+            max(event.predicted_work_s / event.service_s, self.min_capacity), self.max_capacity
+        )
+        old = self._c_hat.get(event.node, self._prior.get(event.node, 1.0))
+        self._c_hat[event.node] = (1.0 - self.alpha) * old + self.alpha * speed
