@@ -49,7 +49,8 @@ class Arts(Scheduler):
         object.__setattr__(self, "_prior", {})
 
     def capacity(self, node: NodeState) -> float:
-        """C_hat for ``node``: the learned estimate, else the snapshot's prior."""
+        """C_hat for ``node``: the learned estimate, else the snapshot's prior (remembered as the
+        EWMA's starting point)."""
         self._prior[node.name] = node.capacity
         return self._c_hat.get(node.name, node.capacity)
 
