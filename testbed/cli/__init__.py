@@ -1,0 +1,1 @@
+"""Command line (orchestration layer). ``asyncio.run`` lives only here."""

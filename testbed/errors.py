@@ -1,0 +1,57 @@
+"""The testbed's error hierarchy.
+
+Every error the testbed raises on purpose derives from :class:`TestbedError`; each subclass
+also derives from the matching built-in so callers can catch either (``except ValueError``
+works for a bad config, ``except TimeoutError`` for a stage timeout).
+Messages name the file, the field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+
+class TestbedError(Exception):
+    """Root of every error the testbed raises deliberately."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    exit_code: int = 1
+
+
+class ConfigError(TestbedError, ValueError):
+    """A topology, scenario, profile or CLI value is invalid. Exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+        self.source = source
+        self.field = field
+        prefix = ""
+        if source:
+            prefix += f"{source}: "
+        if field:
+            prefix += f"{field}: "
+        super().__init__(prefix + message)
+
+
+class InfeasibleError(TestbedError, ValueError):
+    """No partition fits the tiers' memory (names the tier and the shortfall). Exit code 2."""
+
+    exit_code = 2
+
+
+class StageError(TestbedError, RuntimeError):
+    """A stage server refused or failed a request."""
+
+
+class StageTimeoutError(StageError, TimeoutError):
+    """A stage server did not answer in time."""
+
+
+class RuntimeBackendError(TestbedError, RuntimeError):
+    """Starting, shaping or stopping nodes failed (Docker, netlink, processes)."""
+
+
+class WorkloadError(TestbedError, ValueError):
+    """A trace file is malformed beyond what can be skipped. Exit code 2."""
+
+    exit_code = 2

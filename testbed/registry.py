@@ -1,0 +1,107 @@
+"""Name -> class registries for plug-in policies (partitioners, schedulers).
+
+A plug-in is one small file: a frozen dataclass whose fields are its parameters, decorated with
+``@PARTITIONERS.register("name")`` (or SCHEDULERS). CLI choices and contract tests read the
+registry, so adding a policy touches no other file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+from testbed.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, package: str):
+        self.kind = kind  # "partitioner" / "scheduler", for messages
+        self._package = package  # modules in this package are imported to fill the registry
+        self._entries: dict[str, type[T]] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def deco(cls: type[T]) -> type[T]:
+            if name in self._entries and self._entries[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            if not dataclasses.is_dataclass(cls):
+                raise TypeError(
+                    f"{self.kind} {name!r} must be a dataclass (its fields are its parameters)"
+                )
+            self._entries[name] = cls
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
+
+        return deco
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        pkg = importlib.import_module(self._package)
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{self._package}.{mod.name}")
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def get(self, name: str) -> type[T]:
+        self._load()
+        try:
+            return self._entries[name]
+        except KeyError:
+            import difflib
+
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}{hint}; choose one of: {', '.join(self.names())}"
+            ) from None
+
+    def params(self, name: str) -> list[dataclasses.Field[Any]]:
+        return list(dataclasses.fields(self.get(name)))  # type: ignore[arg-type]
+
+    def create(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        source: str | None = None,
+        field: str | None = None,
+    ) -> T:
+        """Instantiate ``name`` with ``params``; unknown or ill-typed parameters are a ConfigError."""
+        cls = self.get(name)
+        params = dict(params or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        for key in params:
+            if key not in known:
+                raise ConfigError(
+                    f"{self.kind} {name!r} has no parameter {key!r}; its parameters are: "
+                    f"{', '.join(known) or '(none)'}",
+                    source=source,
+                    field=field,
+                )
+        try:
+            return cls(**params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.kind} {name!r}: {exc}", source=source, field=field) from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """For `testbed list`: name, doc line, parameters with defaults."""
+        out = []
+        for name in self.names():
+            cls = self._entries[name]
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            ps = []
+            for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+                default = f.default if f.default is not dataclasses.MISSING else None
+                ps.append({"name": f.name, "default": default})
+            out.append({"name": name, "doc": doc, "params": ps})
+        return out

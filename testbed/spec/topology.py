@@ -1,0 +1,188 @@
+"""Topology files: ordered tiers of heterogeneous nodes joined by links.
+
+name: three-tier
+tiers:                       # ordered: first = closest to the user (edge)
+  - name: edge
+    lan: {bandwidth: 1Gbit, delay: 0.2ms}
+    nodes:
+      - {name: edge-1, device: jetson-orin-nano}
+      - {name: edge-2, device: {base: jetson-orin-nano, mem: 4GiB}}
+      - {name: edge-x, device: raspberry-pi-5, count: 2}      # edge-x-1, edge-x-2
+  - name: fog ...
+links:                       # between consecutive tiers
+  - {from: edge, to: fog, bandwidth: 100Mbit, delay: 10ms, jitter: 2ms, loss: 0.1%}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from testbed.errors import ConfigError
+from testbed.spec.devices import DeviceProfile, resolve_device
+from testbed.spec.loading import read_mapping, validate
+from testbed.spec.quantities import Percent, RateBps, Seconds
+
+_NAME = r"^[a-z0-9][a-z0-9_.-]{0,40}$"
+
+
+class LinkSpec(BaseModel):
+    """A shaped link (one direction's parameters; both directions get the same)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    bandwidth_bps: RateBps = Field(alias="bandwidth", gt=0)
+    delay_s: Seconds = Field(default=0.0, alias="delay")  # one-way
+    jitter_s: Seconds = Field(default=0.0, alias="jitter")  # uniform in delay +- jitter
+    loss_pct: Percent = Field(default=0.0, alias="loss")  # per packet, percent
+
+    @model_validator(mode="after")
+    def _jitter_le_delay(self) -> LinkSpec:
+        if self.jitter_s > self.delay_s:
+            raise ValueError(
+                f"jitter ({self.jitter_s * 1e3:g}ms) is larger than delay ({self.delay_s * 1e3:g}ms); "
+                "jitter is drawn in delay +- jitter, so make jitter <= delay"
+            )
+        return self
+
+
+class InterTierLink(LinkSpec):
+    src: str = Field(alias="from")  # tier name
+    dst: str = Field(alias="to")  # tier name
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_NAME)
+    device: DeviceProfile
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _resolve(cls, v: Any) -> Any:
+        return resolve_device(v)
+
+
+class Tier(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_NAME)
+    nodes: tuple[Node, ...] = Field(min_length=1)
+    lan: LinkSpec = LinkSpec(bandwidth="10Gbit", delay="0.1ms")  # between nodes of this tier
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _expand_count(cls, v: Any) -> Any:
+        """``count: k`` on a node entry makes k nodes named NAME-1..NAME-k."""
+        if not isinstance(v, list):
+            return v
+        out: list[Any] = []
+        for entry in v:
+            if isinstance(entry, dict) and "count" in entry:
+                count = entry["count"]
+                if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                    raise ValueError(f"count must be a whole number >= 1, got {count!r}")
+                base = {k: x for k, x in entry.items() if k != "count"}
+                for i in range(1, count + 1):
+                    out.append({**base, "name": f"{base.get('name', 'node')}-{i}"})
+            else:
+                out.append(entry)
+        return out
+
+
+class Topology(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=_NAME)
+    description: str = ""
+    tiers: tuple[Tier, ...] = Field(min_length=1)
+    links: tuple[InterTierLink, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> Topology:
+        tier_names = [t.name for t in self.tiers]
+        dup = {n for n in tier_names if tier_names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tier names must be unique; repeated: {', '.join(sorted(dup))}")
+        node_names = [n.name for t in self.tiers for n in t.nodes]
+        dup = {n for n in node_names if node_names.count(n) > 1}
+        if dup:
+            raise ValueError(
+                f"node names must be unique across tiers; repeated: {', '.join(sorted(dup))}"
+            )
+        index = {n: i for i, n in enumerate(tier_names)}
+        seen: set[tuple[int, int]] = set()
+        for k, link in enumerate(self.links):
+            for end in (link.src, link.dst):
+                if end not in index:
+                    import difflib
+
+                    close = difflib.get_close_matches(end, tier_names, n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise ValueError(
+                        f"links[{k}]: tier {end!r} does not exist; {hint}tiers are: {', '.join(tier_names)}"
+                    )
+            a, b = index[link.src], index[link.dst]
+            if abs(a - b) != 1:
+                raise ValueError(
+                    f"links[{k}]: {link.src} -> {link.dst} does not join consecutive tiers; "
+                    f"links go between neighbours in the order {' -> '.join(tier_names)}"
+                )
+            key = (min(a, b), max(a, b))
+            if key in seen:
+                raise ValueError(
+                    f"links[{k}]: {link.src} <-> {link.dst} is defined twice; keep one"
+                )
+            seen.add(key)
+        missing = [
+            f"{tier_names[j]} -> {tier_names[j + 1]}"
+            for j in range(len(tier_names) - 1)
+            if (j, j + 1) not in seen
+        ]
+        if missing:
+            raise ValueError(
+                f"no link between consecutive tiers {', '.join(missing)}; add e.g. "
+                f"{{from: {tier_names[0]}, to: {tier_names[1] if len(tier_names) > 1 else '?'}, bandwidth: 100Mbit, delay: 10ms}}"
+            )
+        return self
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+    def tier_index(self, name: str) -> int:
+        return self.tier_names.index(name)
+
+    def uplink(self, j: int) -> LinkSpec | None:
+        """The link from tier j to tier j+1 (None for the last tier)."""
+        if j >= len(self.tiers) - 1:
+            return None
+        a, b = self.tiers[j].name, self.tiers[j + 1].name
+        for link in self.links:
+            if {link.src, link.dst} == {a, b}:
+                return link
+        return None  # unreachable after validation
+
+    def nodes(self) -> list[tuple[int, Node]]:
+        return [(j, n) for j, t in enumerate(self.tiers) for n in t.nodes]
+
+    def node(self, name: str) -> tuple[int, Node]:
+        for j, n in self.nodes():
+            if n.name == name:
+                return j, n
+        raise KeyError(name)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology YAML file; errors name the file, field and fix (exit 2)."""
+    data = read_mapping(path, "topology")
+    return validate(Topology, data, str(path))
+
+
+def topology_from_dict(data: dict[str, Any], source: str = "<topology>") -> Topology:
+    if not isinstance(data, dict):
+        raise ConfigError("a topology must be a mapping", source=source)
+    return validate(Topology, data, source)
