@@ -19,9 +19,10 @@ from testbed.partition.base import PartitionProblem
 from testbed.units import fmt_bytes
 
 
-class MemoryShortfallError(InfeasibleError):
-    """No split fits: an InfeasibleError (hence TestbedError and ValueError) that also carries
-    the binding tier and its shortfall for programs (None where no single tier explains it)."""
+class InfeasibleSplitError(InfeasibleError):
+    """No split fits (memory, or fewer blocks than tiers): an InfeasibleError (hence TestbedError
+    and ValueError) that also carries the binding tier and its memory shortfall in bytes for
+    programs (None where no single tier explains it)."""
 
     def __init__(
         self,
@@ -106,7 +107,7 @@ def check_block_count(problem: PartitionProblem, allow_empty: bool) -> None:
     """>= 1 block per tier needs N >= T."""
     n, t = problem.num_blocks, problem.num_tiers
     if not allow_empty and n < t:
-        raise MemoryShortfallError(
+        raise InfeasibleSplitError(
             f"{n} block(s) cannot give each of the {t} tiers at least one; "
             "allow empty tiers (allow_empty=True) or use fewer tiers"
         )
@@ -120,7 +121,7 @@ def _blocks(a: int, b: int) -> str:
     return f"block {a}" if b - a == 1 else f"blocks {a}..{b - 1}"
 
 
-def infeasible_error(problem: PartitionProblem, allow_empty: bool) -> MemoryShortfallError:
+def infeasible_error(problem: PartitionProblem, allow_empty: bool) -> InfeasibleSplitError:
     """Explain why no split fits memory.
 
     For every tier j it computes the least memory tier j would need if it alone were enlarged
@@ -145,7 +146,7 @@ def infeasible_error(problem: PartitionProblem, allow_empty: bool) -> MemoryShor
         least = float(range_mem[ra, rb])
         fixes.append((least - float(problem.tier_mem[j]), j, ra, rb, least))
     totals = f"in total the blocks need {fmt_bytes(total_need)} and the tiers offer {fmt_bytes(total_offer)}"
-    hint = "give it more memory, use a smaller model or dtype"
+    hint = "give {it} more memory, use a smaller model or dtype"
     if not allow_empty:
         relaxed = allowed_segments(problem, mem, True)
         if reach_forward(relaxed)[t, n]:
@@ -159,13 +160,13 @@ def infeasible_error(problem: PartitionProblem, allow_empty: bool) -> MemoryShor
         ]
         alt = f"; other single-tier fixes: {', '.join(others)}" if others else ""
         msg = (
-            f"no split of the {n} blocks fits memory: {_tier(problem, j)} needs at least "
-            f"{fmt_bytes(need)} for its smallest feasible range ({_blocks(a, b)}) but offers "
-            f"{fmt_bytes(float(problem.tier_mem[j]))} (short by {fmt_bytes(short)}); {hint}"
-            f"{alt} ({totals})"
+            f"no split of the {n} blocks fits memory: {_tier(problem, j)} offers "
+            f"{fmt_bytes(float(problem.tier_mem[j]))} but must hold at least {_blocks(a, b)} "
+            f"({fmt_bytes(need)}) for the other tiers to fit theirs (short by {fmt_bytes(short)}, "
+            f"the smallest single-tier shortfall); {hint.format(it='it')}{alt} ({totals})"
         )
         name = problem.tier_names[j] if problem.tier_names else None
-        return MemoryShortfallError(msg, tier_index=j, tier_name=name, shortfall_bytes=short)
+        return InfeasibleSplitError(msg, tier_index=j, tier_name=name, shortfall_bytes=short)
     # No single tier helps: name the tiers that cannot hold even their smallest possible block.
     small: list[tuple[int, float]] = []
     for j in range(t):
@@ -180,9 +181,9 @@ def infeasible_error(problem: PartitionProblem, allow_empty: bool) -> MemoryShor
     ]
     detail = "; ".join(parts) if parts else "the tiers are too small together"
     first = small[0] if small else None
-    return MemoryShortfallError(
+    return InfeasibleSplitError(
         f"no split of the {n} blocks fits memory, and enlarging any single tier would not help: "
-        f"{detail}; {hint} ({totals})",
+        f"{detail}; {hint.format(it='them' if len(small) > 1 else 'it')} ({totals})",
         tier_index=first[0] if first else None,
         tier_name=(problem.tier_names[first[0]] if first and problem.tier_names else None),
         shortfall_bytes=(first[1] - float(problem.tier_mem[first[0]])) if first else None,
@@ -203,7 +204,7 @@ def check_cuts_fit(problem: PartitionProblem, cuts: Sequence[int], who: str) -> 
     j, a, b, need = over[0]
     offer = float(problem.tier_mem[j])
     more = f" (and {len(over) - 1} more tier(s) over)" if len(over) > 1 else ""
-    raise MemoryShortfallError(
+    raise InfeasibleSplitError(
         f"{who} puts {_blocks(a, b)} ({fmt_bytes(need)}) on {_tier(problem, j)}, which offers "
         f"{fmt_bytes(offer)} (short by {fmt_bytes(need - offer)}){more}; this split does not adapt "
         "to memory: give that tier more memory, use a smaller model or dtype, or use bsdp",

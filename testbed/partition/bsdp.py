@@ -23,6 +23,8 @@ Ours (the paper's method section is not at hand, so these are our reconstruction
 * Arithmetic: segment costs are summed once per segment in float64 and compared exactly. The
   returned ``bottleneck`` is recomputed with :func:`testbed.partition.base.split_cost`, so it
   agrees bit for bit with that definition (it may differ from the internal sum by an ulp).
+* Cost: O(T*N^2) time and memory (the segment-cost matrices), a few ms for 200 x 5 (see
+  ``benchmarks/bench_bsdp.py``); a topology of any size reduces to T effective nodes first.
 * When no split fits memory the error names the binding tier (the one whose enlargement alone
   would fix it at the least cost) and its shortfall in bytes.
 """

@@ -247,6 +247,7 @@ def test_infeasible_when_no_single_tier_can_fix_it():
         solve_split([[1.0] * 4] * 3, [GiB] * 4, [0.5 * GiB, 0.5 * GiB, 9 * GiB])
     msg = str(info.value)
     assert "tier 'tier0'" in msg and "tier 'tier1'" in msg, msg
+    assert "give them more memory" in msg and info.value.tier_index == 0
 
 
 def test_fewer_blocks_than_tiers():
