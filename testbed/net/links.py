@@ -1,0 +1,77 @@
+"""Where each topology link is shaped when the broker on the host relays hop by hop (pure).
+
+The broker (on the host) sends every hop: it POSTs tier j-1's output to a node of tier j and
+reads tier j's output from the reply. So every node's traffic with the host *is* the link
+(j-1, j) that feeds it, and we shape that path:
+
+- **downlink** (host -> node, egress of the node's host-side veth): the link's forward
+  direction: rate, delay, jitter, loss. The activations into tier j cross it once.
+- **uplink** (node -> host, egress of the node's eth0 inside its namespace): the link's
+  reverse direction: delay, jitter, loss, no rate (the node's output is rate-limited once,
+  on the next hop's downlink).
+
+A decode step thus pays each link's rate once and its delay both ways: edge -> fog ->
+cloud -> fog -> edge, the chain's round trip (the sampled token goes back along the chain),
+and every broker<->node TCP connection has the RTT and bottleneck of its link, so TCP's
+ramp-up behaves as on the real link. Tier 0 nodes (the edge, where requests arrive) are not
+shaped. A tier's ``lan`` is not used in relay mode: no hop runs between nodes of one tier.
+Each node of tier j gets its own copy of the link (replicas do not share a pipe).
+
+What the kernel cannot do (no sch_netem) goes to the app shaper as a :class:`HopShape`,
+charged on the hop into the node (see :mod:`testbed.net.appshaper`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from testbed.net.appshaper import HopShape
+from testbed.net.shaping import DirShape, ShapingBackend
+
+if TYPE_CHECKING:
+    from testbed.spec.topology import LinkSpec, Topology
+
+
+@dataclass(frozen=True)
+class NodeShaping:
+    node: str
+    tier: str
+    tier_index: int
+    link: str | None  # "edge->fog" for the link that feeds this node; None for tier 0
+    downlink: DirShape  # host -> node
+    uplink: DirShape  # node -> host
+    hop: HopShape | None  # what the app shaper charges on the hop into the node
+    configured_rtt_s: float
+    configured_rate_bps: float | None
+
+
+def node_shaping_for_link(
+    node: str,
+    tier: str,
+    tier_index: int,
+    label: str | None,
+    link: LinkSpec | None,
+    backend: ShapingBackend,
+) -> NodeShaping:
+    if link is None:
+        return NodeShaping(node, tier, tier_index, None, DirShape(), DirShape(), None, 0.0, None)
+    down = DirShape(link.bandwidth_bps, link.delay_s, link.jitter_s, link.loss_pct)
+    up = DirShape(None, link.delay_s, link.jitter_s, link.loss_pct)
+    hop = None
+    if backend != "kernel" and (down.has_impairment or backend == "app"):
+        hop = HopShape(down, up, apply_rate=backend == "app")
+    return NodeShaping(
+        node, tier, tier_index, label, down, up, hop, 2 * link.delay_s, link.bandwidth_bps
+    )
+
+
+def plan_shaping(topology: Topology, backend: ShapingBackend) -> dict[str, NodeShaping]:
+    """Per node name: what its downlink and uplink do, and its app hop (if any)."""
+    out: dict[str, NodeShaping] = {}
+    for j, tier in enumerate(topology.tiers):
+        link = topology.uplink(j - 1) if j > 0 else None
+        label = f"{topology.tiers[j - 1].name}->{tier.name}" if j > 0 else None
+        for node in tier.nodes:
+            out[node.name] = node_shaping_for_link(node.name, tier.name, j, label, link, backend)
+    return out

@@ -1,0 +1,180 @@
+"""What a running testbed looks like to its users (broker, CLI), for every runtime.
+
+``RunningTestbed`` lists the nodes with a stage base URL reachable *from the host*, their
+tier and block range, and the app-shaper hook (``before_send(nbytes)``) the stage client must
+call on the hop *into* each node when the shaping backend needs one. It is rebuilt from the
+state file (``$TESTBED_STATE_DIR`` or ``~/.local/state/testbed/<run>.json``) by
+:func:`load_running`, so another process (``testbed replay``) can use a testbed that
+``testbed up`` started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from testbed.errors import RuntimeBackendError
+from testbed.net.appshaper import AppShaper, HopShape
+from testbed.net.shaping import DirShape, ShapingBackend
+
+RuntimeName = Literal["docker", "local"]
+LABEL_RUN = "testbed.run"
+LABEL_NODE = "testbed.node"
+LABEL_TIER = "testbed.tier"
+STAGE_PORT = 8000
+PROBE_PORT = 9101
+
+
+def state_dir() -> Path:
+    env = os.environ.get("TESTBED_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "testbed"
+
+
+def new_run_id() -> str:
+    return "tb" + secrets.token_hex(4)
+
+
+@dataclass(frozen=True)
+class LinkCheck:
+    """A link's configured vs measured values after `up` (or `status --measure`)."""
+
+    node: str
+    link: str  # "edge->fog"
+    configured_rtt_s: float
+    configured_rate_bps: float | None
+    measured_rtt_s: float | None
+    measured_rate_bps: float | None
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class NodeEndpoint:
+    name: str
+    tier: str
+    tier_index: int
+    url: str  # stage server base URL reachable from the host, e.g. http://10.213.1.2:8000
+    start: int  # first block
+    end: int  # one past the last block
+    device: str  # "cpu" or "cuda" (what the node runs on), with the reason for a fallback
+    address: str  # IP the node has on its tier network (127.0.0.1 locally)
+    probe_port: int
+    cpus: float | None = None
+    mem_limit_bytes: int | None = None
+    container: str | None = None  # docker: container name
+    pid: int | None = None  # local: process id
+    link: str | None = None  # the link feeding this node ("edge->fog"), None on tier 0
+    link_rtt_s: float = 0.0  # configured round trip of that link (2 x one-way delay)
+    link_rate_bps: float | None = None  # configured rate of that link
+    hop: HopShape | None = None  # app-level part of that link (None: nothing at app level)
+    # kernel-side shaping, for changes while running (docker): ifindex/netns per direction
+    down_iface: dict[str, Any] | None = None
+    up_iface: dict[str, Any] | None = None
+    hook: AppShaper | None = field(default=None, compare=False, repr=False)
+
+    def make_hook(self, seed: int) -> None:
+        self.hook = AppShaper(self.hop, seed=seed, name=self.name) if self.hop is not None else None
+
+
+@dataclass
+class RunningTestbed:
+    run_id: str
+    runtime: RuntimeName
+    backend: ShapingBackend
+    topology_path: str
+    topology_name: str
+    model_dir: str
+    nodes: dict[str, NodeEndpoint]
+    image: str | None = None
+    seed: int = 0
+    networks: list[str] = field(default_factory=list)
+    checks: list[LinkCheck] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    status: str = "starting"  # starting | up | failed
+    notes: list[str] = field(default_factory=list)
+
+    # -- what the broker uses --------------------------------------------------------------
+    def stage_nodes(self) -> list[NodeEndpoint]:
+        """Nodes that serve blocks, in pipeline order (tier, then name)."""
+        return sorted(
+            (n for n in self.nodes.values() if n.end > n.start),
+            key=lambda n: (n.tier_index, n.name),
+        )
+
+    def hook_for(self, node: str) -> AppShaper | None:
+        """The hop hook to await before sending to ``node`` (None: the kernel does it all)."""
+        return self.nodes[node].hook
+
+    # -- persistence -----------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return state_dir() / f"{self.run_id}.json"
+
+    def to_json(self) -> dict[str, Any]:
+        nodes = {}
+        for name, n in self.nodes.items():
+            d = asdict(n)
+            d.pop("hook", None)
+            nodes[name] = d
+        out = asdict(self) | {"nodes": nodes}
+        return out
+
+    def save(self) -> Path:
+        path = self.state_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> RunningTestbed:
+        nodes = {}
+        for name, d in data["nodes"].items():
+            hop = d.get("hop")
+            if hop is not None:
+                hop = HopShape(
+                    DirShape(**hop["forward"]), DirShape(**hop["reverse"]), hop["apply_rate"]
+                )
+            nodes[name] = NodeEndpoint(**(d | {"hop": hop}))
+        checks = [LinkCheck(**c) for c in data.get("checks", [])]
+        tb = RunningTestbed(**(data | {"nodes": nodes, "checks": checks}))
+        for i, n in enumerate(sorted(tb.nodes)):
+            tb.nodes[n].make_hook(tb.seed * 1000 + i)
+        return tb
+
+
+def list_states() -> list[Path]:
+    d = state_dir()
+    return sorted(d.glob("tb*.json"), key=lambda p: p.stat().st_mtime) if d.exists() else []
+
+
+def load_running(run_id: str | None = None) -> RunningTestbed:
+    """The testbed ``run_id`` (default: the most recent one) from its state file."""
+    if run_id is None:
+        states = list_states()
+        if not states:
+            raise RuntimeBackendError(
+                "no testbed is running (no state file); start one with `testbed up`"
+            )
+        path = states[-1]
+    else:
+        path = state_dir() / f"{run_id}.json"
+        if not path.exists():
+            raise RuntimeBackendError(
+                f"no testbed run {run_id!r} (no {path}); see `testbed status`"
+            )
+    try:
+        return RunningTestbed.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RuntimeBackendError(
+            f"state file {path} is unreadable ({exc}); `testbed clean` removes it"
+        ) from exc

@@ -1,0 +1,389 @@
+"""One container per node on the testbed's own networks, links shaped from the host.
+
+Networks: one internal bridge network per tier (``tb-<run>-<tier>``, a free /24 from
+``$TESTBED_SUBNET_POOL``, default 10.213.0.0/16), never the default bridge. The broker on the
+host reaches each container at its fixed address on that bridge; internal networks have no
+route to the outside. Shaping is per node, on the two ends of its veth pair (see
+:mod:`testbed.net.links` for why): host-side veth egress = the feeding link's forward
+direction (rate + netem), container eth0 egress = its reverse direction (netem only).
+
+Everything is labelled ``testbed.run=<id>`` (+ ``testbed.node``/``testbed.tier``), so
+``down`` and ``clean`` work from labels and are safe to repeat. A failure at any step of
+``up`` removes what that run created and raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from testbed.errors import RuntimeBackendError
+from testbed.net.links import plan_shaping
+from testbed.net.shaping import DirShape, Iface, ShapingBackend, egress_ops
+from testbed.net.tc import apply_ops, links_sync
+from testbed.runtime.base import (
+    LABEL_NODE,
+    LABEL_RUN,
+    LABEL_TIER,
+    PROBE_PORT,
+    STAGE_PORT,
+    NodeEndpoint,
+    RunningTestbed,
+    new_run_id,
+)
+from testbed.runtime.image import ImageMode, ensure_image
+
+if TYPE_CHECKING:
+    from testbed.spec.plan import Plan
+    from testbed.spec.topology import Topology
+
+SUBNET_POOL = os.environ.get("TESTBED_SUBNET_POOL", "10.213.0.0/16")
+MODEL_IN_CONTAINER = "/model"
+CPU_PERIOD_US = 100_000
+SHM_BYTES = 256 * 2**20
+
+
+def _log(msg: str) -> None:
+    print(f"[up] {msg}", file=sys.stderr, flush=True)
+
+
+def client() -> Any:
+    import docker
+
+    try:
+        c = docker.from_env(timeout=120)
+        c.ping()
+        return c
+    except docker.errors.DockerException as exc:
+        raise RuntimeBackendError(f"Docker is not reachable: {exc}; run `testbed doctor`") from exc
+
+
+def has_nvidia_runtime(c: Any) -> bool:
+    return "nvidia" in (c.info().get("Runtimes") or {})
+
+
+def used_subnets(c: Any) -> list[ipaddress.IPv4Network]:
+    """Subnets already taken by Docker networks or routes of the host."""
+    used = []
+    for net in c.networks.list():
+        for cfg in (net.attrs.get("IPAM") or {}).get("Config") or []:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                used.append(ipaddress.ip_network(cfg["Subnet"], strict=False))
+    with contextlib.suppress(OSError, RuntimeBackendError):
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            for r in ipr.get_routes(family=2):
+                dst = r.get_attr("RTA_DST")
+                if dst:
+                    used.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False))
+    return [n for n in used if n.version == 4]  # type: ignore[misc]
+
+
+def free_subnets(c: Any, count: int, pool: str = SUBNET_POOL) -> list[ipaddress.IPv4Network]:
+    used = used_subnets(c)
+    out = []
+    for cand in ipaddress.ip_network(pool).subnets(new_prefix=24):
+        if any(cand.overlaps(u) for u in used):
+            continue
+        out.append(cand)
+        if len(out) == count:
+            return out  # type: ignore[return-value]
+    raise RuntimeBackendError(
+        f"no {count} free /24 subnets in {pool}; set TESTBED_SUBNET_POOL to a free range "
+        "or run `testbed clean`"
+    )
+
+
+# -- teardown (labels) --------------------------------------------------------------------
+
+
+def remove_by_label(c: Any, label_filter: str) -> tuple[int, int]:
+    """Remove containers then networks matching a label filter; returns the counts."""
+    import docker
+
+    ctrs = c.containers.list(all=True, filters={"label": label_filter})
+    for ctr in ctrs:
+        with contextlib.suppress(docker.errors.NotFound):
+            ctr.remove(force=True, v=True)
+    nets = c.networks.list(filters={"label": label_filter})
+    for net in nets:
+        with contextlib.suppress(docker.errors.NotFound):
+            net.remove()
+    return len(ctrs), len(nets)
+
+
+def down_sync(run_id: str) -> tuple[int, int]:
+    return remove_by_label(client(), f"{LABEL_RUN}={run_id}")
+
+
+# -- up -----------------------------------------------------------------------------------
+
+
+def _container_ifaces(pid: int, address: str) -> tuple[Iface, Iface]:
+    """(host-side veth, container-side interface) of the container's NIC holding ``address``."""
+    netns = f"/proc/{pid}/ns/net"
+    for link in links_sync(netns):
+        if address in link["ipv4"]:
+            inside = Iface(link["ifindex"], link["ifname"], netns)
+            peer = link["peer_ifindex"]
+            for hl in links_sync(None):
+                if hl["ifindex"] == peer:
+                    return Iface(peer, hl["ifname"], None), inside
+            raise RuntimeBackendError(f"host side of {link['ifname']} (ifindex {peer}) not found")
+    raise RuntimeBackendError(f"no interface with {address} in container netns {netns}")
+
+
+def shaping_ops(
+    host_iface: Iface, inside: Iface, down: DirShape, up: DirShape, backend: ShapingBackend
+) -> list[Any]:
+    return egress_ops(host_iface, down, backend) + egress_ops(inside, up, backend)
+
+
+class DockerTestbed:
+    """Brings a plan up as containers; ``up`` returns the RunningTestbed (state saved)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        topology_path: str,
+        plan: Plan,
+        model_dir: Path,
+        *,
+        backend: ShapingBackend,
+        image_mode: ImageMode = "offline",
+        seed: int = 0,
+    ) -> None:
+        self.topology = topology
+        self.topology_path = topology_path
+        self.plan = plan
+        self.model_dir = model_dir.resolve()
+        self.backend = backend
+        self.image_mode = image_mode
+        self.seed = seed
+        self.run_id = new_run_id()
+
+    async def up(self, *, health_timeout_s: float = 180.0) -> RunningTestbed:
+        tb = RunningTestbed(
+            self.run_id,
+            "docker",
+            self.backend,
+            self.topology_path,
+            self.topology.name,
+            str(self.model_dir),
+            {},
+            seed=self.seed,
+        )
+        tb.save()  # first, so that `testbed clean` finds this run even if we die right now
+        try:
+            await self._up(tb, health_timeout_s)
+        except BaseException:
+            tb.status = "failed"
+            with contextlib.suppress(Exception):
+                tb.save()
+            _log(f"up failed: removing everything of {self.run_id}")
+            await asyncio.shield(asyncio.to_thread(down_sync, self.run_id))
+            with contextlib.suppress(OSError):
+                tb.state_path.unlink()
+            raise
+        return tb
+
+    async def _up(self, tb: RunningTestbed, health_timeout_s: float) -> None:
+        from testbed.runtime.measure import wait_healthy
+
+        info = await asyncio.to_thread(ensure_image, self.image_mode)
+        tb.image = info.tag
+        _log(f"image {info.tag} ({'built' if info.built else 'reused'} in {info.seconds:.1f}s)")
+        c = await asyncio.to_thread(client)
+        gpu = await asyncio.to_thread(has_nvidia_runtime, c)
+        shaping = plan_shaping(self.topology, self.backend)
+        subnets = await asyncio.to_thread(free_subnets, c, len(self.topology.tiers))
+        net_of_tier: dict[str, tuple[str, ipaddress.IPv4Network]] = {}
+        for tier, subnet in zip(self.topology.tiers, subnets, strict=True):
+            name = f"tb-{self.run_id}-{tier.name}"
+            await asyncio.to_thread(self._create_network, c, name, subnet, tier.name)
+            net_of_tier[tier.name] = (name, subnet)
+            tb.networks.append(name)
+        tb.save()
+
+        ctrs: dict[str, Any] = {}
+        for j, tier in enumerate(self.topology.tiers):
+            netname, subnet = net_of_tier[tier.name]
+            hosts = subnet.hosts()
+            next(hosts)  # .1 is the gateway (the host's side of the bridge)
+            for node in tier.nodes:
+                stage = self.plan.stage_of_node(node.name)
+                if stage is None:
+                    tb.notes.append(f"{node.name}: holds no blocks in this plan; not started")
+                    continue
+                address = str(next(hosts))
+                dev = node.device
+                cpus = dev.cpus
+                device = "cpu"
+                if dev.kind == "gpu":
+                    device = "cuda" if gpu else "cpu (no NVIDIA runtime on this host: CPU fallback)"
+                ns = shaping[node.name]
+                ep = NodeEndpoint(
+                    name=node.name,
+                    tier=tier.name,
+                    tier_index=j,
+                    url=f"http://{address}:{STAGE_PORT}",
+                    start=stage.start,
+                    end=stage.end,
+                    device=device,
+                    address=address,
+                    probe_port=PROBE_PORT,
+                    cpus=cpus,
+                    mem_limit_bytes=dev.container_mem_limit,
+                    container=f"tb-{self.run_id}-{node.name}",
+                    link=ns.link,
+                    link_rtt_s=ns.configured_rtt_s,
+                    link_rate_bps=ns.configured_rate_bps,
+                    hop=ns.hop,
+                )
+                tb.nodes[node.name] = ep
+                ctrs[node.name] = await asyncio.to_thread(
+                    self._run_container,
+                    c,
+                    ep,
+                    netname,
+                    info.tag,
+                    info.mounts,
+                    gpu and dev.kind == "gpu",
+                )
+                tb.save()
+        for i, n in enumerate(sorted(tb.nodes)):
+            tb.nodes[n].make_hook(self.seed * 1000 + i)
+
+        # shape every node's link, both directions, before any traffic
+        for name, ep in tb.nodes.items():
+            ns = shaping[name]
+            ctr = ctrs[name]
+            await asyncio.to_thread(ctr.reload)
+            pid = ctr.attrs["State"]["Pid"]
+            if not pid:
+                logs = (await asyncio.to_thread(ctr.logs, tail=20)).decode(errors="replace")
+                raise RuntimeBackendError(f"container of {name} is not running:\n{logs}")
+            host_if, inside = await asyncio.to_thread(_container_ifaces, pid, ep.address)
+            await apply_ops(shaping_ops(host_if, inside, ns.downlink, ns.uplink, self.backend))
+            ep.down_iface = {"ifindex": host_if.ifindex, "ifname": host_if.ifname}
+            ep.up_iface = {"ifindex": inside.ifindex, "ifname": inside.ifname, "pid": pid}
+        tb.save()
+        _log(
+            f"{len(tb.nodes)} containers up, links shaped ({self.backend}); waiting for stage servers"
+        )
+        await wait_healthy(tb, health_timeout_s)
+        tb.status = "up"
+        tb.save()
+
+    def _create_network(self, c: Any, name: str, subnet: ipaddress.IPv4Network, tier: str) -> None:
+        import docker
+        from docker.types import IPAMConfig, IPAMPool
+
+        gateway = str(next(subnet.hosts()))
+        try:
+            c.networks.create(
+                name,
+                driver="bridge",
+                internal=True,
+                check_duplicate=True,
+                ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=gateway)]),
+                labels={LABEL_RUN: self.run_id, LABEL_TIER: tier},
+                options={"com.docker.network.bridge.name": f"tb{self.run_id[2:]}{tier[:4]}"[:15]},
+            )
+        except docker.errors.APIError as exc:
+            raise RuntimeBackendError(f"creating network {name} ({subnet}) failed: {exc}") from exc
+
+    def _run_container(
+        self,
+        c: Any,
+        ep: NodeEndpoint,
+        netname: str,
+        image: str,
+        mounts: tuple[tuple[str, str], ...],
+        use_gpu: bool,
+    ) -> Any:
+        import docker
+        from docker.types import DeviceRequest
+
+        volumes = {str(self.model_dir): {"bind": MODEL_IN_CONTAINER, "mode": "ro"}}
+        for host, inside in mounts:
+            volumes[host] = {"bind": inside, "mode": "ro"}
+        cmd = [
+            "python3",
+            "-m",
+            "testbed.cli.main",
+            "stage",
+            "serve",
+            "--model-dir",
+            MODEL_IN_CONTAINER,
+            "--blocks",
+            f"{ep.start}:{ep.end}",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(STAGE_PORT),
+            "--name",
+            ep.name,
+        ]
+        kwargs: dict[str, Any] = {}
+        if ep.cpus:
+            kwargs["cpu_period"] = CPU_PERIOD_US
+            kwargs["cpu_quota"] = max(1000, round(ep.cpus * CPU_PERIOD_US))
+        if ep.mem_limit_bytes:
+            kwargs["mem_limit"] = ep.mem_limit_bytes
+            kwargs["memswap_limit"] = ep.mem_limit_bytes
+        if use_gpu:
+            kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        env = {"OMP_NUM_THREADS": str(max(1, round(ep.cpus or 1))), "TESTBED_NODE": ep.name}
+        try:
+            ctr = c.containers.run(
+                image,
+                cmd,
+                name=ep.container,
+                detach=True,
+                network=netname,
+                networking_config={netname: c.api.create_endpoint_config(ipv4_address=ep.address)},
+                labels={LABEL_RUN: self.run_id, LABEL_NODE: ep.name, LABEL_TIER: ep.tier},
+                volumes=volumes,
+                shm_size=SHM_BYTES,
+                environment=env,
+                hostname=ep.name,
+                **kwargs,
+            )
+            ctr.exec_run(
+                ["python3", "-m", "testbed.net.probe", "serve", "--port", str(PROBE_PORT)],
+                detach=True,
+            )
+        except docker.errors.APIError as exc:
+            raise RuntimeBackendError(f"starting the container of {ep.name} failed: {exc}") from exc
+        return ctr
+
+
+# -- changes while running ----------------------------------------------------------------
+
+
+async def set_link_docker(tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
+    ep = tb.nodes[node]
+    if ep.down_iface is None or ep.up_iface is None:
+        raise RuntimeBackendError(f"{node}: no shaped interfaces recorded")
+    c = await asyncio.to_thread(client)
+    ctr = await asyncio.to_thread(c.containers.get, ep.container)
+    pid = ctr.attrs["State"]["Pid"]
+    host_if = Iface(ep.down_iface["ifindex"], ep.down_iface["ifname"], None)
+    inside = Iface(ep.up_iface["ifindex"], ep.up_iface["ifname"], f"/proc/{pid}/ns/net")
+    await apply_ops(shaping_ops(host_if, inside, down, up, tb.backend))
+
+
+async def set_cpu_docker(tb: RunningTestbed, node: str, cpus: float) -> None:
+    ep = tb.nodes[node]
+    c = await asyncio.to_thread(client)
+    ctr = await asyncio.to_thread(c.containers.get, ep.container)
+    await asyncio.to_thread(
+        ctr.update, cpu_period=CPU_PERIOD_US, cpu_quota=max(1000, round(cpus * CPU_PERIOD_US))
+    )
