@@ -20,6 +20,7 @@ app = typer.Typer(
 def _register() -> None:
     # Each module adds its commands to `app` (import for side effect). One line per area.
     from testbed.cli import plan_cmd  # noqa: F401  plan, list
+    from testbed.cli import runtime_cmd  # noqa: F401  up, status, down, clean, doctor, image
 
 
 _register()
