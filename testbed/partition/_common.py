@@ -159,11 +159,18 @@ def infeasible_error(problem: PartitionProblem, allow_empty: bool) -> Infeasible
             for s, k, *_ in fixes[1:3]
         ]
         alt = f"; other single-tier fixes: {', '.join(others)}" if others else ""
+        lead = ""
+        if total_need > total_offer:  # the model is simply too big: say that first
+            lead = (
+                f"the blocks need {fmt_bytes(total_need)} but the tiers offer "
+                f"{fmt_bytes(total_offer)} together (short by {fmt_bytes(total_need - total_offer)}); "
+            )
         msg = (
-            f"no split of the {n} blocks fits memory: {_tier(problem, j)} offers "
+            f"no split of the {n} blocks fits memory: {lead}{_tier(problem, j)} offers "
             f"{fmt_bytes(float(problem.tier_mem[j]))} but must hold at least {_blocks(a, b)} "
             f"({fmt_bytes(need)}) for the other tiers to fit theirs (short by {fmt_bytes(short)}, "
-            f"the smallest single-tier shortfall); {hint.format(it='it')}{alt} ({totals})"
+            f"the smallest single-tier shortfall); {hint.format(it='it')}{alt}"
+            + ("" if lead else f" ({totals})")
         )
         name = problem.tier_names[j] if problem.tier_names else None
         return InfeasibleSplitError(msg, tier_index=j, tier_name=name, shortfall_bytes=short)

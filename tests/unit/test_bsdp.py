@@ -240,6 +240,7 @@ def test_infeasible_total_memory_names_cheapest_tier():
     assert info.value.shortfall_bytes == 2 * GiB
     assert "tier 'fog'" in str(info.value) and "short by 2.00GiB" in str(info.value)
     assert "allow empty" not in str(info.value)  # would not help
+    assert "need 10.00GiB but the tiers offer 8.00GiB together" in str(info.value)
 
 
 def test_infeasible_when_no_single_tier_can_fix_it():
