@@ -116,7 +116,8 @@ def _cdf(ax: Any, values: list[float], label: str) -> None:
         return
     x = np.sort(np.asarray(values))
     y = np.arange(1, len(x) + 1) / len(x)
-    ax.step(x, y, where="post", label=label)
+    ax.step(np.concatenate(([x[0]], x)), np.concatenate(([0.0], y)), where="post", label=label)
+    ax.set_ylim(0, 1.02)
 
 
 def plot_latency_cdf(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]]) -> Path:
@@ -169,7 +170,7 @@ def plot_latency_over_time(path: Path, records: Sequence[RequestRecord]) -> Path
 
 def plot_utilisation(path: Path, runs: Sequence[tuple[str, Mapping[str, Any]]]) -> Path:
     """Per-node utilisation (busy / wall), grouped bars, one colour per run."""
-    nodes = sorted({n for _, s in runs for n in (s.get("node_utilisation") or {})})
+    nodes = list(dict.fromkeys(n for _, s in runs for n in (s.get("node_utilisation") or {})))
     fig = Figure(
         figsize=(max(6.0, 0.8 * len(nodes) * max(1, len(runs)) + 2), 4), layout="constrained"
     )

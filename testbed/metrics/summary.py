@@ -135,7 +135,7 @@ def summarize(
 ) -> Summary:
     """Aggregate ``records``. ``wall_s`` defaults to first arrival -> last finish;
     ``node_busy_s`` (e.g. from the stage servers' counters) overrides span-derived busy time;
-    ``nodes`` lists nodes to report even when idle."""
+    ``nodes`` lists nodes to report even when idle, in the order to report them."""
     slo = slo or SLO()
     wall = run_wall_s(records) if wall_s is None else wall_s
     done = [r for r in records if r.status == "completed"]
@@ -144,13 +144,14 @@ def summarize(
     out_tokens = sum(len(r.token_times_s) for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)
     per = (lambda x: x / wall) if wall > 0 else (lambda x: 0.0)
-    busy = (
+    measured = (
         dict(node_busy_s)
         if node_busy_s is not None
         else busy_from_spans(s for r in records for s in r.spans)
     )
-    for n in nodes:
-        busy.setdefault(n, 0.0)
+    # the given nodes first, in their order (tier order), then any other node seen
+    busy = {n: measured.get(n, 0.0) for n in nodes}
+    busy.update({n: b for n, b in sorted(measured.items()) if n not in busy})
     good = sum(slo.met_by(r) for r in done)
     return Summary(
         requests=len(records),
@@ -174,6 +175,6 @@ def summarize(
         goodput_rps=None if slo.empty else per(good),
         slo_attainment=None if slo.empty or not records else good / len(records),
         slo=asdict(slo),
-        node_utilisation={n: (b / wall if wall > 0 else 0.0) for n, b in sorted(busy.items())},
-        node_busy_s=dict(sorted(busy.items())),
+        node_utilisation={n: (b / wall if wall > 0 else 0.0) for n, b in busy.items()},
+        node_busy_s=busy,
     )
