@@ -77,7 +77,10 @@ class Registry(Generic[T]):
         field: str | None = None,
     ) -> T:
         """Instantiate ``name`` with ``params``; unknown or ill-typed parameters are a ConfigError."""
-        cls = self.get(name)
+        try:
+            cls = self.get(name)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), source=source, field=field) from None
         params = dict(params or {})
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         for key in params:

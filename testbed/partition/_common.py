@@ -186,14 +186,25 @@ def infeasible_error(problem: PartitionProblem, allow_empty: bool) -> Infeasible
         f"possible block needs {fmt_bytes(need)} (short by {fmt_bytes(need - float(problem.tier_mem[j]))})"
         for j, need in small
     ]
-    detail = "; ".join(parts) if parts else "the tiers are too small together"
+    offers = ", ".join(
+        f"{problem.tier_names[k] if problem.tier_names else k} {fmt_bytes(float(problem.tier_mem[k]))}"
+        for k in range(t)
+    )
+    together = (
+        f"the tiers are too small together (short by {fmt_bytes(total_need - total_offer)}; tiers offer: {offers})"
+        if total_need > total_offer
+        else f"every split leaves some tier over its memory (tiers offer: {offers})"
+    )
+    detail = "; ".join(parts) if parts else together
     first = small[0] if small else None
     return InfeasibleSplitError(
         f"no split of the {n} blocks fits memory, and enlarging any single tier would not help: "
-        f"{detail}; {hint.format(it='them' if len(small) > 1 else 'it')} ({totals})",
+        f"{detail}; {hint.format(it='them' if len(small) != 1 else 'it')} ({totals})",
         tier_index=first[0] if first else None,
         tier_name=(problem.tier_names[first[0]] if first and problem.tier_names else None),
-        shortfall_bytes=(first[1] - float(problem.tier_mem[first[0]])) if first else None,
+        shortfall_bytes=(first[1] - float(problem.tier_mem[first[0]]))
+        if first
+        else max(total_need - total_offer, 0.0),
     )
 
 

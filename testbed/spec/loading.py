@@ -94,7 +94,7 @@ def validate(model: type[M], data: Any, source: str, prefix: tuple[Any, ...] = (
             if kind == "extra_forbidden":
                 key = loc[-1] if loc else "?"
                 owner = _model_at(model, tuple(err["loc"])[:-1])
-                known = list(owner.model_fields) if owner else []
+                known = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = (
                     f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(known)}"
