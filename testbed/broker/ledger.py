@@ -1,0 +1,155 @@
+"""The broker's exact bookkeeping of routed requests, per node (pure, synchronous).
+
+From the moment a request is routed until it leaves (completed, failed, or re-routed after a
+fault), every node of its route counts it in ``queue_len``, holds its predicted remaining work
+in ``queued_work_s`` and its KV-cache bytes against the node's memory. Completed steps reduce
+the remaining work; leaving removes whatever is left, so the counters return exactly to zero.
+:meth:`Ledger.snapshot` turns this into the scheduler's :class:`ClusterSnapshot`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from testbed.errors import TestbedError
+from testbed.schedule.base import ClusterSnapshot, NodeState, Route
+
+
+@dataclass
+class NodeBook:
+    name: str
+    stage: int
+    kv_capacity_bytes: int
+    up: bool = True
+    down_reason: str | None = None
+    queue_len: int = 0
+    queued_work_s: float = 0.0
+    kv_used_bytes: int = 0
+    routed_total: int = 0  # requests ever routed here (for the results)
+
+    def state(self) -> NodeState:
+        return NodeState(
+            name=self.name,
+            stage=self.stage,
+            up=self.up,
+            queue_len=self.queue_len,
+            queued_work_s=max(self.queued_work_s, 0.0),
+            capacity=1.0,  # work_s is already per node: the prior speed factor is 1
+            mem_free_bytes=self.kv_capacity_bytes - self.kv_used_bytes,
+        )
+
+
+@dataclass
+class _Charge:
+    route: Route
+    remaining_s: list[float]  # per stage: predicted work not yet done
+    kv_bytes: tuple[int, ...]
+
+
+@dataclass
+class Ledger:
+    """Per-node counters for every request between routing and leaving."""
+
+    stages: tuple[tuple[str, ...], ...]  # per stage: replica names
+    kv_capacity_bytes: Mapping[str, int] = field(default_factory=dict)
+    _books: dict[str, NodeBook] = field(init=False, default_factory=dict)
+    _charges: dict[int, _Charge] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for s, names in enumerate(self.stages):
+            for name in names:
+                if name in self._books:
+                    raise TestbedError(f"node {name!r} appears in two stages")
+                self._books[name] = NodeBook(name, s, int(self.kv_capacity_bytes.get(name, 2**62)))
+
+    # -- queries ---------------------------------------------------------------------------------
+    def book(self, name: str) -> NodeBook:
+        return self._books[name]
+
+    @property
+    def books(self) -> Mapping[str, NodeBook]:
+        return self._books
+
+    def in_flight(self) -> int:
+        return len(self._charges)
+
+    def is_charged(self, request_id: int) -> bool:
+        return request_id in self._charges
+
+    def route_of(self, request_id: int) -> Route | None:
+        c = self._charges.get(request_id)
+        return c.route if c else None
+
+    def snapshot(self, now_s: float, hop_s: Sequence[float] = ()) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            now_s=now_s,
+            stages=tuple(tuple(self._books[n].state() for n in names) for names in self.stages),
+            hop_s=tuple(hop_s),
+        )
+
+    def down_nodes(self) -> dict[str, str]:
+        return {n: b.down_reason or "down" for n, b in self._books.items() if not b.up}
+
+    # -- updates ---------------------------------------------------------------------------------
+    def charge(
+        self, request_id: int, route: Route, work_s: Sequence[float], kv_bytes: Sequence[int]
+    ) -> None:
+        """Count a just-routed request on every node of its route."""
+        if request_id in self._charges:
+            raise TestbedError(
+                f"request {request_id} is already routed ({self.route_of(request_id)})"
+            )
+        if len(route) != len(self.stages):
+            raise TestbedError(
+                f"route {route} has {len(route)} nodes for {len(self.stages)} stages"
+            )
+        kv = tuple(int(k) for k in kv_bytes) or (0,) * len(route)
+        for s, name in enumerate(route):
+            b = self._books.get(name)
+            if b is None or b.stage != s:
+                raise TestbedError(f"route {route}: {name!r} is not a replica of stage {s}")
+        for s, name in enumerate(route):
+            b = self._books[name]
+            b.queue_len += 1
+            b.queued_work_s += float(work_s[s])
+            b.kv_used_bytes += kv[s]
+            b.routed_total += 1
+        self._charges[request_id] = _Charge(route, [float(w) for w in work_s], kv)
+
+    def progress(self, request_id: int, stage: int, done_s: float) -> float:
+        """A step of ``done_s`` predicted seconds finished on the request's stage ``stage``;
+        returns what was actually taken off (never more than the request's remaining work)."""
+        c = self._charges.get(request_id)
+        if c is None:
+            return 0.0
+        take = min(max(done_s, 0.0), c.remaining_s[stage])
+        c.remaining_s[stage] -= take
+        self._books[c.route[stage]].queued_work_s -= take
+        return take
+
+    def leave(self, request_id: int) -> Route | None:
+        """The request left its route (done, failed or to be re-routed): drop what it holds.
+        Idempotent; returns the route it had."""
+        c = self._charges.pop(request_id, None)
+        if c is None:
+            return None
+        for s, name in enumerate(c.route):
+            b = self._books[name]
+            b.queue_len -= 1
+            b.queued_work_s -= c.remaining_s[s]
+            b.kv_used_bytes -= c.kv_bytes[s]
+            if b.queue_len == 0:  # no float drift once a node is idle
+                b.queued_work_s = 0.0
+        return c.route
+
+    def mark_down(self, name: str, reason: str) -> bool:
+        """Returns True if the node was up (first report)."""
+        b = self._books[name]
+        was_up = b.up
+        b.up, b.down_reason = False, reason
+        return was_up
+
+    def mark_up(self, name: str) -> None:
+        b = self._books[name]
+        b.up, b.down_reason = True, None
