@@ -53,82 +53,79 @@ class Knobs:
         return self.time_scale / self.rate_scale
 
 
-def _clip(n: int, cap: int | None) -> tuple[int, bool, bool]:
-    """-> (value, clipped to cap, raised to 1)."""
-    if cap is not None and n > cap:
-        return cap, True, False
-    if n < 1:
-        return 1, False, True
-    return n, False, False
-
-
 def apply_knobs(
     rows: Iterable[TraceRow], knobs: Knobs, counts: Counter[str] | None = None
 ) -> tuple[tuple[TraceRequest, ...], WorkloadStats]:
     """Select, clip and scale ``rows``. ``counts`` carries a reader's own skips
     (``failed_skipped``, ``filtered_out``); it is read after ``rows`` is exhausted."""
-    c: Counter[str] = Counter()
     kept: list[tuple[float, int, TraceRow]] = []  # (trace time, read order, row)
     t_first: float | None = None
     t_prev = -math.inf
+    start_s = knobs.start_s
     end_s = knobs.start_s + knobs.duration_s if knobs.duration_s is not None else math.inf
+    limit = knobs.max_requests if knobs.max_requests is not None else -1
+    n_read = n_before = n_disorder = 0
     stopped_early = False
     for row in rows:
-        c["rows_read"] += 1
+        n_read += 1
+        ts = row.t_s
         if t_first is None:
-            t_first = row.t_s
-        t = row.t_s - t_first
-        if row.t_s < t_prev:
-            c["out_of_order"] += 1
-        t_prev = max(t_prev, row.t_s)
-        if t < knobs.start_s:
-            c["before_window"] += 1
+            t_first = ts
+        if ts < t_prev:
+            n_disorder += 1
+        else:
+            t_prev = ts
+        t = ts - t_first
+        if t < start_s:
+            n_before += 1
             continue
         if t >= end_s:
             stopped_early = True
             break
         kept.append((t, len(kept), row))
-        if knobs.max_requests is not None and len(kept) >= knobs.max_requests:
+        if len(kept) == limit:
             stopped_early = True
             break
-    if c["out_of_order"]:
+    if n_disorder:
         kept.sort(key=lambda x: (x[0], x[1]))
 
     requests: list[TraceRequest] = []
     base = kept[0][0] if kept else 0.0
     factor = knobs.factor
-    p_total = o_total = 0
+    p_cap = knobs.max_prompt_tokens if knobs.max_prompt_tokens is not None else math.inf
+    o_cap = knobs.max_output_tokens if knobs.max_output_tokens is not None else math.inf
+    p_total = o_total = n_p_cut = n_o_cut = n_min = 0
     for i, (t, _, row) in enumerate(kept):
-        p, p_cut, p_min = _clip(row.prompt_tokens, knobs.max_prompt_tokens)
-        o, o_cut, o_min = _clip(row.output_tokens, knobs.max_output_tokens)
-        c["prompt_clipped"] += p_cut
-        c["output_clipped"] += o_cut
-        c["raised_to_min"] += p_min + o_min
+        p = row.prompt_tokens
+        o = row.output_tokens
         hashes = row.prefix_hash_ids
-        if p_cut and hashes:
-            hashes = hashes[: -(-p // MOONCAKE_BLOCK_TOKENS)]
-        requests.append(
-            TraceRequest(
-                request_id=i,
-                arrival_s=(t - base) * factor,
-                prompt_tokens=p,
-                output_tokens=o,
-                source_row=row.source_row,
-                prefix_hash_ids=hashes,
-            )
-        )
+        if p > p_cap:
+            p = int(p_cap)
+            n_p_cut += 1
+            if hashes:
+                hashes = hashes[: -(-p // MOONCAKE_BLOCK_TOKENS)]
+        elif p < 1:
+            p = 1
+            n_min += 1
+        if o > o_cap:
+            o = int(o_cap)
+            n_o_cut += 1
+        elif o < 1:
+            o = 1
+            n_min += 1
+        requests.append(TraceRequest(i, (t - base) * factor, p, o, row.source_row, hashes))
         p_total += p
         o_total += o
     extra = counts or Counter()
     stats = WorkloadStats(
-        rows_read=c["rows_read"],
+        rows_read=n_read,
         failed_skipped=extra["failed_skipped"],
         filtered_out=extra["filtered_out"],
-        before_window=c["before_window"],
-        prompt_clipped=c["prompt_clipped"],
-        output_clipped=c["output_clipped"],
-        raised_to_min=c["raised_to_min"],
-        out_of_order=c["out_of_order"],
+        before_window=n_before,
+        prompt_clipped=n_p_cut,
+        output_clipped=n_o_cut,
+        raised_to_min=n_min,
+        out_of_order=n_disorder,
         stopped_early=stopped_early,
         requests=len(requests),
         prompt_tokens_total=p_total,

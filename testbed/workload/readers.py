@@ -122,25 +122,33 @@ def read_azure(path: Path) -> Iterator[TraceRow]:
         reader = csv.reader(f)
         idx = _header_index(path, next(reader, None), AZURE_COLUMNS)
         ts_col, in_col, out_col = AZURE_COLUMNS
+        i_ts, i_in, i_out = idx[ts_col], idx[in_col], idx[out_col]
+        width = max(i_ts, i_in, i_out) + 1
+        fromiso = datetime.fromisoformat
         t0: datetime | None = None
         for row in reader:
-            if not row:
-                continue  # blank line
-            line = reader.line_num
-            ts_text = _cell(path, line, row, idx, ts_col).strip()
+            if len(row) < width:
+                if not row:
+                    continue  # blank line
+                for name in AZURE_COLUMNS:  # names the missing column
+                    _cell(path, reader.line_num, row, idx, name)
+            ts_text = row[i_ts]
             try:
                 # Python 3.11 reads any number of fractional digits (the 7th is dropped,
                 # as cutting the string to 26 characters would) and an optional UTC offset.
-                ts = datetime.fromisoformat(ts_text)
+                ts = fromiso(ts_text)
             except ValueError:
-                raise _row_error(
-                    path,
-                    line,
-                    ts_col,
-                    ts_text,
-                    "is not a timestamp",
-                    "write e.g. '2023-11-16 18:15:46.6805900' or fix/delete that row",
-                ) from None
+                try:
+                    ts = fromiso(ts_text.strip())
+                except ValueError:
+                    raise _row_error(
+                        path,
+                        reader.line_num,
+                        ts_col,
+                        ts_text,
+                        "is not a timestamp",
+                        "write e.g. '2023-11-16 18:15:46.6805900' or fix/delete that row",
+                    ) from None
             if t0 is None:
                 t0 = ts
             try:
@@ -148,18 +156,21 @@ def read_azure(path: Path) -> Iterator[TraceRow]:
             except TypeError:
                 raise _row_error(
                     path,
-                    line,
+                    reader.line_num,
                     ts_col,
                     ts_text,
                     "mixes a time zone with rows that have none",
                     "write every timestamp the same way",
                 ) from None
-            yield TraceRow(
-                source_row=line,
-                t_s=t_s,
-                prompt_tokens=_tokens(path, line, in_col, _cell(path, line, row, idx, in_col)),
-                output_tokens=_tokens(path, line, out_col, _cell(path, line, row, idx, out_col)),
-            )
+            try:
+                p = int(row[i_in])
+                o = int(row[i_out])
+                if p < 0 or o < 0:
+                    raise ValueError
+            except ValueError:  # slow path: '12.0' or a clear error
+                p = _tokens(path, reader.line_num, in_col, row[i_in])
+                o = _tokens(path, reader.line_num, out_col, row[i_out])
+            yield TraceRow(reader.line_num, t_s, p, o)
 
 
 def read_burstgpt(

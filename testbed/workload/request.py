@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class TraceRow:
-    """One row as a reader yields it, before any knob is applied."""
+class TraceRow(NamedTuple):
+    """One row as a reader yields it, before any knob is applied (a NamedTuple: millions
+    of these are made while reading a large trace, and tuples are cheap)."""
 
     source_row: int  # 1-based line number in the file (the header is line 1 for CSV)
     t_s: float  # seconds on the trace's own clock (any origin; only differences matter)

@@ -72,6 +72,14 @@ async def test_arrivals_hit_absolute_times_without_drift() -> None:
         assert a.lag_s < 0.05  # generous: CI machines are shared
 
 
+async def test_arrivals_spin_never_early() -> None:
+    times = [0.0, 0.002, 0.004, 0.004, 0.01]
+    start = time.monotonic() + 0.005
+    got = [a async for a in arrivals(_reqs(times), start, spin_s=0.001)]
+    assert all(0 <= a.lag_s < 0.05 for a in got)
+    assert [a.scheduled_s - start for a in got] == times
+
+
 async def test_arrivals_late_consumer_does_not_shift_later_deadlines() -> None:
     fake = [10.0]
 
