@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -119,7 +119,7 @@ def list_cmd(
         from testbed.errors import ConfigError
 
         raise ConfigError(f"cannot list {what!r}; choose one of {', '.join(choices)}")
-    data = {
+    data: dict[str, list[Any]] = {
         "partitioners": PARTITIONERS.describe(),
         "schedulers": SCHEDULERS.describe(),
         "devices": [{"name": k, **v} for k, v in sorted(CATALOG.items())],
@@ -135,13 +135,13 @@ def list_cmd(
         if key in ("partitioners", "schedulers"):
             for col in ("name", "parameters", "description"):
                 table.add_column(col)
-            for r in rows:  # type: ignore[union-attr]
+            for r in rows:
                 ps = ", ".join(f"{p['name']}={p['default']}" for p in r["params"])
                 table.add_row(r["name"], ps, r["doc"])
         elif key == "devices":
             for col in ("name", "kind", "label", "peak", "mem bw", "mem"):
                 table.add_column(col)
-            for r in rows:  # type: ignore[union-attr]
+            for r in rows:
                 table.add_row(
                     r["name"],
                     r["kind"],
@@ -152,7 +152,7 @@ def list_cmd(
                 )
         else:
             table.add_column("preset")
-            for r in rows:  # type: ignore[union-attr]
+            for r in rows:
                 table.add_row(str(r))
         console.print(table)
 

@@ -254,8 +254,9 @@ def load_model_profile(
     text = str(model)
     if text in PRESETS:
         return ModelProfile(
-            arch=arch_from_hf_config(PRESETS[text], text, f"preset {text}"), dtype=dtype
-        )  # type: ignore[arg-type]
+            arch=arch_from_hf_config(PRESETS[text], text, f"preset {text}"),
+            dtype=dtype,  # type: ignore[arg-type]
+        )
     path = Path(text)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
