@@ -60,6 +60,12 @@ class Window(_Model):
     start_s: Duration = 0.0  # trace seconds from the file's first row
     duration_s: Duration | None = None  # None = to the end of the trace
 
+    @model_validator(mode="after")
+    def _positive(self) -> Window:
+        if self.duration_s == 0:
+            raise ValueError("duration_s must be > 0 (or left out for the whole trace)")
+        return self
+
 
 class _Knobs(_Model):
     time_scale: PositiveFloat = 1.0  # multiplies inter-arrival times
@@ -71,10 +77,6 @@ class _Knobs(_Model):
 
     def knobs(self) -> Knobs:
         w = self.window or Window()
-        if w.duration_s == 0:
-            raise WorkloadError(
-                "workload.window.duration_s must be > 0 (or left out for the whole trace)"
-            )
         return Knobs(
             time_scale=self.time_scale,
             rate_scale=self.rate_scale,

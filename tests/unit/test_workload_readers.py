@@ -64,6 +64,21 @@ def test_azure_real_trace_window_stops_early() -> None:
     assert stats.window_first_s >= 60
 
 
+def test_shipped_azure_sample_matches_full_trace_head() -> None:
+    sample = REPO / "scenarios" / "traces" / "azure-conv-2023-head1000.csv"
+    if not sample.is_file():
+        pytest.skip(f"{sample} is not in this checkout")
+    reqs, stats = apply_knobs(read_azure(sample), Knobs())
+    assert len(reqs) == 1000
+    assert (stats.prompt_tokens_total, stats.output_tokens_total) == (1014189, 247262)
+    # 18:15:46.68059 -> 18:19:22.707983
+    assert reqs[-1].arrival_s == pytest.approx(216.027393, abs=1e-6)
+    full, _ = apply_knobs(
+        read_azure(_trace("AzureLLMInferenceTrace_conv.csv")), Knobs(max_requests=1000)
+    )
+    assert full == reqs
+
+
 # --- small files ---------------------------------------------------------------------------
 
 

@@ -37,6 +37,10 @@ from testbed.workload.spec import AzureSpec, SyntheticSpec
         ),
         ({"kind": "azure"}, "workload.path: Field required"),
         (
+            {"kind": "azure", "path": "x", "window": {"duration_s": "0s"}},
+            "workload.window: duration_s must be > 0",
+        ),
+        (
             {"kind": "synthetic", "rate_rps": 1, "prompt_tokens": 3, "output_tokens": 3},
             "num_requests",
         ),
