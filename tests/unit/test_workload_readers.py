@@ -15,8 +15,7 @@ from testbed.workload import Knobs, apply_knobs, read_azure, read_burstgpt, read
 REPO = Path(__file__).resolve().parents[2]
 _CANDIDATES = [
     os.environ.get("TESTBED_TRACES_DIR", ""),
-    str(REPO / "traces"),
-    "/work/shared/traces",
+    str(REPO.parent / "shared" / "traces"),  # CI and developer checkouts: shared/ beside the repo
 ]
 
 
@@ -24,6 +23,8 @@ def _trace(name: str) -> Path:
     for d in _CANDIDATES:
         if d and (Path(d) / name).is_file():
             return Path(d) / name
+    if os.environ.get("CI"):
+        pytest.fail(f"trace {name} not found in {_CANDIDATES}; CI must have shared/traces beside the repo")
     pytest.skip(f"trace {name} not found in {_CANDIDATES} (set TESTBED_TRACES_DIR)")
 
 
