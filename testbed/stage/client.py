@@ -1,0 +1,326 @@
+"""Async client for one stage server, and `generate_through` for a quick end-to-end run.
+
+Errors say which stage and why, in three kinds a caller can act on:
+
+- :class:`StageTimeoutError` (also ``TimeoutError``): no answer within the timeout.
+- :class:`StageUnreachableError`: connection refused, reset or closed - the stage is down
+  (its process died, or the network is cut).
+- :class:`StageRejectedError`: the stage answered with an HTTP error; ``status`` and
+  ``reason`` carry the server's message (4xx: the step was wrong; 429/503: busy, retry).
+
+A *hop hook* shapes the link into a stage at application level: before the client sends
+``nbytes`` to the stage it awaits ``hook.before_send(nbytes)`` (or ``hook(nbytes)`` for a plain
+async callable) - the place for another component's delay / jitter / loss emulation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import aiohttp
+import torch
+
+from testbed.errors import StageError, StageTimeoutError
+from testbed.stage.wire import CONTENT_TYPE, WireFormatError, WireLimits, encode, read_message
+
+__all__ = [
+    "ForwardResult",
+    "HopHook",
+    "StageClient",
+    "StageError",
+    "StageRejectedError",
+    "StageTimeoutError",
+    "StageUnreachableError",
+    "generate_through",
+]
+
+
+@runtime_checkable
+class HopHook(Protocol):
+    """Called before bytes go over a hop (e.g. :class:`testbed.net.appshaper.AppShaper`)."""
+
+    async def before_send(self, nbytes: int) -> None: ...
+
+
+SendHook = Callable[[int], Awaitable[None]]
+
+
+def as_send_hook(hook: HopHook | SendHook | None) -> SendHook | None:
+    """Normalise a hook object or a plain ``async def f(nbytes)`` to a callable (or None)."""
+    if hook is None:
+        return None
+    before = getattr(hook, "before_send", None)
+    if before is not None:
+        return before  # type: ignore[no-any-return]
+    if callable(hook):
+        return hook
+    raise TypeError(f"hop hook {hook!r} has no before_send(nbytes) and is not callable")
+
+
+class StageUnreachableError(StageError):
+    """The stage did not answer at all: connection refused, reset or closed."""
+
+    def __init__(self, url: str, reason: str):
+        self.url = url
+        self.reason = reason
+        super().__init__(f"stage {url} unreachable: {reason} (did the stage process die?)")
+
+
+class StageRejectedError(StageError):
+    """The stage answered with an HTTP error status."""
+
+    def __init__(self, url: str, status: int, reason: str):
+        self.url = url
+        self.status = status
+        self.reason = reason
+        super().__init__(f"stage {url} answered HTTP {status}: {reason}")
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """One stage's answer to one step."""
+
+    url: str
+    request_id: str
+    kind: str
+    start_pos: int
+    length: int  # tokens in the stage's cache for the request after the step
+    hidden: torch.Tensor | None  # output hidden states (not on the last stage)
+    token_id: int | None  # greedy next token (last stage only)
+    logits: torch.Tensor | None  # last-position logits, when asked (last stage only)
+    service_s: float  # compute time measured by the stage
+    queue_s: float  # time the step waited for a worker on the stage
+    wall_s: float  # send start -> response read, on this side (hook time excluded)
+    link_s: float  # time spent awaiting the hop hook before sending
+    bytes_sent: int
+    bytes_received: int
+
+    @property
+    def transfer_s(self) -> float:
+        """Wall time not spent computing or queueing: serialisation, HTTP, network."""
+        return max(0.0, self.wall_s - self.service_s - self.queue_s)
+
+    @property
+    def output(self) -> torch.Tensor | int | None:
+        """What the next stage takes (hidden states), or the next token on the last stage."""
+        return self.hidden if self.hidden is not None else self.token_id
+
+
+def _input_tensor(data: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        t = data
+        if t.dim() == 1 and not t.is_floating_point():
+            t = t.unsqueeze(0)
+        return t
+    return torch.tensor([list(data)], dtype=torch.int64)
+
+
+class StageClient:
+    """HTTP client for one stage server (reuses one aiohttp session).
+
+    `session`: share one across clients (the caller closes it); otherwise this client makes
+    and closes its own. `timeout_s` bounds each call (override per call).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        timeout_s: float = 60.0,
+        hook: HopHook | SendHook | None = None,
+        limits: WireLimits | None = None,
+    ):
+        self.url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._hook = as_send_hook(hook)
+        self._session = session
+        self._own_session = session is None
+        self.limits = limits or WireLimits()
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=False)
+            )
+
+    async def aclose(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    async def __aenter__(self) -> StageClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("StageClient not started: use `async with` or await start()")
+        return self._session
+
+    def _timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=timeout_s if timeout_s is not None else self.timeout_s)
+
+    async def _call(
+        self, what: str, coro_fn: Callable[[], Awaitable[Any]], timeout_s: float
+    ) -> Any:
+        try:
+            return await asyncio.wait_for(coro_fn(), timeout=timeout_s)
+        except TimeoutError:
+            raise StageTimeoutError(
+                f"stage {self.url}: no answer to {what} within {timeout_s:g}s"
+            ) from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise StageUnreachableError(self.url, f"{what}: {reason}") from None
+
+    async def _json(self, method: str, path: str, timeout_s: float | None, **kw: Any) -> Any:
+        t = timeout_s if timeout_s is not None else self.timeout_s
+
+        async def go() -> Any:
+            async with self.session.request(method, self.url + path, **kw) as resp:
+                await _raise_for_status(self.url, resp)
+                return await resp.json()
+
+        return await self._call(f"{method} {path}", go, t)
+
+    async def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._json("GET", "/health", timeout_s)  # type: ignore[no-any-return]
+
+    async def info(self, *, timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._json("GET", "/info", timeout_s)  # type: ignore[no-any-return]
+
+    async def metrics(self, *, timeout_s: float | None = None) -> str:
+        t = timeout_s if timeout_s is not None else self.timeout_s
+
+        async def go() -> str:
+            async with self.session.get(self.url + "/metrics") as resp:
+                await _raise_for_status(self.url, resp)
+                return await resp.text()
+
+        return await self._call("GET /metrics", go, t)  # type: ignore[no-any-return]
+
+    async def release(self, request_id: str, *, timeout_s: float | None = None) -> bool:
+        """Free the request's cache on the stage; False when it held none."""
+        body = await self._json("POST", "/release", timeout_s, json={"request_id": request_id})
+        return bool(body.get("released"))
+
+    async def post_raw(
+        self, path: str, body: bytes, *, timeout_s: float | None = None
+    ) -> tuple[int, bytes]:
+        """POST raw bytes (tests and benchmarks); returns (status, body) without raising."""
+        t = timeout_s if timeout_s is not None else self.timeout_s
+
+        async def go() -> tuple[int, bytes]:
+            async with self.session.post(
+                self.url + path, data=body, headers={"Content-Type": CONTENT_TYPE}
+            ) as resp:
+                return resp.status, await resp.read()
+
+        return await self._call(f"POST {path}", go, t)  # type: ignore[no-any-return]
+
+    async def forward(
+        self,
+        request_id: str,
+        kind: str,
+        start_pos: int,
+        data: Sequence[int] | torch.Tensor,
+        *,
+        want_logits: bool = False,
+        timeout_s: float | None = None,
+    ) -> ForwardResult:
+        """Send one prefill/decode step: token ids (first stage) or hidden states."""
+        meta: dict[str, Any] = {"request_id": request_id, "kind": kind, "start_pos": start_pos}
+        if want_logits:
+            meta["want_logits"] = True
+        x = _input_tensor(data)
+        if x.numel() * x.element_size() > (1 << 20):
+            body = await asyncio.to_thread(encode, meta, {"input": x})
+        else:
+            body = encode(meta, {"input": x})
+        link_s = 0.0
+        if self._hook is not None:
+            t_hook = time.perf_counter()
+            await self._hook(len(body))
+            link_s = time.perf_counter() - t_hook
+        t = timeout_s if timeout_s is not None else self.timeout_s
+        t0 = time.perf_counter()
+
+        async def go() -> Any:
+            async with self.session.post(
+                self.url + "/forward", data=body, headers={"Content-Type": CONTENT_TYPE}
+            ) as resp:
+                await _raise_for_status(self.url, resp)
+                try:
+                    return await read_message(resp.content, resp.content_length, self.limits)
+                except WireFormatError as exc:
+                    raise StageError(f"stage {self.url}: malformed response: {exc}") from None
+
+        msg = await self._call(f"{kind} step of {request_id!r}", go, t)
+        wall_s = time.perf_counter() - t0
+        meta_out = msg.meta
+        try:
+            token = meta_out.get("token_id")
+            return ForwardResult(
+                url=self.url,
+                request_id=request_id,
+                kind=kind,
+                start_pos=start_pos,
+                length=int(meta_out["length"]),
+                hidden=msg.tensors.get("hidden"),
+                token_id=None if token is None else int(token),
+                logits=msg.tensors.get("logits"),
+                service_s=float(meta_out["service_s"]),
+                queue_s=float(meta_out.get("queue_s", 0.0)),
+                wall_s=wall_s,
+                link_s=link_s,
+                bytes_sent=len(body),
+                bytes_received=msg.nbytes,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StageError(f"stage {self.url}: response meta lacks {exc}") from None
+
+
+async def _raise_for_status(url: str, resp: aiohttp.ClientResponse) -> None:
+    if resp.status < 400:
+        return
+    text = await resp.text(errors="replace")
+    reason = text
+    try:
+        import json
+
+        body = json.loads(text)
+        if isinstance(body, dict) and "error" in body:
+            reason = str(body["error"])
+    except ValueError:
+        pass
+    raise StageRejectedError(url, resp.status, reason[:2000] or resp.reason or "error")
+
+
+async def generate_through(
+    stage_urls: Sequence[str],
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    hooks: Sequence[HopHook | SendHook | None] | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    timeout_s: float = 60.0,
+) -> list[int]:
+    """Greedy-generate through the stages in order; returns prompt ids + generated ids.
+
+    Stops at `max_new_tokens` or an EOS token (default: the last stage's EOS ids), as
+    `model.generate(do_sample=False)` does.
+    """
+    from testbed.stage.pipeline import PipelineClient
+
+    async with PipelineClient(stage_urls, hooks=hooks, timeout_s=timeout_s) as pipe:
+        result = await pipe.generate(prompt_ids, max_new_tokens, eos_token_ids=eos_token_ids)
+    return list(result.token_ids)
