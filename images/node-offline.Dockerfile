@@ -12,4 +12,4 @@ ENV PYTHONPATH=/opt/testbed/src:/opt/testbed/site \
     TRANSFORMERS_OFFLINE=1
 WORKDIR /opt/testbed
 COPY testbed /opt/testbed/src/testbed
-CMD ["python3", "-m", "testbed.cli.main", "--help"]
+CMD ["python3", "-c", "from testbed.cli.main import main; main()", "--help"]

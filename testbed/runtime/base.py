@@ -27,6 +27,8 @@ LABEL_RUN = "testbed.run"
 LABEL_NODE = "testbed.node"
 LABEL_TIER = "testbed.tier"
 STAGE_PORT = 8000
+# how to run the CLI in a node (`python -m testbed.cli.main` would build a second, empty app)
+CLI_CODE = "from testbed.cli.main import main; main()"
 PROBE_PORT = 9101
 
 
@@ -100,6 +102,11 @@ class RunningTestbed:
     started_at: float = field(default_factory=time.time)
     status: str = "starting"  # starting | up | failed
     notes: list[str] = field(default_factory=list)
+    extra_pids: list[int] = field(default_factory=list)  # local helper processes (probe)
+
+    def pids(self) -> list[int]:
+        """Every local process of the run (stage servers and helpers)."""
+        return [n.pid for n in self.nodes.values() if n.pid] + list(self.extra_pids)
 
     # -- what the broker uses --------------------------------------------------------------
     def stage_nodes(self) -> list[NodeEndpoint]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from testbed.net.appshaper import HopShape
 from testbed.net.detect import PROBE_NETNS_PREFIX, probe_qdiscs
 from testbed.net.links import node_shaping_for_link
 from testbed.net.shaping import BACKENDS, ShapingBackend
-from testbed.runtime.base import LABEL_RUN, RunningTestbed, list_states, load_running
+from testbed.runtime.base import LABEL_RUN, RunningTestbed, list_states, load_running, state_dir
 
 if TYPE_CHECKING:
     from testbed.runtime.image import ImageMode
@@ -104,7 +105,7 @@ def down_sync(run_id: str | None = None) -> str:
         with contextlib.suppress(RuntimeBackendError):
             tb = load_running(run_id)
             runtime = tb.runtime
-            pids = [n.pid for n in tb.nodes.values() if n.pid]
+            pids = tb.pids()
     n_ctr = n_net = 0
     if runtime == "docker":
         from testbed.runtime.docker import down_sync as docker_down
@@ -114,6 +115,7 @@ def down_sync(run_id: str | None = None) -> str:
     if path is not None:
         with contextlib.suppress(OSError):
             path.unlink()
+    shutil.rmtree(state_dir() / f"{run_id}-logs", ignore_errors=True)
     return f"{run_id}: removed {n_ctr} containers, {n_net} networks, {n_proc} processes"
 
 
@@ -125,7 +127,7 @@ def clean_sync() -> list[str]:
     for path in list_states():
         with contextlib.suppress(RuntimeBackendError, OSError):
             tb = load_running(path.stem)
-            pids += [n.pid for n in tb.nodes.values() if n.pid]
+            pids += tb.pids()
     n_proc = _kill_pids(pids)
     if n_proc:
         done.append(f"stopped {n_proc} local stage processes")
@@ -151,6 +153,7 @@ def clean_sync() -> list[str]:
     for path in list_states():
         with contextlib.suppress(OSError):
             path.unlink()
+            shutil.rmtree(state_dir() / f"{path.stem}-logs", ignore_errors=True)
             done.append(f"removed state {path.name}")
     return done or ["nothing to clean"]
 

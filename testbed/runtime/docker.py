@@ -27,6 +27,7 @@ from testbed.net.links import plan_shaping
 from testbed.net.shaping import DirShape, Iface, ShapingBackend, egress_ops
 from testbed.net.tc import apply_ops, links_sync
 from testbed.runtime.base import (
+    CLI_CODE,
     LABEL_NODE,
     LABEL_RUN,
     LABEL_TIER,
@@ -107,7 +108,7 @@ def remove_by_label(c: Any, label_filter: str) -> tuple[int, int]:
     """Remove containers then networks matching a label filter; returns the counts."""
     import docker
 
-    ctrs = c.containers.list(all=True, filters={"label": label_filter})
+    ctrs = c.containers.list(all=True, filters={"label": label_filter}, sparse=True)
     for ctr in ctrs:
         with contextlib.suppress(docker.errors.NotFound):
             ctr.remove(force=True, v=True)
@@ -316,8 +317,8 @@ class DockerTestbed:
             volumes[host] = {"bind": inside, "mode": "ro"}
         cmd = [
             "python3",
-            "-m",
-            "testbed.cli.main",
+            "-c",
+            CLI_CODE,
             "stage",
             "serve",
             "--model-dir",

@@ -261,4 +261,19 @@ def ensure_image(mode: ImageMode = "offline", *, force: bool = False) -> ImageIn
         ensure_base_image(client)
     _log(f"building {tag} ({mode}) ...")
     _build(client, dockerfile, tag, buildargs, extra)
+    _prune_old(client, tag)
     return ImageInfo(tag, mode, True, time.monotonic() - t0, mounts)
+
+
+def _prune_old(client: Any, keep: str) -> None:
+    """Drop earlier code layers of the testbed image (a container still using one keeps it)."""
+    import docker
+
+    for img in client.images.list(name=NODE_REPO):
+        if keep in img.tags:
+            continue
+        for t in img.tags:
+            try:
+                client.images.remove(t, noprune=False)
+            except docker.errors.APIError:
+                pass  # in use by a running testbed

@@ -17,7 +17,9 @@ from testbed.net.tc import apply_ops, qdiscs_sync
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, tc)"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's `ip` to run the probe in the netns"),
+    pytest.mark.skipif(
+        shutil.which("ip") is None, reason="needs iproute2's `ip` to run the probe in the netns"
+    ),
 ]
 
 HOST_IP, NS_IP = "169.254.213.1", "169.254.213.2"
@@ -52,8 +54,19 @@ def veth_netns():
 
 async def _probe_server(netns_name: str, port: int) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", netns_name, sys.executable, "-m", "testbed.net.probe", "serve",
-        "--host", NS_IP, "--port", str(port), stdout=asyncio.subprocess.PIPE,
+        "ip",
+        "netns",
+        "exec",
+        netns_name,
+        sys.executable,
+        "-m",
+        "testbed.net.probe",
+        "serve",
+        "--host",
+        NS_IP,
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
@@ -67,14 +80,19 @@ async def test_rate_shaping_within_tolerance(veth_netns, qdisc):
     proc = await _probe_server(name, 9101)
     try:
         rate = 20e6
-        await apply_ops(egress_ops(host_if, DirShape(rate_bps=rate), "kernel-rate+app-delay", rate_qdisc=qdisc))
+        await apply_ops(
+            egress_ops(host_if, DirShape(rate_bps=rate), "kernel-rate+app-delay", rate_qdisc=qdisc)
+        )
         kinds = [q["kind"] for q in await asyncio.to_thread(qdiscs_sync, host_if)]
         assert qdisc in kinds
         m = await measure_link(NS_IP, 9101, expected_rate_bps=rate, seconds=1.0)
         assert m.throughput_bps == pytest.approx(rate, rel=0.15)
         # unshaped, the same path is far faster: the cap did the work
         await apply_ops(egress_ops(host_if, DirShape(), "kernel"))
-        assert [q["kind"] for q in await asyncio.to_thread(qdiscs_sync, host_if)] in ([], ["noqueue"])
+        assert [q["kind"] for q in await asyncio.to_thread(qdiscs_sync, host_if)] in (
+            [],
+            ["noqueue"],
+        )
         fast = await measure_link(NS_IP, 9101, expected_rate_bps=rate, seconds=1.0)
         assert fast.throughput_bps is not None and fast.throughput_bps > 3 * rate
     finally:

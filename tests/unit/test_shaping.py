@@ -32,7 +32,12 @@ def kinds(ops):
 
 def test_kernel_backend_htb_with_netem_child_and_units():
     ops = egress_ops(IF, SHAPE, "kernel")
-    assert kinds(ops) == [("del", ""), ("replace", "htb"), ("replace-class", "htb"), ("replace", "netem")]
+    assert kinds(ops) == [
+        ("del", ""),
+        ("replace", "htb"),
+        ("replace-class", "htb"),
+        ("replace", "netem"),
+    ]
     assert ops[0].missing_ok and ops[0].parent == TC_H_ROOT
     htb_class = ops[2].kwargs()
     # rates are strings in bits with the lowercase suffix: a bare int would be bytes/s
@@ -108,7 +113,10 @@ def test_describe_reads_like_tc():
 TOPO = {
     "name": "t",
     "tiers": [
-        {"name": "edge", "nodes": [{"name": "e1", "device": "cpu-core"}, {"name": "e2", "device": "cpu-core"}]},
+        {
+            "name": "edge",
+            "nodes": [{"name": "e1", "device": "cpu-core"}, {"name": "e2", "device": "cpu-core"}],
+        },
         {"name": "fog", "nodes": [{"name": "f1", "device": "cpu-core"}]},
         {"name": "cloud", "nodes": [{"name": "c1", "device": "cpu-core"}]},
     ],
@@ -121,7 +129,11 @@ TOPO = {
 
 def test_plan_shaping_feeds_each_tier_from_its_upstream_link():
     shaping = plan_shaping(topology_from_dict(TOPO), "kernel")
-    assert shaping["e1"].link is None and shaping["e1"].downlink.is_noop and shaping["e1"].uplink.is_noop
+    assert (
+        shaping["e1"].link is None
+        and shaping["e1"].downlink.is_noop
+        and shaping["e1"].uplink.is_noop
+    )
     f1 = shaping["f1"]
     assert f1.link == "edge->fog"
     assert f1.downlink == DirShape(50e6, 0.005, 0.001, 0.0)
@@ -142,7 +154,9 @@ def test_plan_shaping_app_parts_per_backend():
 
 
 def hop(rate=None, delay=0.0, jitter=0.0, loss=0.0, apply_rate=True):
-    return HopShape(DirShape(rate, delay, jitter, loss), DirShape(None, delay, jitter, loss), apply_rate)
+    return HopShape(
+        DirShape(rate, delay, jitter, loss), DirShape(None, delay, jitter, loss), apply_rate
+    )
 
 
 def test_app_shaper_round_trip_delay_and_jitter_bounds_seeded():
