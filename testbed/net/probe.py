@@ -114,7 +114,7 @@ async def measure_link(
     *,
     hook: HopHook | None = None,
     expected_rate_bps: float | None = None,
-    rtt_samples: int = 5,
+    rtt_samples: int = 9,
     seconds: float = 0.5,
     timeout_s: float = 30.0,
 ) -> LinkMeasurement:

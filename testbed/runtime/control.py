@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from testbed.spec.topology import LinkSpec, Topology
 
 NETNS_PREFIX = "testbed-"  # network namespaces the testbed (or its tests) create
+NETNS_DIR = Path("/var/run/netns")
 
 
 async def choose_backend(runtime: str, requested: str | None = None) -> ShapingBackend:
@@ -139,9 +140,8 @@ def clean_sync() -> list[str]:
             done.append(f"removed {n_ctr} containers and {n_net} networks labelled {LABEL_RUN}")
     except RuntimeBackendError as exc:
         done.append(f"docker skipped: {exc}")
-    netns_dir = Path("/var/run/netns")
-    if netns_dir.exists():
-        for entry in sorted(netns_dir.iterdir()):
+    if NETNS_DIR.exists():
+        for entry in sorted(NETNS_DIR.iterdir()):
             if entry.name.startswith((NETNS_PREFIX, PROBE_NETNS_PREFIX)):
                 try:
                     from pyroute2 import netns

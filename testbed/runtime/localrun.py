@@ -70,7 +70,7 @@ async def up_local(
         seed=seed,
     )
     logs = state_dir() / f"{run_id}-logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
     tb.save()
     try:
         shaping = plan_shaping(topology, "app")

@@ -92,7 +92,7 @@ def _assert_nothing_left(c, run_id: str | None = None) -> None:
 
 
 def test_up_measure_generate_down(env):
-    c, tmp, model, topo, environ = env
+    c, _tmp, model, topo, environ = env
     t0 = time.monotonic()
     res = _cli(environ, "up", str(topo), "--model", str(model), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -168,7 +168,7 @@ print(json.dumps({{"got": list(got), "want": want}}))
 
 
 def test_sigkill_up_then_clean_leaves_nothing(env):
-    c, tmp, model, topo, environ = env
+    c, _tmp, model, topo, environ = env
     proc = subprocess.Popen(
         [sys.executable, "-c", CLI, "up", str(topo), "--model", str(model)],
         env=environ,
