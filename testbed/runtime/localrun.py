@@ -59,13 +59,14 @@ async def up_local(
     from testbed.runtime.measure import wait_healthy
 
     run_id = new_run_id()
+    model_dir = await asyncio.to_thread(model_dir.resolve)
     tb = RunningTestbed(
         run_id,
         "local",
         "app",
         topology_path,
         topology.name,
-        str(model_dir.resolve()),
+        str(model_dir),
         {},
         seed=seed,
     )
