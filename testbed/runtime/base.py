@@ -116,6 +116,10 @@ class RunningTestbed:
             key=lambda n: (n.tier_index, n.name),
         )
 
+    def hooks_by_url(self) -> dict[str, AppShaper | None]:
+        """For ``PipelineClient(hooks_by_url=...)``: the hop hook of every node's stage URL."""
+        return {n.url: n.hook for n in self.nodes.values()}
+
     def hook_for(self, node: str) -> AppShaper | None:
         """The hop hook to await before sending to ``node`` (None: the kernel does it all)."""
         return self.nodes[node].hook

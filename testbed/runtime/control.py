@@ -9,7 +9,7 @@ import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from testbed.errors import ConfigError, RuntimeBackendError
 from testbed.net.appshaper import HopShape
@@ -33,7 +33,7 @@ async def choose_backend(runtime: str, requested: str | None = None) -> ShapingB
             raise ConfigError(
                 f"unknown shaping backend {requested!r}; use one of {', '.join(BACKENDS)}"
             )
-        return requested  # type: ignore[return-value]
+        return cast(ShapingBackend, requested)
     support = await probe_qdiscs()
     return support.backend(runtime)
 

@@ -83,7 +83,7 @@ def used_subnets(c: Any) -> list[ipaddress.IPv4Network]:
                 dst = r.get_attr("RTA_DST")
                 if dst:
                     used.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False))
-    return [n for n in used if n.version == 4]  # type: ignore[misc]
+    return [n for n in used if isinstance(n, ipaddress.IPv4Network)]
 
 
 def free_subnets(c: Any, count: int, pool: str = SUBNET_POOL) -> list[ipaddress.IPv4Network]:

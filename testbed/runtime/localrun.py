@@ -143,10 +143,10 @@ async def up_local(
             await wait_healthy(tb, health_timeout_s)
         except Exception as exc:
             tails = []
-            for n in tb.nodes.values():
+            for ep in tb.nodes.values():
                 with contextlib.suppress(OSError):
-                    text = (logs / f"{n.name}.log").read_text(errors="replace")[-600:]
-                    tails.append(f"--- {n.name}:\n{text}")
+                    text = (logs / f"{ep.name}.log").read_text(errors="replace")[-600:]
+                    tails.append(f"--- {ep.name}:\n{text}")
             raise RuntimeBackendError(f"{exc}\n" + "\n".join(tails)) from exc
         tb.status = "up"
         tb.save()
