@@ -82,7 +82,7 @@ def generate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON record.")] = False,
 ) -> None:
     """Start stage servers, generate greedily through them, print the text, stop them."""
-    from testbed.model.executor import read_model_info
+    from testbed.model.info import read_model_info
 
     if runtime != "local":
         raise ConfigError(f"runtime {runtime!r} is not supported here; use --runtime local")

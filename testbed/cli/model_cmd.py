@@ -34,7 +34,7 @@ def make_tiny_cmd(
     seed: Annotated[int, typer.Option(help="Weights come from this seed.")] = 0,
 ) -> None:
     """Write a real Hugging Face model folder with random weights (loads with from_pretrained)."""
-    from testbed.model.executor import read_model_info
+    from testbed.model.info import read_model_info
     from testbed.model.tiny import make_tiny_model
 
     out = make_tiny_model(

@@ -59,11 +59,21 @@ def serve_cmd(
     ] = False,
 ) -> None:
     """Serve blocks START:END of MODEL_DIR: /health /info /forward /release /sink /metrics."""
-    from testbed.stage.server import StageConfig, serve
+    from testbed.model.info import DTYPE_CHOICES, read_model_info
 
+    # check what can be checked before the slow torch import, so bad flags fail fast
     if port < 0 or port > 65535:
         raise ConfigError(f"port {port} is out of range 0..65535", field="--port")
+    if dtype is not None and dtype not in DTYPE_CHOICES:
+        raise ConfigError(f"{dtype!r} is not one of {', '.join(DTYPE_CHOICES)}", field="--dtype")
     start, end = parse_blocks(blocks)
+    info = read_model_info(model_dir)
+    if end > info.num_blocks:
+        raise ConfigError(
+            f"blocks {start}:{end} run past the model's {info.num_blocks} blocks", field="--blocks"
+        )
+    from testbed.stage.server import StageConfig, serve
+
     config = StageConfig(
         model_dir=model_dir,
         start=start,

@@ -95,7 +95,7 @@ class LocalStages:
         stop_timeout_s: float = 5.0,
         log_dir: str | Path | None = None,
     ):
-        from testbed.model.executor import read_model_info
+        from testbed.model.info import read_model_info
 
         self.model_dir = Path(model_dir)
         self.info = read_model_info(self.model_dir)

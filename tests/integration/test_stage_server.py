@@ -1,0 +1,225 @@
+"""Stage servers in this process over real loopback HTTP: bad input, capacity, pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import threading
+
+import aiohttp
+import pytest
+import torch
+
+from testbed.model.executor import LayerRangeExecutor, read_model_info
+from testbed.stage.client import StageClient, StageRejectedError
+from testbed.stage.pipeline import PipelineClient
+from testbed.stage.server import StageConfig, StageServer
+from testbed.stage.wire import MAGIC, decode, encode
+
+pytestmark = pytest.mark.model
+
+PROMPT = [5, 17, 99, 200, 31, 7, 250, 3, 44]
+
+
+def reference(path, prompt, new_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+        )
+    return out[0].tolist()
+
+
+class Servers:
+    """Start in-process stage servers for a split; close them all."""
+
+    def __init__(self, path, cuts, **cfg):
+        n = read_model_info(path).num_blocks
+        self.ranges = list(itertools.pairwise([0, *cuts, n]))
+        self.servers = [
+            StageServer(
+                StageConfig(str(path), a, b, **cfg),
+                executor=LayerRangeExecutor(path, a, b, max_requests=cfg.get("max_requests", 256)),
+            )
+            for a, b in self.ranges
+        ]
+
+    async def __aenter__(self):
+        for s in self.servers:
+            await s.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        for s in self.servers:
+            await s.aclose()
+
+    @property
+    def urls(self):
+        return [s.url for s in self.servers]
+
+
+@pytest.mark.parametrize("arch", ["phi3", "llama"])
+@pytest.mark.parametrize("cuts", [[], [1, 2, 3], [1]], ids=["whole", "one-per-stage", "uneven"])
+async def test_pipelined_generation_matches_generate(tiny_model, arch, cuts):
+    path = tiny_model(arch)
+    want = reference(path, PROMPT, 10)
+    sent = []
+
+    async def hook(nbytes):
+        sent.append(nbytes)
+
+    async with Servers(path, cuts) as srv:
+        hooks = [hook] * len(srv.urls)
+        async with PipelineClient(srv.urls, hooks=hooks) as pipe:
+            result = await pipe.generate(PROMPT, 10)
+            for s in srv.servers:
+                assert s.executor.request_ids == []  # released at the end
+    assert result.token_ids == want
+    steps = len(result.steps)
+    assert len(sent) == steps * len(srv.urls)  # every hop went through the hook
+    timing = result.timings()
+    assert len(timing["per_stage"]) == len(srv.urls)
+    assert all(st["service_s"] > 0 for st in timing["per_stage"])
+
+
+async def test_concurrent_requests_match_generate(tiny_model):
+    path = tiny_model("phi3")
+    prompts = [PROMPT, [9, 8, 7, 6], [100, 200, 300, 400, 500, 2, 3], [42]]
+    wants = [reference(path, p, 8) for p in prompts]
+    async with Servers(path, [2, 3], max_inflight=2) as srv:
+        async with PipelineClient(srv.urls) as pipe:
+            results = await asyncio.gather(*(pipe.generate(p, 8) for p in prompts))
+    assert [r.token_ids for r in results] == wants
+
+
+async def post(url, body, path="/forward"):
+    async with aiohttp.ClientSession() as s, s.post(url + path, data=body) as resp:
+        return resp.status, await resp.read()
+
+
+def fwd(rid, kind, pos, x, **meta):
+    return encode({"request_id": rid, "kind": kind, "start_pos": pos, **meta}, {"input": x})
+
+
+async def test_bad_input_gets_4xx_and_the_server_keeps_serving(tiny_model):
+    import json
+
+    path = tiny_model("phi3")
+    async with Servers(path, [2]) as srv:
+        first, second = srv.urls
+        ok = fwd("r", "prefill", 0, torch.tensor([[1, 2, 3]]))
+        cases = [
+            (first, ok[: len(ok) // 2], 400, "truncated"),
+            (first, b"GET / HTTP/1.1", 400, "bad magic"),
+            (first, struct.pack("<4sI", MAGIC, 50 << 20), 413, "exceeds the limit"),
+            (first, fwd("r", "prefill", 0, torch.randn(1, 3, 64)), 400, "token ids"),
+            (first, fwd("r", "prefill", 0, torch.tensor([[1, 9999]])), 400, "must be in"),
+            (second, fwd("r", "prefill", 0, torch.randn(1, 3, 32)), 400, "hidden states"),
+            (second, fwd("r", "prefill", 0, torch.randn(1, 3, 64).half()), 200, ""),
+            (first, fwd("x", "decode", 3, torch.tensor([[1]])), 404, "unknown request id"),
+            (first, fwd("r", "sideways", 0, torch.tensor([[1]])), 400, "meta.kind"),
+            (first, fwd("", "prefill", 0, torch.tensor([[1]])), 400, "request_id"),
+            (first, fwd("r", "prefill", -1, torch.tensor([[1]])), 400, "start_pos"),
+            (first, fwd("r", "prefill", 0, torch.tensor([[1]]), extra=1), 400, "unknown meta"),
+            (first, encode({"request_id": "r", "kind": "prefill", "start_pos": 0}), 400, "input"),
+        ]
+        for url, body, status, match in cases:
+            got, text = await post(url, body)
+            assert got == status, (match, text)
+            if status >= 400:
+                err = json.loads(text)
+                assert match in err["error"] and err["status"] == status
+        # a live request: wrong position and a second prefill are conflicts
+        assert (await post(first, ok))[0] == 200
+        got, text = await post(first, fwd("r", "decode", 7, torch.tensor([[4]])))
+        assert got == 409 and b"expected position 3" in text
+        got, text = await post(first, ok)
+        assert got == 409 and b"already has a cache" in text
+        got, text = await post(first, b'{"oops"', "/release")
+        assert got == 400
+        # still serving: the valid decode works, health is fine, errors were counted
+        got, text = await post(first, fwd("r", "decode", 3, torch.tensor([[4]])))
+        assert got == 200 and decode(text).meta["length"] == 4
+        async with StageClient(first) as c:
+            assert (await c.health())["status"] == "ok"
+            metrics = await c.metrics()
+            info = await c.info()
+            assert await c.release("r") and not await c.release("r")
+        assert 'testbed_stage_errors_total{stage="stage-0-2",status="400"}' in metrics
+        assert 'testbed_stage_tokens_total{stage="stage-0-2",kind="decode"} 1' in metrics
+        assert info["blocks"] == [0, 2] and info["is_first"] and not info["is_last"]
+        assert info["param_bytes"] > 0 and info["rss_bytes"] > 0 and info["pid"] > 0
+
+
+class _Gate:
+    """An executor whose steps wait for a gate (to fill the queue on purpose)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def step(self, *args):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self._inner.step(*args)
+
+
+async def test_full_queue_answers_429_and_recovers(tiny_model):
+    path = tiny_model("phi3")
+    gated = _Gate(LayerRangeExecutor(path, 0, 4))
+    server = StageServer(StageConfig(str(path), 0, 4, max_inflight=1, max_queue=1), gated)
+    await server.start()
+    try:
+        url = server.url
+        running = asyncio.create_task(post(url, fwd("a", "prefill", 0, torch.tensor([[1, 2]]))))
+        await asyncio.to_thread(gated.entered.wait, 10)
+        waiting = asyncio.create_task(post(url, fwd("b", "prefill", 0, torch.tensor([[3]]))))
+        for _ in range(200):  # until "b" is queued
+            if server._waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        status, text = await post(url, fwd("c", "prefill", 0, torch.tensor([[3]])))
+        assert status == 429 and b"busy" in text
+        gated.gate.set()
+        assert (await running)[0] == 200 and (await waiting)[0] == 200
+        assert (await post(url, fwd("c", "prefill", 0, torch.tensor([[3]]))))[0] == 200
+        async with StageClient(url) as c:
+            assert 'reason="queue_full"} 1' in await c.metrics()
+    finally:
+        gated.gate.set()
+        await server.aclose()
+
+
+async def test_idle_caches_expire_and_cache_slots_are_bounded(tiny_model):
+    path = tiny_model("phi3")
+    async with Servers(path, [], request_ttl_s=0.2, max_requests=1) as srv:
+        (url,) = srv.urls
+        assert (await post(url, fwd("a", "prefill", 0, torch.tensor([[1, 2]]))))[0] == 200
+        status, text = await post(url, fwd("b", "prefill", 0, torch.tensor([[1, 2]])))
+        assert status == 503 and b"release finished requests" in text
+        await asyncio.sleep(0.5)
+        status, _ = await post(url, fwd("a", "decode", 2, torch.tensor([[3]])))
+        assert status == 404  # evicted after the TTL
+        assert (await post(url, fwd("b", "prefill", 0, torch.tensor([[1, 2]]))))[0] == 200
+
+
+async def test_client_errors_name_the_stage_and_the_reason(tiny_model):
+    path = tiny_model("phi3")
+    async with Servers(path, []) as srv:
+        async with StageClient(srv.urls[0]) as c:
+            with pytest.raises(StageRejectedError, match=r"HTTP 404.*unknown request id") as info:
+                await c.forward("ghost", "decode", 5, [1])
+            assert info.value.status == 404
+            r = await c.forward("r", "prefill", 0, [1, 2, 3], want_logits=True)
+            assert r.token_id is not None and r.logits is not None and r.logits.shape == (1, 512)
+            assert r.token_id == int(torch.argmax(r.logits))
+            status, _ = await c.post_raw("/sink", encode({}, {"x": torch.zeros(1000)}))
+            assert status == 200
