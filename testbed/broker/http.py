@@ -1,0 +1,128 @@
+"""The broker's stage transport over HTTP: :class:`testbed.stage.client.StageClient` per node.
+
+One aiohttp session is shared by all nodes' clients. Each node's app-level link hook (the
+running testbed's ``hook_for(node)``) is awaited before every send to that node. A stage that
+is busy (HTTP 429, or 503 with its cache slots full) is retried with a short back-off until the
+call's deadline: that is backpressure from the server, not a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from testbed.broker.transport import NodeUnreachable, StageRejected, StepKind, StepResult
+from testbed.errors import StageError, StageTimeoutError
+from testbed.stage.client import (
+    SendHook,
+    StageClient,
+    StageRejectedError,
+    StageUnreachableError,
+)
+
+BUSY_STATUSES = (429, 503)
+
+
+class HttpStageTransport:
+    """:class:`~testbed.broker.transport.StageTransport` over the stage servers' HTTP API."""
+
+    def __init__(
+        self,
+        urls: Mapping[str, str],
+        hooks: Mapping[str, SendHook] | None = None,
+        *,
+        busy_backoff_s: float = 0.005,
+        busy_backoff_max_s: float = 0.2,
+    ) -> None:
+        self.urls = dict(urls)
+        self.hooks = dict(hooks or {})
+        self.busy_backoff_s = busy_backoff_s
+        self.busy_backoff_max_s = busy_backoff_max_s
+        self.busy_retries = 0  # how often a stage said "busy" (for the results)
+        self._session: aiohttp.ClientSession | None = None
+        self._clients: dict[str, StageClient] = {}
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        )
+        self._clients = {
+            n: StageClient(url, session=self._session, hook=self.hooks.get(n))
+            for n, url in self.urls.items()
+        }
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            self._clients = {}
+            await session.close()
+            # closed transports release their sockets on the next loop iterations
+            await asyncio.sleep(0.01)
+
+    def _client(self, node: str) -> StageClient:
+        try:
+            return self._clients[node]
+        except KeyError:
+            raise StageError(f"no client for node {node!r} (transport not started?)") from None
+
+    async def health(self, node: str, *, timeout_s: float) -> bool:
+        try:
+            body = await self._client(node).health(timeout_s=timeout_s)
+        except (StageTimeoutError, StageUnreachableError, StageRejectedError):
+            return False
+        return isinstance(body, dict) and body.get("status") == "ok"
+
+    async def forward(
+        self,
+        node: str,
+        request_id: str,
+        kind: StepKind,
+        start_pos: int,
+        data: object,
+        *,
+        timeout_s: float,
+    ) -> StepResult:
+        client = self._client(node)
+        deadline = time.monotonic() + timeout_s
+        backoff = self.busy_backoff_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NodeUnreachable(node, f"busy for the whole {timeout_s:g}s call timeout")
+            try:
+                res = await client.forward(request_id, kind, start_pos, data, timeout_s=left)  # type: ignore[arg-type]
+            except StageTimeoutError:
+                raise NodeUnreachable(node, f"no answer within {timeout_s:g}s") from None
+            except StageUnreachableError as exc:
+                raise NodeUnreachable(node, exc.reason) from None
+            except StageRejectedError as exc:
+                if "shutting down" in exc.reason:
+                    raise NodeUnreachable(node, "shutting down") from None
+                if exc.status in BUSY_STATUSES:
+                    self.busy_retries += 1
+                    await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
+                    backoff = min(backoff * 2, self.busy_backoff_max_s)
+                    continue
+                raise StageRejected(node, f"HTTP {exc.status}: {exc.reason}", exc.status) from None
+            except StageError as exc:  # a malformed answer
+                raise StageRejected(node, str(exc)) from None
+            return StepResult(
+                output=res.output,
+                service_s=res.service_s,
+                queue_s=res.queue_s,
+                link_s=res.link_s,
+                nbytes=res.bytes_sent,
+            )
+
+    async def release(self, node: str, request_id: str, *, timeout_s: float) -> None:
+        try:
+            await self._client(node).release(request_id, timeout_s=timeout_s)
+        except (StageTimeoutError, StageUnreachableError) as exc:
+            raise NodeUnreachable(node, str(exc)) from None
+        except StageRejectedError as exc:
+            raise StageRejected(node, f"HTTP {exc.status}: {exc.reason}", exc.status) from None

@@ -1,0 +1,83 @@
+"""How the broker talks to stage servers: one call per stage step, one release per request.
+
+:class:`StageTransport` is the small interface the broker needs; :class:`HttpStageTransport`
+implements it over the stage servers' HTTP wire format with :mod:`testbed.stage.client`
+(one client per node, the node's app-level link hook awaited before every send).
+
+Failures are split in two, because the broker treats them differently:
+
+- :class:`NodeUnreachable` - the node did not answer (timeout, connection refused or reset):
+  the broker marks it down and re-routes the request's remaining life elsewhere.
+- :class:`StageRejected` - the node answered with an error: the request fails with that reason
+  (retrying the same bytes elsewhere would fail the same way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from testbed.errors import StageError
+
+StepKind = Literal["prefill", "decode"]
+Hook = Callable[[int], Awaitable[None]]  # before_send(nbytes): the emulated link's delay
+
+
+class NodeUnreachable(StageError):
+    """The node did not answer (timeout, refused, reset)."""
+
+    def __init__(self, node: str, reason: str) -> None:
+        self.node = node
+        self.reason = reason
+        super().__init__(f"node {node} unreachable: {reason}")
+
+
+class StageRejected(StageError):
+    """The node answered with an error status."""
+
+    def __init__(self, node: str, reason: str, status: int | None = None) -> None:
+        self.node = node
+        self.reason = reason
+        self.status = status
+        super().__init__(f"node {node} rejected the step: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    output: object  # next stage's input (hidden states), or the next token id from the last stage
+    service_s: float  # compute time the stage server measured for this step
+    queue_s: float = 0.0  # time the step waited in the server's queue (0 when not reported)
+    link_s: float = 0.0  # time spent in the emulated link hook before the send
+    nbytes: int = 0  # request body bytes sent
+
+
+class StageTransport(Protocol):
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def health(self, node: str, *, timeout_s: float) -> bool: ...
+
+    async def forward(
+        self,
+        node: str,
+        request_id: str,
+        kind: StepKind,
+        start_pos: int,
+        data: object,
+        *,
+        timeout_s: float,
+    ) -> StepResult: ...
+
+    async def release(self, node: str, request_id: str, *, timeout_s: float) -> None: ...
+
+
+def token_ids(data: object) -> Sequence[int] | None:
+    """``data`` as a list of token ids when it is one (first stage input), else None."""
+    if isinstance(data, list | tuple) and all(isinstance(t, int) for t in data):
+        return data
+    return None
+
+
+NodeMap = Mapping[str, str]  # node -> base URL
