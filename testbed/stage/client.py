@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,7 +25,13 @@ import aiohttp
 import torch
 
 from testbed.errors import StageError, StageTimeoutError
-from testbed.stage.wire import CONTENT_TYPE, WireFormatError, WireLimits, encode, read_message
+from testbed.stage.wire import (
+    CONTENT_TYPE,
+    WireFormatError,
+    WireLimits,
+    encode_parts,
+    read_message,
+)
 
 __all__ = [
     "ForwardResult",
@@ -35,8 +41,47 @@ __all__ = [
     "StageRejectedError",
     "StageTimeoutError",
     "StageUnreachableError",
+    "WirePayload",
     "generate_through",
 ]
+
+
+_WRITE_SLICE = 1 << 20
+
+
+class WirePayload(aiohttp.payload.Payload):
+    """An aiohttp body made of wire buffers, written one after another (no joining copy)."""
+
+    def __init__(self, parts: Sequence[memoryview]):
+        super().__init__(parts, content_type=CONTENT_TYPE)
+        self._parts = list(parts)
+        self._size = sum(p.nbytes for p in self._parts)
+
+    @property
+    def nbytes(self) -> int:
+        return self._size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a tensor message is binary")
+
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"".join(self._parts)
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        # Slices with a drain in between: one huge transport.write() makes asyncio copy the
+        # unsent rest into its buffer and memmove it on every partial send (quadratic).
+        left = self._size if content_length is None else content_length
+        for part in self._parts:
+            for off in range(0, part.nbytes, _WRITE_SLICE):
+                if left <= 0:
+                    return
+                chunk = part[off : off + min(_WRITE_SLICE, left)]
+                await writer.write(chunk)
+                await writer.drain()
+                left -= chunk.nbytes
 
 
 @runtime_checkable
@@ -134,8 +179,15 @@ class StageClient:
         timeout_s: float = 60.0,
         hook: HopHook | SendHook | None = None,
         limits: WireLimits | None = None,
+        transport: str = "auto",
     ):
+        if transport not in ("auto", "http", "tcp"):
+            raise ValueError(f"transport must be auto, http or tcp, got {transport!r}")
         self.url = base_url.rstrip("/")
+        self.transport = transport  # auto: the tensor port when the stage announces one
+        self._tcp_port: int | None = None
+        self._tcp_resolved = transport == "http"
+        self._tcp_pool: list[Any] = []
         self.timeout_s = timeout_s
         self._hook = as_send_hook(hook)
         self._session = session
@@ -144,11 +196,12 @@ class StageClient:
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False)
-            )
+            self._session = new_session()
 
     async def aclose(self) -> None:
+        for conn in self._tcp_pool:
+            conn.close()
+        self._tcp_pool.clear()
         if self._own_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -173,12 +226,13 @@ class StageClient:
         self, what: str, coro_fn: Callable[[], Awaitable[Any]], timeout_s: float
     ) -> Any:
         try:
-            return await asyncio.wait_for(coro_fn(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for
+                return await coro_fn()
         except TimeoutError:
             raise StageTimeoutError(
                 f"stage {self.url}: no answer to {what} within {timeout_s:g}s"
             ) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             raise StageUnreachableError(self.url, f"{what}: {reason}") from None
 
@@ -214,18 +268,76 @@ class StageClient:
         return bool(body.get("released"))
 
     async def post_raw(
-        self, path: str, body: bytes, *, timeout_s: float | None = None
+        self, path: str, body: bytes | WirePayload, *, timeout_s: float | None = None
     ) -> tuple[int, bytes]:
-        """POST raw bytes (tests and benchmarks); returns (status, body) without raising."""
+        """POST bytes or a wire payload (tests, benchmarks); returns (status, body), no raising."""
         t = timeout_s if timeout_s is not None else self.timeout_s
+        data = WirePayload([memoryview(body)]) if isinstance(body, bytes | bytearray) else body
 
         async def go() -> tuple[int, bytes]:
-            async with self.session.post(
-                self.url + path, data=body, headers={"Content-Type": CONTENT_TYPE}
-            ) as resp:
+            async with self.session.post(self.url + path, data=data) as resp:
                 return resp.status, await resp.read()
 
         return await self._call(f"POST {path}", go, t)  # type: ignore[no-any-return]
+
+    # -- the tensor port ------------------------------------------------------------------------
+    async def _use_tcp(self) -> bool:
+        if not self._tcp_resolved:
+            info = await self.info()
+            port = info.get("tensor_port")
+            if port is None and self.transport == "tcp":
+                raise StageError(f"stage {self.url} announces no tensor port")
+            self._tcp_port = int(port) if port is not None else None
+            self._tcp_resolved = True
+        return self._tcp_port is not None
+
+    async def _tcp_request(self, parts: Sequence[memoryview]) -> Any:
+        from yarl import URL
+
+        from testbed.stage.tensor_port import open_connection
+
+        conn = None
+        while self._tcp_pool and conn is None:
+            c = self._tcp_pool.pop()
+            conn = c if c.usable else None
+        if conn is None:
+            assert self._tcp_port is not None
+            host = URL(self.url).host or "127.0.0.1"
+            try:
+                conn = await open_connection(host, self._tcp_port, self.limits)
+            except OSError as exc:
+                raise StageUnreachableError(
+                    self.url, f"tensor port {host}:{self._tcp_port}: {exc}"
+                ) from None
+        try:
+            msg = await conn.request(parts)
+        except WireFormatError as exc:
+            raise StageError(f"stage {self.url}: malformed response: {exc}") from None
+        self._tcp_pool.append(conn)
+        status = msg.meta.get("status", 200)
+        if status != 200:
+            raise StageRejectedError(self.url, int(status), str(msg.meta.get("error", "error")))
+        return msg
+
+    async def sink(
+        self, tensors: Mapping[str, torch.Tensor], *, timeout_s: float | None = None
+    ) -> int:
+        """Send tensors to be read, validated and discarded (transfer checks); returns bytes.
+
+        Goes the way `forward` goes: the tensor port when there is one, else HTTP.
+        """
+        parts = encode_parts({"op": "sink"}, tensors)
+        t = timeout_s if timeout_s is not None else self.timeout_s
+        if await self._use_tcp():
+            msg = await self._call("sink", lambda: self._tcp_request(parts), t)
+            return int(msg.meta.get("bytes", 0))
+
+        async def go() -> int:
+            async with self.session.post(self.url + "/sink", data=WirePayload(parts)) as resp:
+                await _raise_for_status(self.url, resp)
+                return int((await resp.json())["bytes"])
+
+        return await self._call("sink", go, t)  # type: ignore[no-any-return]
 
     async def forward(
         self,
@@ -241,30 +353,32 @@ class StageClient:
         meta: dict[str, Any] = {"request_id": request_id, "kind": kind, "start_pos": start_pos}
         if want_logits:
             meta["want_logits"] = True
-        x = _input_tensor(data)
-        if x.numel() * x.element_size() > (1 << 20):
-            body = await asyncio.to_thread(encode, meta, {"input": x})
-        else:
-            body = encode(meta, {"input": x})
+        parts = encode_parts(meta, {"input": _input_tensor(data)})
+        nbytes = sum(p.nbytes for p in parts)
+        use_tcp = await self._use_tcp()
         link_s = 0.0
         if self._hook is not None:
             t_hook = time.perf_counter()
-            await self._hook(len(body))
+            await self._hook(nbytes)
             link_s = time.perf_counter() - t_hook
         t = timeout_s if timeout_s is not None else self.timeout_s
+        what = f"{kind} step of {request_id!r}"
         t0 = time.perf_counter()
+        if use_tcp:
+            msg = await self._call(what, lambda: self._tcp_request(parts), t)
+        else:
 
-        async def go() -> Any:
-            async with self.session.post(
-                self.url + "/forward", data=body, headers={"Content-Type": CONTENT_TYPE}
-            ) as resp:
-                await _raise_for_status(self.url, resp)
-                try:
-                    return await read_message(resp.content, resp.content_length, self.limits)
-                except WireFormatError as exc:
-                    raise StageError(f"stage {self.url}: malformed response: {exc}") from None
+            async def go() -> Any:
+                async with self.session.post(
+                    self.url + "/forward", data=WirePayload(parts)
+                ) as resp:
+                    await _raise_for_status(self.url, resp)
+                    try:
+                        return await read_message(resp.content, resp.content_length, self.limits)
+                    except WireFormatError as exc:
+                        raise StageError(f"stage {self.url}: malformed response: {exc}") from None
 
-        msg = await self._call(f"{kind} step of {request_id!r}", go, t)
+            msg = await self._call(what, go, t)
         wall_s = time.perf_counter() - t0
         meta_out = msg.meta
         try:
@@ -282,11 +396,19 @@ class StageClient:
                 queue_s=float(meta_out.get("queue_s", 0.0)),
                 wall_s=wall_s,
                 link_s=link_s,
-                bytes_sent=len(body),
+                bytes_sent=nbytes,
                 bytes_received=msg.nbytes,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StageError(f"stage {self.url}: response meta lacks {exc}") from None
+
+
+READ_BUFSIZE = 1 << 22  # aiohttp's default (64 KiB) pauses the socket every few reads
+
+
+def new_session() -> aiohttp.ClientSession:
+    """A client session tuned for large bodies on fast links (no connection limit)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=READ_BUFSIZE)
 
 
 async def _raise_for_status(url: str, resp: aiohttp.ClientResponse) -> None:

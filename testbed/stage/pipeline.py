@@ -23,7 +23,7 @@ import aiohttp
 import torch
 
 from testbed.errors import StageError
-from testbed.stage.client import ForwardResult, HopHook, SendHook, StageClient
+from testbed.stage.client import ForwardResult, HopHook, SendHook, StageClient, new_session
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ class PipelineClient:
     """Runs requests through ordered stage servers (one URL per stage).
 
     `stage_urls` is the default route; every call may pass its own `route` (a broker picks a
-    replica per stage). `hooks[j]` shapes the hop into stage j of the default route;
+    replica per stage). `transport`: "auto" sends steps over each stage's tensor port when it
+    announces one (fewer copies), else HTTP; "http" or "tcp" force one. `hooks[j]` shapes the hop into stage j of the default route;
     `hooks_by_url` maps a stage URL to its hop hook for any route. Clients per URL share one
     aiohttp session.
     """
@@ -133,8 +134,10 @@ class PipelineClient:
         hooks: Sequence[HopHook | SendHook | None] | None = None,
         hooks_by_url: dict[str, HopHook | SendHook | None] | None = None,
         timeout_s: float = 60.0,
+        transport: str = "auto",
     ):
         self.route = [u.rstrip("/") for u in (stage_urls or [])]
+        self.transport = transport  # auto (tensor port when announced), http or tcp
         if hooks is not None and len(hooks) != len(self.route):
             raise ValueError(f"{len(hooks)} hooks for {len(self.route)} stages")
         self._hooks: dict[str, Any] = {}
@@ -149,9 +152,11 @@ class PipelineClient:
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._session = new_session()
 
     async def aclose(self) -> None:
+        for c in self._clients.values():
+            await c.aclose()
         self._clients.clear()
         if self._session is not None:
             await self._session.close()
@@ -172,7 +177,11 @@ class PipelineClient:
         c = self._clients.get(url)
         if c is None:
             c = StageClient(
-                url, session=self._session, timeout_s=self.timeout_s, hook=self._hooks.get(url)
+                url,
+                session=self._session,
+                timeout_s=self.timeout_s,
+                hook=self._hooks.get(url),
+                transport=self.transport,
             )
             self._clients[url] = c
         return c

@@ -15,6 +15,10 @@ Routes
   link checks measure the path without compute).
 - ``GET /metrics``  -> Prometheus text.
 
+The same /forward messages also travel over a plain TCP *tensor port* (announced in /info as
+``tensor_port``; see :mod:`testbed.stage.tensor_port`): fewer copies for megabyte hidden
+states. Both paths share admission, validation, metrics and the worker threads.
+
 Errors are JSON ``{"error": message, "status": code}``: 400 malformed, 404 unknown request,
 409 wrong position or a prefill over an existing cache, 413 over the size limits, 429 queue
 full, 503 cache slots full or shutting down, 500 a failure inside the model. The server keeps
@@ -39,7 +43,8 @@ from typing import Any
 from aiohttp import web
 
 from testbed.errors import ConfigError
-from testbed.stage.wire import CONTENT_TYPE, WireFormatError, WireLimits, encode, read_message
+from testbed.stage.client import WirePayload
+from testbed.stage.wire import WireFormatError, WireLimits, encode_parts, read_message
 
 _BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _MAX_REQUEST_ID = 128
@@ -62,6 +67,7 @@ class StageConfig:
     max_queue: int = 32  # steps allowed to wait for a worker beyond those
     max_requests: int = 256  # request caches held at once
     request_ttl_s: float = 600.0  # caches idle longer than this are dropped
+    tensor_port: int | None = 0  # the TCP tensor port (0 = any free port, None = off)
     limits: WireLimits = field(default_factory=WireLimits)
 
     def __post_init__(self) -> None:
@@ -134,7 +140,10 @@ class StageServer:
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._tensor_server: asyncio.Server | None = None
+        self._tensor_conns: set[Any] = set()
         self.port: int | None = None
+        self.tensor_port: int | None = None
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -172,13 +181,20 @@ class StageServer:
         app.router.add_post("/forward", self._forward)
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, read_bufsize=1 << 22
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
         await site.start()
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        if cfg.tensor_port is not None:
+            from testbed.stage.tensor_port import start_server
+
+            self._tensor_server = await start_server(self, cfg.host, cfg.tensor_port, cfg.limits)
+            self.tensor_port = self._tensor_server.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(self._sweep_idle(), name=f"{cfg.label}-sweeper")
 
     async def aclose(self) -> None:
@@ -188,6 +204,13 @@ class StageServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
+        if self._tensor_server is not None:
+            self._tensor_server.close()
+            for conn in list(self._tensor_conns):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await self._tensor_server.wait_closed()
+            self._tensor_server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -251,6 +274,7 @@ class StageServer:
             "max_requests": self.config.max_requests,
             "max_inflight": self.config.max_inflight,
             "max_queue": self.config.max_queue,
+            "tensor_port": self.tensor_port,
             "pid": os.getpid(),
             "started_at": self.started_at,
         }
@@ -289,7 +313,51 @@ class StageServer:
         self._metrics.errors[status] += 1
         return _error(status, str(exc))
 
+    def _admission_error(self) -> tuple[int, str] | None:
+        cfg = self.config
+        if self._closing:
+            return 503, f"stage {cfg.label} is shutting down"
+        if self._running >= cfg.max_inflight and self._waiting >= cfg.max_queue:
+            self._metrics.rejected["queue_full"] += 1
+            return 429, (
+                f"stage {cfg.label} is busy: {self._running} running, {self._waiting} waiting "
+                f"(max_inflight={cfg.max_inflight}, max_queue={cfg.max_queue}); retry later"
+            )
+        return None
+
     async def _forward(self, request: web.Request) -> web.Response:
+        refused = self._admission_error()  # before reading the body
+        if refused is not None:
+            return _error(*refused)
+        self._waiting += 1
+        try:
+            try:
+                msg = await read_message(
+                    request.content, request.content_length, self.config.limits
+                )
+            except WireFormatError as exc:
+                return self._reject_wire(exc)
+        finally:
+            self._waiting -= 1
+        status, error, result = await self.forward_message(msg, admitted=True)
+        if error is not None:
+            return _error(status, error)
+        meta, parts = result
+        return web.Response(
+            body=WirePayload(parts),
+            headers={
+                "X-Service-Time-S": f"{meta['service_s']:.9f}",
+                "X-Queue-Time-S": f"{meta['queue_s']:.9f}",
+            },
+        )
+
+    async def forward_message(
+        self, msg: Any, *, admitted: bool = False
+    ) -> tuple[int, str | None, Any]:
+        """Run one decoded /forward message: (status, error message or None, (meta, parts)).
+
+        Shared by the HTTP route and the tensor port. `admitted`: capacity already checked.
+        """
         from testbed.model.executor import (
             CacheFullError,
             CacheStateError,
@@ -298,89 +366,61 @@ class StageServer:
         )
 
         cfg = self.config
-        if self._closing:
-            return _error(503, "stage is shutting down")
-        if self._running >= cfg.max_inflight and self._waiting >= cfg.max_queue:
-            self._metrics.rejected["queue_full"] += 1
-            return _error(
-                429,
-                f"stage {cfg.label} is busy: {self._running} running, {self._waiting} waiting "
-                f"(max_inflight={cfg.max_inflight}, max_queue={cfg.max_queue}); retry later",
-            )
+        if not admitted:
+            refused = self._admission_error()
+            if refused is not None:
+                return refused[0], refused[1], None
+        self._metrics.bytes_in += msg.nbytes
         self._waiting += 1
         waiting = True
         try:
             try:
-                msg = await read_message(request.content, request.content_length, cfg.limits)
-            except WireFormatError as exc:
-                return self._reject_wire(exc)
-            self._metrics.bytes_in += msg.nbytes
-            try:
                 rid, kind, start_pos, want_logits, x = self._parse_forward(msg)
                 self.executor.check_input(kind, x, start_pos, rid)
+                t_ready = time.perf_counter()
+                lock = self._req_locks.setdefault(rid, asyncio.Lock())
+                async with lock, self._slots:
+                    self._waiting -= 1
+                    waiting = False
+                    self._running += 1
+                    queue_s = time.perf_counter() - t_ready
+                    try:
+                        loop = asyncio.get_running_loop()
+                        out, meta, parts = await loop.run_in_executor(
+                            self._pool, self._compute, rid, kind, x, start_pos, want_logits, queue_s
+                        )
+                    finally:
+                        self._running -= 1
             except UnknownRequestError as exc:
-                self._metrics.errors[404] += 1
-                return _error(404, str(exc))
+                return self._count(404, str(exc))
             except CacheStateError as exc:
-                self._metrics.errors[409] += 1
-                return _error(409, str(exc))
+                return self._count(409, str(exc))
             except (ExecutorInputError, ValueError) as exc:
-                self._metrics.errors[400] += 1
-                return _error(400, str(exc))
+                return self._count(400, str(exc))
             except CacheFullError as exc:
                 self._metrics.rejected["cache_full"] += 1
-                return _error(503, str(exc))
-            t_ready = time.perf_counter()
-            lock = self._req_locks.setdefault(rid, asyncio.Lock())
-            async with lock, self._slots:
-                self._waiting -= 1
-                waiting = False
-                self._running += 1
-                queue_s = time.perf_counter() - t_ready
-                try:
-                    loop = asyncio.get_running_loop()
-                    out, body = await loop.run_in_executor(
-                        self._pool, self._compute, rid, kind, x, start_pos, want_logits, queue_s
-                    )
-                except UnknownRequestError as exc:
-                    self._metrics.errors[404] += 1
-                    return _error(404, str(exc))
-                except CacheStateError as exc:
-                    self._metrics.errors[409] += 1
-                    return _error(409, str(exc))
-                except ExecutorInputError as exc:
-                    self._metrics.errors[400] += 1
-                    return _error(400, str(exc))
-                except CacheFullError as exc:
-                    self._metrics.rejected["cache_full"] += 1
-                    return _error(503, str(exc))
-                except Exception as exc:  # a model failure: report it, keep serving
-                    self._metrics.errors[500] += 1
-                    return _error(500, f"stage {cfg.label} failed on {rid!r}: {exc!r}")
-                finally:
-                    self._running -= 1
+                return 503, str(exc), None
+            except Exception as exc:  # a model failure: report it, keep serving
+                return self._count(500, f"stage {cfg.label} failed: {exc!r}")
             if not self.executor.has_request(rid):
                 self._req_locks.pop(rid, None)
             m = self._metrics
             m.busy_s += out.compute_s
             m.tokens[kind] += int(x.shape[1])
             m.steps[kind].observe(out.compute_s)
-            m.bytes_out += len(body)
-            return web.Response(
-                body=body,
-                content_type=CONTENT_TYPE,
-                headers={
-                    "X-Service-Time-S": f"{out.compute_s:.9f}",
-                    "X-Queue-Time-S": f"{queue_s:.9f}",
-                },
-            )
+            m.bytes_out += sum(p.nbytes for p in parts)
+            return 200, None, (meta, parts)
         finally:
             if waiting:
                 self._waiting -= 1
 
+    def _count(self, status: int, message: str) -> tuple[int, str, None]:
+        self._metrics.errors[status] += 1
+        return status, message, None
+
     def _compute(
         self, rid: str, kind: str, x: Any, start_pos: int, want_logits: bool, queue_s: float
-    ) -> tuple[Any, bytes]:
+    ) -> tuple[Any, dict[str, Any], list[memoryview]]:
         out = self.executor.step(rid, kind, x, start_pos)
         tensors = {}
         if out.hidden is not None:
@@ -396,12 +436,13 @@ class StageServer:
             "service_s": out.compute_s,
             "queue_s": queue_s,
             "stage": [self.executor.start, self.executor.end],
+            "status": 200,
         }
-        return out, encode(meta, tensors)
+        return out, meta, encode_parts(meta, tensors)
 
     def _parse_forward(self, msg: Any) -> tuple[str, str, int, bool, Any]:
         meta = msg.meta
-        unknown = set(meta) - {"request_id", "kind", "start_pos", "want_logits"}
+        unknown = set(meta) - {"request_id", "kind", "start_pos", "want_logits", "op"}
         if unknown:
             raise ValueError(f"unknown meta keys {sorted(unknown)}")
         rid = meta.get("request_id")
@@ -529,6 +570,7 @@ async def serve(
                 "url": server.url,
                 "host": config.host,
                 "port": server.port,
+                "tensor_port": server.tensor_port,
                 "pid": os.getpid(),
                 "name": config.label,
                 "blocks": [ex.start, ex.end],

@@ -89,8 +89,10 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
-def encode(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> bytes:
-    """Serialise metadata (JSON-able) and tensors into one message."""
+def encode_parts(
+    meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None
+) -> list[memoryview]:
+    """The message as buffers to send in order (no joining copy); keeps the tensors alive."""
     specs = []
     chunks: list[memoryview] = []
     for name, t in (tensors or {}).items():
@@ -99,10 +101,15 @@ def encode(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None =
     header = json.dumps(
         {"meta": dict(meta), "tensors": specs}, separators=(",", ":"), allow_nan=False
     ).encode()
-    return b"".join([_PREFIX.pack(MAGIC, len(header)), header, *chunks])
+    return [memoryview(_PREFIX.pack(MAGIC, len(header)) + header), *chunks]
 
 
-def _parse_prefix(prefix: bytes, limits: WireLimits) -> int:
+def encode(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> bytes:
+    """Serialise metadata (JSON-able) and tensors into one message."""
+    return b"".join(encode_parts(meta, tensors))
+
+
+def parse_prefix(prefix: bytes, limits: WireLimits) -> int:
     if len(prefix) < PREFIX_BYTES:
         raise WireFormatError(
             f"truncated message: {len(prefix)} bytes, need at least {PREFIX_BYTES}"
@@ -126,7 +133,7 @@ class _Spec:
     nbytes: int
 
 
-def _parse_header(raw: bytes, limits: WireLimits) -> tuple[dict[str, Any], list[_Spec], int]:
+def parse_header(raw: bytes, limits: WireLimits) -> tuple[dict[str, Any], list[_Spec], int]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -175,7 +182,7 @@ def _parse_header(raw: bytes, limits: WireLimits) -> tuple[dict[str, Any], list[
     return meta, specs, total
 
 
-def _build_tensors(specs: list[_Spec], payload: bytearray | memoryview) -> dict[str, torch.Tensor]:
+def build_tensors(specs: list[_Spec], payload: bytearray | memoryview) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for spec in specs:
@@ -197,14 +204,14 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
     view = memoryview(data)
     if len(view) > PREFIX_BYTES + limits.max_header_bytes + limits.max_body_bytes:
         raise WireFormatError(f"message of {len(view)} bytes is over the limits", too_large=True)
-    header_len = _parse_prefix(bytes(view[:PREFIX_BYTES]), limits)
+    header_len = parse_prefix(bytes(view[:PREFIX_BYTES]), limits)
     end = PREFIX_BYTES + header_len
     if len(view) < end:
         raise WireFormatError(
             f"truncated message: header says {header_len} header bytes, "
             f"only {len(view) - PREFIX_BYTES} present"
         )
-    meta, specs, payload_len = _parse_header(bytes(view[PREFIX_BYTES:end]), limits)
+    meta, specs, payload_len = parse_header(bytes(view[PREFIX_BYTES:end]), limits)
     got = len(view) - end
     if got != payload_len:
         raise WireFormatError(
@@ -212,12 +219,12 @@ def decode(data: bytes | bytearray | memoryview, limits: WireLimits | None = Non
             + (" (truncated body)" if got < payload_len else "")
         )
     payload = bytearray(view[end:])
-    return WireMessage(meta=meta, tensors=_build_tensors(specs, payload), nbytes=len(view))
+    return WireMessage(meta=meta, tensors=build_tensors(specs, payload), nbytes=len(view))
 
 
 class _Stream(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
-    async def read(self, n: int = -1) -> bytes: ...
+    async def readany(self) -> bytes: ...
 
 
 async def read_message(
@@ -240,7 +247,7 @@ async def read_message(
         raise WireFormatError(
             f"truncated message: {len(exc.partial)} bytes, need at least {PREFIX_BYTES}"
         ) from None
-    header_len = _parse_prefix(prefix, limits)
+    header_len = parse_prefix(prefix, limits)
     try:
         raw_header = await stream.readexactly(header_len)
     except asyncio.IncompleteReadError as exc:
@@ -248,7 +255,7 @@ async def read_message(
             f"truncated message: header says {header_len} header bytes, "
             f"only {len(exc.partial)} present"
         ) from None
-    meta, specs, payload_len = _parse_header(raw_header, limits)
+    meta, specs, payload_len = parse_header(raw_header, limits)
     total = PREFIX_BYTES + header_len + payload_len
     if content_length is not None and content_length != total:
         raise WireFormatError(
@@ -259,12 +266,14 @@ async def read_message(
     view = memoryview(payload)
     pos = 0
     while pos < payload_len:
-        chunk = await stream.read(payload_len - pos)
+        chunk = await stream.readany()  # the stream's own buffers: no joining copy
         if not chunk:
             raise WireFormatError(f"truncated body: {pos} of {payload_len} payload bytes arrived")
-        view[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-    extra = await stream.read(1)
-    if extra:
+        take = min(len(chunk), payload_len - pos)
+        view[pos : pos + take] = memoryview(chunk)[:take]
+        pos += take
+        if take < len(chunk):
+            raise WireFormatError(f"body is longer than the {total} bytes the header announces")
+    if await stream.readany():
         raise WireFormatError(f"body is longer than the {total} bytes the header announces")
-    return WireMessage(meta=meta, tensors=_build_tensors(specs, payload), nbytes=total)
+    return WireMessage(meta=meta, tensors=build_tensors(specs, payload), nbytes=total)

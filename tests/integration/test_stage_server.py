@@ -63,8 +63,12 @@ class Servers:
 
 
 @pytest.mark.parametrize("arch", ["phi3", "llama"])
-@pytest.mark.parametrize("cuts", [[], [1, 2, 3], [1]], ids=["whole", "one-per-stage", "uneven"])
-async def test_pipelined_generation_matches_generate(tiny_model, arch, cuts):
+@pytest.mark.parametrize(
+    ("cuts", "transport"),
+    [([], "tcp"), ([1, 2, 3], "tcp"), ([1], "tcp"), ([1, 2, 3], "http")],
+    ids=["whole", "one-per-stage", "uneven", "one-per-stage-http"],
+)
+async def test_pipelined_generation_matches_generate(tiny_model, arch, cuts, transport):
     path = tiny_model(arch)
     want = reference(path, PROMPT, 10)
     sent = []
@@ -74,7 +78,7 @@ async def test_pipelined_generation_matches_generate(tiny_model, arch, cuts):
 
     async with Servers(path, cuts) as srv:
         hooks = [hook] * len(srv.urls)
-        async with PipelineClient(srv.urls, hooks=hooks) as pipe:
+        async with PipelineClient(srv.urls, hooks=hooks, transport=transport) as pipe:
             result = await pipe.generate(PROMPT, 10)
             for s in srv.servers:
                 assert s.executor.request_ids == []  # released at the end
@@ -223,3 +227,63 @@ async def test_client_errors_name_the_stage_and_the_reason(tiny_model):
             assert r.token_id == int(torch.argmax(r.logits))
             status, _ = await c.post_raw("/sink", encode({}, {"x": torch.zeros(1000)}))
             assert status == 200
+
+
+async def tcp_exchange(port, data: bytes, *, wait_close=False):
+    """Send raw bytes to a tensor port; return the decoded answer (and whether it closed)."""
+    from testbed.stage.wire import read_message
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+
+        class _R:  # read_message's stream interface over asyncio's StreamReader
+            readexactly = reader.readexactly
+
+            async def readany(self):
+                return b""
+
+        msg = await asyncio.wait_for(read_message(_R()), 10)
+        closed = False
+        if wait_close:
+            closed = await asyncio.wait_for(reader.read(1), 10) == b""
+        return msg, closed
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_tensor_port_answers_bad_frames_and_keeps_serving(tiny_model):
+    from testbed.stage.client import StageClient
+
+    path = tiny_model("phi3")
+    async with Servers(path, []) as srv:
+        port = srv.servers[0].tensor_port
+        assert port
+        # broken framing: an error answer, then the connection is closed
+        msg, closed = await tcp_exchange(port, b"NOPE" + b"\0" * 20, wait_close=True)
+        assert msg.meta["status"] == 400 and "bad magic" in msg.meta["error"] and closed
+        msg, closed = await tcp_exchange(
+            port, struct.pack("<4sI", MAGIC, 50 << 20), wait_close=True
+        )
+        assert msg.meta["status"] == 413 and closed
+        # a truncated frame and a hang-up must not disturb the server
+        _r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(fwd("t", "prefill", 0, torch.tensor([[1, 2, 3]]))[:20])
+        await w.drain()
+        w.close()
+        await w.wait_closed()
+        # a well-framed bad request: 4xx answer, connection stays usable
+        async with StageClient(srv.urls[0], transport="tcp") as c:
+            with pytest.raises(StageRejectedError, match="unknown request id") as err:
+                await c.forward("ghost", "decode", 3, [1])
+            assert err.value.status == 404
+            r = await c.forward("r", "prefill", 0, [1, 2, 3])
+            assert r.token_id is not None and len(c._tcp_pool) == 1  # same connection reused
+            assert await c.sink({"x": torch.zeros(1000)}) > 4000
+            got = await c.forward("r", "decode", 3, [r.token_id])
+            assert got.length == 4
+        async with StageClient(srv.urls[0], transport="http") as c:
+            assert (await c.health())["status"] == "ok"
+            assert 'status="400"} 1' in await c.metrics()

@@ -136,10 +136,9 @@ class _Stream:
         self.pos += n
         return out
 
-    async def read(self, n: int = -1) -> bytes:
+    async def readany(self) -> bytes:
         self.reads += 1
-        n = min(n, self.chunk) if n > 0 else self.chunk
-        out = self.data[self.pos : self.pos + n]
+        out = self.data[self.pos : self.pos + self.chunk]
         self.pos += len(out)
         return out
 

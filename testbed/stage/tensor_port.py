@@ -1,0 +1,258 @@
+"""The tensor port: the same wire messages as ``POST /forward``, over a plain TCP connection.
+
+Why: aiohttp copies a request body three times on the way in (socket -> bytes, parser slice,
+our buffer); hidden states of a long prompt are megabytes per hop. Here an
+``asyncio.BufferedProtocol`` receives each payload straight into the buffer the tensor will
+use (one copy, as a raw socket copy does), and sends in slices paced by the transport's flow
+control (Python 3.11's transport would otherwise copy and memmove a big unsent rest).
+
+Protocol, per connection, strictly request -> response:
+
+- request: a wire message (:mod:`testbed.stage.wire`) whose meta has ``op`` = ``"forward"``
+  (then the /forward meta keys) or ``"sink"`` (read and discard, for transfer checks);
+- response: a wire message whose meta has ``status`` (200, or the HTTP-like error code) and,
+  for errors, ``error``; a forward's response meta and tensors are those of ``/forward``.
+
+A malformed frame gets an error response and the connection is closed (its framing is lost);
+a well-framed bad request gets a 4xx response and the connection stays usable. The HTTP API
+stays the reference path; clients use this port when the stage's /info announces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+from testbed.stage.wire import (
+    PREFIX_BYTES,
+    WireFormatError,
+    WireLimits,
+    WireMessage,
+    build_tensors,
+    encode_parts,
+    parse_header,
+    parse_prefix,
+)
+
+SEND_SLICE = 1 << 20
+_PREFIX, _HEADER, _PAYLOAD, _IDLE, _DISCARD = range(5)
+_LINGER_S = 2.0  # after a framing error: read and drop input this long, then close
+
+
+class _FrameProtocol(asyncio.BufferedProtocol):
+    """Reads wire messages into their final buffers; subclasses handle whole messages."""
+
+    def __init__(self, limits: WireLimits):
+        self.limits = limits
+        self.transport: asyncio.Transport | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._closed = False
+        self._reset()
+
+    # -- reading ------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._state = _PREFIX
+        self._buf: bytearray = bytearray(PREFIX_BYTES)
+        self._pos = 0
+        self._header_len = 0
+        self._meta: dict[str, Any] = {}
+        self._specs: list[Any] = []
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._state in (_IDLE, _DISCARD):  # not expecting data: take it into a scratch
+            self._buf, self._pos = bytearray(65536), 0
+        return memoryview(self._buf)[self._pos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._state == _DISCARD:
+            return
+        if self._state == _IDLE:
+            self._frame_error(WireFormatError("data arrived before the previous answer"))
+            return
+        self._pos += nbytes
+        if self._pos < len(self._buf):
+            return
+        try:
+            if self._state == _PREFIX:
+                self._header_len = parse_prefix(bytes(self._buf), self.limits)
+                self._state, self._buf, self._pos = _HEADER, bytearray(self._header_len), 0
+                if self._header_len:
+                    return
+            if self._state == _HEADER:
+                self._meta, self._specs, payload_len = parse_header(bytes(self._buf), self.limits)
+                self._state, self._buf, self._pos = _PAYLOAD, bytearray(payload_len), 0
+                self._total = PREFIX_BYTES + self._header_len + payload_len
+                if payload_len:
+                    return
+            msg = WireMessage(
+                meta=self._meta, tensors=build_tensors(self._specs, self._buf), nbytes=self._total
+            )
+        except WireFormatError as exc:
+            self._frame_error(exc)
+            return
+        self._state = _IDLE
+        self._on_message(msg)
+
+    def _frame_error(self, exc: WireFormatError) -> None:
+        raise NotImplementedError
+
+    def _on_message(self, msg: WireMessage) -> None:
+        raise NotImplementedError
+
+    # -- connection ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=4 * SEND_SLICE)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._can_write.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    async def send(self, parts: Sequence[memoryview]) -> None:
+        """Write buffers in slices, waiting for the transport to drain (flow control)."""
+        for part in parts:
+            for off in range(0, part.nbytes, SEND_SLICE):
+                if self._closed or self.transport is None:
+                    raise ConnectionResetError("connection closed while sending")
+                await self._can_write.wait()
+                self.transport.write(part[off : off + SEND_SLICE])
+        await self._can_write.wait()
+        if self._closed:
+            raise ConnectionResetError("connection closed while sending")
+
+
+class TensorServerProtocol(_FrameProtocol):
+    """Server side: one request at a time per connection, answered by a StageServer."""
+
+    def __init__(self, server: Any, limits: WireLimits):
+        super().__init__(limits)
+        self.server = server
+        self._task: asyncio.Task[None] | None = None
+
+    def _on_message(self, msg: WireMessage) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._handle(msg))
+
+    async def _handle(self, msg: WireMessage) -> None:
+        op = msg.meta.get("op", "forward")
+        try:
+            if op == "sink":
+                self.server._metrics.bytes_in += msg.nbytes
+                parts = encode_parts({"status": 200, "bytes": msg.nbytes})
+            elif op == "forward":
+                status, error, result = await self.server.forward_message(msg)
+                if error is not None:
+                    parts = encode_parts({"status": status, "error": error})
+                else:
+                    parts = result[1]
+            else:
+                parts = encode_parts({"status": 400, "error": f"unknown op {op!r}"})
+            await self.send(parts)
+        except ConnectionError:
+            return
+        self._reset()
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    def _frame_error(self, exc: WireFormatError) -> None:
+        # The framing is lost: answer, half-close, drop whatever else arrives, then close.
+        # (Closing with unread input would reset the connection before the answer is read.)
+        status = 413 if exc.too_large else 400
+        self.server._metrics.errors[status] += 1
+        self._state = _DISCARD
+        tr = self.transport
+        if tr is None:
+            return
+        for part in encode_parts({"status": status, "error": str(exc)}):
+            tr.write(part)
+        if tr.can_write_eof():
+            tr.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER_S, tr.close)
+
+    def eof_received(self) -> bool | None:
+        return False  # the peer is done: close our side too
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server._tensor_conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server._tensor_conns.discard(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+class TensorClientConnection(_FrameProtocol):
+    """Client side: send a request, await the response message."""
+
+    def __init__(self, limits: WireLimits):
+        super().__init__(limits)
+        self._waiter: asyncio.Future[WireMessage] | None = None
+
+    def _on_message(self, msg: WireMessage) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(msg)
+        self._reset()
+
+    def _frame_error(self, exc: WireFormatError) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(
+                ConnectionResetError(f"connection closed by the stage ({exc or 'EOF'})")
+            )
+
+    @property
+    def usable(self) -> bool:
+        return not self._closed and self._waiter is None
+
+    async def request(self, parts: Sequence[memoryview]) -> WireMessage:
+        if not self.usable:
+            raise ConnectionResetError("connection not usable")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.send(parts)
+            return await self._waiter
+        except BaseException:
+            self.close()  # state unknown after a failure or a cancel
+            raise
+        finally:
+            self._waiter = None
+
+    def close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_connection(host: str, port: int, limits: WireLimits) -> TensorClientConnection:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(lambda: TensorClientConnection(limits), host, port)
+    return proto
+
+
+async def start_server(server: Any, host: str, port: int, limits: WireLimits) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: TensorServerProtocol(server, limits), host, port)
