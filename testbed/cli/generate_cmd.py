@@ -104,7 +104,7 @@ def generate_cmd(
     result, urls, infos = asyncio.run(
         _run(model_dir, cuts, prompt_ids, max_new_tokens, device, threads)
     )
-    text = tokenizer.decode(list(result.generated_ids), skip_special_tokens=True)
+    text = str(tokenizer.decode(list(result.generated_ids), skip_special_tokens=True))
     if as_json:
         record = {
             "model": info.name,

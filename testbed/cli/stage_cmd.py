@@ -54,16 +54,24 @@ def serve_cmd(
     request_ttl: Annotated[
         float, typer.Option("--request-ttl-s", help="Drop caches idle this long.")
     ] = 600.0,
+    tensor_port: Annotated[
+        int, typer.Option(help="TCP tensor port (0 = any free port, -1 = off; see /info).")
+    ] = 0,
     exit_with_parent: Annotated[
         bool, typer.Option(help="Exit when the launching process dies.")
     ] = False,
 ) -> None:
-    """Serve blocks START:END of MODEL_DIR: /health /info /forward /release /sink /metrics."""
+    """Serve blocks START:END of MODEL_DIR: /health /info /forward /release /sink /metrics.
+
+    Steps also travel over a plain TCP tensor port (announced in /info), which clients prefer.
+    """
     from testbed.model.info import DTYPE_CHOICES, read_model_info
 
     # check what can be checked before the slow torch import, so bad flags fail fast
     if port < 0 or port > 65535:
         raise ConfigError(f"port {port} is out of range 0..65535", field="--port")
+    if tensor_port < -1 or tensor_port > 65535:
+        raise ConfigError(f"{tensor_port} is not -1 (off) or 0..65535", field="--tensor-port")
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ConfigError(f"{dtype!r} is not one of {', '.join(DTYPE_CHOICES)}", field="--dtype")
     start, end = parse_blocks(blocks)
@@ -88,6 +96,7 @@ def serve_cmd(
         max_queue=max_queue,
         max_requests=max_requests,
         request_ttl_s=request_ttl,
+        tensor_port=None if tensor_port < 0 else tensor_port,
     )
     try:
         asyncio.run(serve(config, exit_with_parent=exit_with_parent))

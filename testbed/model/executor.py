@@ -127,9 +127,13 @@ class _SafetensorsIndex:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in keys:
                     t = f.get_tensor(key)
+                    src = t
                     if t.is_floating_point():
                         t = t.to(dtype)
-                    out[key] = t.to(device)
+                    t = t.to(device)
+                    if t is src:  # still the file's memory map: page cache pressure would
+                        t = t.clone()  # evict it and turn every step into disk reads
+                    out[key] = t
         return out
 
 

@@ -86,7 +86,9 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if sys.byteorder != "little":  # pragma: no cover - all supported hosts are little-endian
         raise WireFormatError("big-endian hosts are not supported")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    if not t.numel():
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def encode_parts(
