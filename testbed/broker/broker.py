@@ -2,8 +2,9 @@
 
 For each request, in order:
 
-1. **Admit** at its absolute time ``start + arrival_s`` (:func:`testbed.workload.arrivals`,
-   never chained sleeps). Admission is bounded (``max_active_requests``): when that many are
+1. **Admit** at its absolute time ``start + arrival_s`` (never chained sleeps): a timer sleep
+   until ``admission_spin_s`` before the deadline, then yielding to the loop until it is
+   reached (the event loop's timers are only as precise as epoll's millisecond). Admission is bounded (``max_active_requests``): when that many are
    unfinished the next one waits, and its injection lag shows it.
 2. **Decide** (synchronously, no await between snapshot and charge): the cost model's
    :class:`~testbed.broker.layout.Prediction` gives the request's work on every replica, the
@@ -51,7 +52,6 @@ from testbed.schedule.base import (
     Scheduler,
     StageCompletion,
 )
-from testbed.workload.arrivals import arrivals
 from testbed.workload.request import TraceRequest
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class BrokerConfig:
     max_retries: int = 2  # re-routes after a node stopped answering
     start_delay_s: float = 0.05  # the replay clock starts this long after run() is called
     drain_timeout_s: float = 600.0  # after the last admission, wait at most this for the rest
+    admission_spin_s: float = 0.0015  # last stretch before an arrival: yield, don't sleep
 
     def __post_init__(self) -> None:
         for name in ("call_timeout_s", "health_timeout_s", "release_timeout_s", "drain_timeout_s"):
@@ -269,9 +270,10 @@ class Broker:
                 + self.config.drain_timeout_s
             ):
                 async with asyncio.TaskGroup() as tg:
-                    async for arr in arrivals(admitted, self._t0, clock=self.clock):
-                        tr = _Tracker(arr.request, released_s=arr.released_s - self._t0)
-                        self._trackers[arr.request.request_id] = tr
+                    for req in admitted:
+                        await self._until(self._t0 + req.arrival_s)
+                        tr = _Tracker(req, released_s=self.now_s())
+                        self._trackers[req.request_id] = tr
                         await slots.acquire()
                         try:
                             route = self._decide(tr)
@@ -303,6 +305,15 @@ class Broker:
             scheduler=self.scheduler.describe(),
             not_admitted=len(reqs) - len(admitted),
         )
+
+    async def _until(self, due: float) -> None:
+        """Wait for the absolute clock time ``due``: sleep, then yield for the last stretch."""
+        spin = self.config.admission_spin_s
+        delay = due - self.clock()
+        if delay > spin:
+            await asyncio.sleep(delay - spin)
+        while self.clock() < due:  # noqa: ASYNC110 - a deadline finer than the loop timers
+            await asyncio.sleep(0)
 
     # -- decide ---------------------------------------------------------------------------------
     def _decide(self, tr: _Tracker) -> Route:

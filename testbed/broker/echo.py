@@ -200,3 +200,62 @@ async def echo_stages(
     finally:
         for srv in servers.values():
             await srv.aclose()
+
+
+async def serve_echo(
+    node: str, start: int, end: int, num_blocks: int, compute_s: float = 0.0, port: int = 0
+) -> None:
+    """One echo stage server until SIGTERM/SIGINT or stdin closes; prints one JSON line
+    ``{"node", "url", "pid"}`` once listening (benchmarks run stages in their own processes)."""
+    import asyncio
+    import json
+    import os
+    import signal
+    import sys
+
+    from testbed.stage.server import StageConfig, StageServer
+
+    ex = EchoExecutor(start, end, num_blocks=num_blocks, compute_s=compute_s)
+    cfg = StageConfig(model_dir="echo", start=start, end=end, name=node, port=port, max_queue=4096)
+    srv = StageServer(cfg, executor=ex)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def until_eof() -> None:
+        await reader.read()
+        stop.set()
+
+    watcher = asyncio.create_task(until_eof())
+    await srv.start()
+    try:
+        sys.stdout.write(json.dumps({"node": node, "url": srv.url, "pid": os.getpid()}) + "\n")
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await srv.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import asyncio
+
+    p = argparse.ArgumentParser(description="serve one echo stage (no model) on loopback")
+    p.add_argument("--node", required=True)
+    p.add_argument("--blocks", required=True, help="START:END")
+    p.add_argument("--num-blocks", type=int, required=True)
+    p.add_argument("--compute-s", type=float, default=0.0)
+    p.add_argument("--port", type=int, default=0)
+    a = p.parse_args(argv)
+    start, end = (int(x) for x in a.blocks.split(":"))
+    asyncio.run(serve_echo(a.node, start, end, a.num_blocks, a.compute_s, a.port))
+
+
+if __name__ == "__main__":
+    main()
