@@ -50,9 +50,15 @@ async def _run(
     device: str | None,
     threads: int | None,
 ) -> tuple[Any, list[str], list[dict[str, Any]]]:
+    import signal
+
     from testbed.runtime.local import LocalStages
     from testbed.stage.pipeline import PipelineClient
 
+    # SIGTERM cancels like Ctrl-C does, so the stage processes are stopped on the way out
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with LocalStages(model_dir, cuts, device=device, threads=threads) as stages:
         async with PipelineClient(stages.urls) as pipe:
             infos = [await pipe.client(u).info() for u in stages.urls]
@@ -101,9 +107,13 @@ def generate_cmd(
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     if not prompt_ids:
         raise ConfigError("the prompt tokenizes to nothing; give some text", field="--prompt")
-    result, urls, infos = asyncio.run(
-        _run(model_dir, cuts, prompt_ids, max_new_tokens, device, threads)
-    )
+    try:
+        result, urls, infos = asyncio.run(
+            _run(model_dir, cuts, prompt_ids, max_new_tokens, device, threads)
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.stderr.write("interrupted: the stage processes were stopped\n")
+        raise SystemExit(130) from None
     text = str(tokenizer.decode(list(result.generated_ids), skip_special_tokens=True))
     if as_json:
         record = {
