@@ -16,7 +16,7 @@ import logging
 import platform
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,14 @@ class Prepared:
         return prompt
 
 
+def with_model_dir(prep: Prepared, model_dir: Path) -> Prepared:
+    """The same run against other weights (a running testbed's): profile and cost follow."""
+    profile = load_model_profile(model_dir, dtype=prep.loaded.spec.dtype)
+    return replace(
+        prep, model_dir=model_dir, profile=profile, cost=replace(prep.cost, profile=profile)
+    )
+
+
 def prepare(
     loaded: LoadedScenario, pair: str | None = None, requests_limit: int | None = None
 ) -> Prepared:
@@ -275,9 +283,11 @@ async def testbed_for(
     if up is not True:
         try:
             tb = await asyncio.to_thread(load_running, run_id)
-        except RuntimeBackendError:
+        except RuntimeBackendError as exc:
             if up is False or run_id is not None:
-                raise
+                raise RuntimeBackendError(
+                    f"{exc}; or let replay bring one up and down itself: --up"
+                ) from None
         if tb is not None and tb.topology_name != prep.topology.name:
             raise ConfigError(
                 f"the running testbed {tb.run_id} is topology {tb.topology_name!r}, the scenario "
@@ -601,7 +611,10 @@ async def replay_scenario(
         run_id=opts.run_id,
         console=console,
         health_timeout_s=opts.health_timeout_s,
-    ) as (tb, _):
+    ) as (tb, brought_up):
+        if not brought_up and Path(tb.model_dir) != prep.model_dir:
+            prep = await asyncio.to_thread(with_model_dir, prep, Path(tb.model_dir))
+            console.print(f"note: the testbed serves {tb.model_dir}; prompts and costs follow it")
         return await replay_once(
             prep,
             tb,
