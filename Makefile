@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 SCENARIO ?= scenarios/tiny-azure.yaml
+RUNTIME  ?=
 
 .PHONY: setup test test-unit lint bench demo clean
 
@@ -33,7 +34,7 @@ bench: setup
 
 # The main job on the default topology and scenario.
 demo: setup
-	$(BIN)/testbed compare $(SCENARIO)
+	$(BIN)/testbed compare $(SCENARIO) $(if $(RUNTIME),--runtime $(RUNTIME))
 
 clean: setup
 	$(BIN)/testbed clean
