@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from testbed.cli.common import console
 from testbed.cli.main import app
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with SIGTERM cancelling the run like Ctrl-C does, so a testbed that was
+    brought up here is always brought down."""
+
+    async def main() -> T:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await task
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[yellow]interrupted[/]")
+        raise SystemExit(130) from None
 
 
 def _summary_and_paths(run: object) -> None:
@@ -65,7 +92,7 @@ def replay_cmd(
         requests=requests,
         progress=not no_progress,
     )
-    run = asyncio.run(replay_scenario(loaded, opts, console, pair=policy))
+    run = _run(replay_scenario(loaded, opts, console, pair=policy))
     _summary_and_paths(run)
     console.print(f"results: [bold]{run.out_dir}[/]")
 
@@ -112,7 +139,7 @@ def compare_cmd(
         requests=requests,
         progress=not no_progress,
     )
-    res = asyncio.run(compare_scenario(loaded, pairs, opts, console))
+    res = _run(compare_scenario(loaded, pairs, opts, console))
     labels = [r.label for r in res.runs]
     rows = compare_rows([(r.label, r.summary.to_dict()) for r in res.runs])
     console.print(rich_table(labels, rows, title=f"{loaded.spec.name}: comparison"))
