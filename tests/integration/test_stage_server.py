@@ -287,3 +287,24 @@ async def test_tensor_port_answers_bad_frames_and_keeps_serving(tiny_model):
         async with StageClient(srv.urls[0], transport="http") as c:
             assert (await c.health())["status"] == "ok"
             assert 'status="400"} 1' in await c.metrics()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "http"])
+async def test_a_stage_that_does_not_answer_in_time_raises_stage_timeout(tiny_model, transport):
+    from testbed.errors import StageTimeoutError
+
+    path = tiny_model("phi3")
+    gated = _Gate(LayerRangeExecutor(path, 0, 4))
+    server = StageServer(StageConfig(str(path), 0, 4), gated)
+    await server.start()
+    try:
+        async with StageClient(server.url, transport=transport, timeout_s=5) as c:
+            with pytest.raises(StageTimeoutError, match="no answer to prefill") as err:
+                await c.forward("slow", "prefill", 0, [1, 2, 3], timeout_s=0.3)
+            assert isinstance(err.value, TimeoutError)
+            gated.gate.set()
+            r = await c.forward("other", "prefill", 0, [1, 2, 3])  # keeps serving
+            assert r.token_id is not None
+    finally:
+        gated.gate.set()
+        await server.aclose()
