@@ -19,9 +19,15 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its commands to `app` (import for side effect). One line per area.
-    from testbed.cli import plan_cmd  # noqa: F401  plan, list
-    from testbed.cli import runtime_cmd  # noqa: F401  up, status, down, clean, doctor, image
-    from testbed.cli import generate_cmd, model_cmd, stage_cmd  # noqa: F401  model, profile, stage, generate
+    # plan/list/check; up/status/down/clean/doctor/image; replay/compare; model/profile/stage/generate
+    from testbed.cli import (  # noqa: F401
+        generate_cmd,
+        model_cmd,
+        plan_cmd,
+        replay_cmd,
+        runtime_cmd,
+        stage_cmd,
+    )
 
 
 _register()
