@@ -116,6 +116,10 @@ class StageUnreachableError(StageError):
         super().__init__(f"stage {url} unreachable: {reason} (did the stage process die?)")
 
 
+class _TensorPortRefused(StageUnreachableError):
+    """Connecting to the tensor port failed (nothing was sent)."""
+
+
 class StageRejectedError(StageError):
     """The stage answered with an HTTP error status."""
 
@@ -188,6 +192,7 @@ class StageClient:
         self.transport = transport  # auto: the tensor port when the stage announces one
         self._tcp_port: int | None = None
         self._tcp_resolved = transport == "http"
+        self._tcp_ok = False  # a tensor-port exchange has succeeded
         self._tcp_pool: list[Any] = []
         self.timeout_s = timeout_s
         self._hook = as_send_hook(hook)
@@ -307,7 +312,7 @@ class StageClient:
             try:
                 conn = await open_connection(host, self._tcp_port, self.limits)
             except OSError as exc:
-                raise StageUnreachableError(
+                raise _TensorPortRefused(
                     self.url, f"tensor port {host}:{self._tcp_port}: {exc}"
                 ) from None
         try:
@@ -365,9 +370,18 @@ class StageClient:
         t = timeout_s if timeout_s is not None else self.timeout_s
         what = f"{kind} step of {request_id!r}"
         t0 = time.perf_counter()
+        msg = None
         if use_tcp:
-            msg = await self._call(what, lambda: self._tcp_request(parts), t)
-        else:
+            try:
+                msg = await self._call(what, lambda: self._tcp_request(parts), t)
+                self._tcp_ok = True
+            except _TensorPortRefused:
+                if self.transport == "tcp" or self._tcp_ok:
+                    raise
+                # auto, and the tensor port never took a connection (a firewall): use HTTP
+                self._tcp_port = None
+                t0 = time.perf_counter()
+        if msg is None:
 
             async def go() -> Any:
                 async with self.session.post(

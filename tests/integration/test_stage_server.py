@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 import torch
 
+from testbed.errors import StageError
 from testbed.model.executor import LayerRangeExecutor, read_model_info
 from testbed.stage.client import StageClient, StageRejectedError
 from testbed.stage.pipeline import PipelineClient
@@ -308,3 +309,17 @@ async def test_a_stage_that_does_not_answer_in_time_raises_stage_timeout(tiny_mo
     finally:
         gated.gate.set()
         await server.aclose()
+
+
+async def test_auto_transport_falls_back_to_http_when_the_tensor_port_is_closed(tiny_model):
+    path = tiny_model("phi3")
+    async with Servers(path, []) as srv:
+        server = srv.servers[0]
+        server._tensor_server.close()  # announced in /info, but refuses connections
+        await server._tensor_server.wait_closed()
+        async with StageClient(srv.urls[0]) as c:
+            r = await c.forward("r", "prefill", 0, [1, 2, 3])
+            assert r.token_id is not None and c._tcp_port is None  # went over HTTP
+        async with StageClient(srv.urls[0], transport="tcp") as c:
+            with pytest.raises(StageError, match="tensor port"):
+                await c.forward("r2", "prefill", 0, [1, 2, 3])
