@@ -57,9 +57,11 @@ class HttpStageTransport:
         }
 
     async def aclose(self) -> None:
+        clients, self._clients = self._clients, {}
+        for c in clients.values():  # their own raw tensor-port connections
+            await c.aclose()
         if self._session is not None:
             session, self._session = self._session, None
-            self._clients = {}
             await session.close()
             # closed transports release their sockets on the next loop iterations
             await asyncio.sleep(0.01)

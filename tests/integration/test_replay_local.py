@@ -191,9 +191,11 @@ def test_compare_runs_each_pair_and_writes_the_table(state_dir: Path, tmp_path: 
         assert r.summary.completed == 4
         assert (r.out_dir / "summary.json").exists()
     # the two partitioners cut the tiny model differently: two testbeds, each with its plan
-    cuts = [json.loads((r.out_dir / "config.json").read_text())["plan"]["cuts"] for r in res.runs]
-    assert cuts[0] != cuts[1]
+    cfgs = [json.loads((r.out_dir / "config.json").read_text()) for r in res.runs]
+    assert cfgs[0]["plan"]["cuts"] != cfgs[1]["plan"]["cuts"]
+    run_ids = {c["testbed"]["run_id"] for c in cfgs}
+    assert len(run_ids) == 2
     table = (res.out_dir / "comparison.md").read_text()
     assert "bsdp+arts" in table and "even+round_robin / bsdp+arts" in table
     assert (res.out_dir / "comparison.png").exists()
-    assert not list(state_dir.glob("tb*.json"))  # both testbeds brought down
+    assert not [i for i in run_ids if (state_dir / f"{i}.json").exists()]  # both brought down
