@@ -33,8 +33,10 @@ class Arts(Scheduler):
 
     alpha: float = 0.2  # EWMA weight of a new speed observation (0 = never learn)
     use_memory_filter: bool = True  # skip replicas without KV headroom for the request
-    min_capacity: float = 0.01  # clamp for observed speed and C_hat
-    max_capacity: float = 100.0
+    # Clamp for observed speed and C_hat: a guard against nonsense, not a model. It must not
+    # bind in normal use: on CPUs the roofline can underestimate small steps by 100x or more.
+    min_capacity: float = 1e-6
+    max_capacity: float = 1e6
 
     # mutable state, per instance (set in __post_init__; ClassVar keeps it out of the parameters)
     _c_hat: ClassVar[dict[str, float]]  # node -> learned speed factor

@@ -45,7 +45,7 @@ def test_ewma_refines_capacity_by_hand() -> None:
     arts.on_complete(StageCompletion("b", 3, 1.0, -1.0, 9.0))
     assert arts.capacity(b) == pytest.approx(c2)
     arts.on_complete(StageCompletion("a", 4, 1.0, 1e-9, 9.0))
-    assert arts.capacity(a) == pytest.approx(0.8 * 1.0 + 0.2 * 100.0)
+    assert arts.capacity(a) == pytest.approx(0.8 * 1.0 + 0.2 * arts.max_capacity)
 
 
 def test_ewma_starts_from_the_snapshot_prior() -> None:
