@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -24,13 +24,21 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     async def main() -> T:
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        owner = os.getpid()
+
+        # Not loop.add_signal_handler: its wakeup fd is inherited by forked children (pyroute2
+        # forks a helper per network namespace and stops it with SIGTERM), and the child's
+        # signal would then cancel this run. A plain handler acts only in this process.
+        def on_term(signum: int, _frame: object) -> None:
+            if os.getpid() != owner:
+                os._exit(128 + signum)
+            loop.call_soon_threadsafe(task.cancel)
+
+        previous = signal.signal(signal.SIGTERM, on_term)
         try:
             return await task
         finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, previous)
 
     try:
         return asyncio.run(main())
