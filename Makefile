@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 SCENARIO ?= scenarios/tiny-azure.yaml
-RUNTIME  ?=
+# Containers where Docker is reachable (the real testbed), local processes otherwise.
+RUNTIME  ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
 
 .PHONY: setup test test-unit lint bench demo clean
 
