@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 _NUM = r"(?P<num>[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?|\.[0-9]+)"
 
@@ -78,103 +79,98 @@ def _finite_nonneg(value: float, text: object, kind: str, example: str) -> float
     return value
 
 
+def _parse(value: object, kind: str, example: str, convert: Callable[[float, str], float]) -> float:
+    """The part every quantity shares: numbers are already in the base unit, strings are
+    ``<number><unit>`` handed to ``convert(number, unit)``; the result must be finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise UnitError(f"{value!r} is not a {kind}; write e.g. {example!r}")
+    if isinstance(value, int | float):
+        return _finite_nonneg(float(value), value, kind, example)
+    num, unit = _split(value, kind, example)
+    return _finite_nonneg(convert(num, unit), value, kind, example)
+
+
 def parse_rate_bps(value: object) -> float:
     """'100Mbit' -> 1e8 (bits per second). Bytes per second are spelled out as 'MB/s'."""
     ex = "100Mbit"
-    if isinstance(value, bool):
-        raise UnitError(f"{value!r} is not a rate; write e.g. {ex!r}")
-    if isinstance(value, int | float):
-        return _finite_nonneg(float(value), value, "rate", ex)
-    if not isinstance(value, str):
-        raise UnitError(f"{value!r} is not a rate; write e.g. {ex!r}")
-    num, unit = _split(value, "rate", ex)
-    key = unit.lower()
-    if key in _RATE_UNITS:
-        return _finite_nonneg(num * _RATE_UNITS[key], value, "rate", ex)
-    if key in _BW_UNITS:  # "12.5MB/s" -> bytes per second -> bits
-        return _finite_nonneg(num * _BW_UNITS[key] * 8, value, "rate", ex)
-    raise UnitError(
-        f"{value!r} has unknown rate unit {unit!r}; use bit, kbit, Mbit, Gbit (bits/s) or MB/s (bytes/s), e.g. {ex!r}"
-    )
+
+    def convert(num: float, unit: str) -> float:
+        key = unit.lower()
+        if key in _RATE_UNITS:
+            return num * _RATE_UNITS[key]
+        if key in _BW_UNITS:  # "12.5MB/s" -> bytes per second -> bits
+            return num * _BW_UNITS[key] * 8
+        raise UnitError(
+            f"{value!r} has unknown rate unit {unit!r}; use bit, kbit, Mbit, Gbit (bits/s) or "
+            f"MB/s (bytes/s), e.g. {ex!r}"
+        )
+
+    return _parse(value, "rate", ex, convert)
 
 
 def parse_duration_s(value: object) -> float:
     """'20ms' -> 0.02 (seconds). A bare number is seconds."""
     ex = "20ms"
-    if isinstance(value, bool):
-        raise UnitError(f"{value!r} is not a duration; write e.g. {ex!r}")
-    if isinstance(value, int | float):
-        return _finite_nonneg(float(value), value, "duration", ex)
-    if not isinstance(value, str):
-        raise UnitError(f"{value!r} is not a duration; write e.g. {ex!r}")
-    num, unit = _split(value, "duration", ex)
-    if unit == "":
-        raise UnitError(f"{value!r} has no unit; write e.g. {ex!r} or '1.5s'")
-    if unit not in _TIME_UNITS:
-        raise UnitError(
-            f"{value!r} has unknown time unit {unit!r}; use ns, us, ms, s, min or h, e.g. {ex!r}"
-        )
-    return _finite_nonneg(num * _TIME_UNITS[unit], value, "duration", ex)
+
+    def convert(num: float, unit: str) -> float:
+        if unit == "":
+            raise UnitError(f"{value!r} has no unit; write e.g. {ex!r} or '1.5s'")
+        if unit not in _TIME_UNITS:
+            raise UnitError(
+                f"{value!r} has unknown time unit {unit!r}; use ns, us, ms, s, min or h, e.g. {ex!r}"
+            )
+        return num * _TIME_UNITS[unit]
+
+    return _parse(value, "duration", ex, convert)
 
 
 def parse_size_bytes(value: object) -> int:
     """'16GiB' -> 17179869184 (bytes). A bare number is bytes."""
     ex = "16GiB"
-    if isinstance(value, bool):
-        raise UnitError(f"{value!r} is not a size; write e.g. {ex!r}")
-    if isinstance(value, int | float):
-        return int(_finite_nonneg(float(value), value, "size", ex))
-    if not isinstance(value, str):
-        raise UnitError(f"{value!r} is not a size; write e.g. {ex!r}")
-    num, unit = _split(value, "size", ex)
-    key = unit.lower()
-    if key == "":
-        key = "b"
-    if key in ("g", "m", "k", "t"):
-        raise UnitError(
-            f"{value!r} is ambiguous; write {num:g}{unit.upper()}iB (binary) or {num:g}{unit.upper()}B (decimal)"
-        )
-    if key not in _SIZE_UNITS:
-        raise UnitError(
-            f"{value!r} has unknown size unit {unit!r}; use B, KB, MB, GB, KiB, MiB, GiB, e.g. {ex!r}"
-        )
-    return int(_finite_nonneg(num * _SIZE_UNITS[key], value, "size", ex))
+
+    def convert(num: float, unit: str) -> float:
+        key = unit.lower() or "b"
+        if key in ("g", "m", "k", "t"):
+            raise UnitError(
+                f"{value!r} is ambiguous; write {num:g}{unit.upper()}iB (binary) or "
+                f"{num:g}{unit.upper()}B (decimal)"
+            )
+        if key not in _SIZE_UNITS:
+            raise UnitError(
+                f"{value!r} has unknown size unit {unit!r}; use B, KB, MB, GB, KiB, MiB, GiB, e.g. {ex!r}"
+            )
+        return num * _SIZE_UNITS[key]
+
+    return int(_parse(value, "size", ex, convert))
+
+
+def _table(
+    table: dict[str, float], value: object, what: str, choices: str, ex: str
+) -> Callable[[float, str], float]:
+    def convert(num: float, unit: str) -> float:
+        if unit.lower() not in table:
+            raise UnitError(
+                f"{value!r} has unknown {what} unit {unit!r}; use {choices}, e.g. {ex!r}"
+            )
+        return num * table[unit.lower()]
+
+    return convert
 
 
 def parse_flops(value: object) -> float:
     """'19.5TFLOPS' -> 1.95e13 (FLOP/s)."""
     ex = "19.5TFLOPS"
-    if isinstance(value, bool):
-        raise UnitError(f"{value!r} is not a compute rate; write e.g. {ex!r}")
-    if isinstance(value, int | float):
-        return _finite_nonneg(float(value), value, "compute rate", ex)
-    if not isinstance(value, str):
-        raise UnitError(f"{value!r} is not a compute rate; write e.g. {ex!r}")
-    num, unit = _split(value, "compute rate", ex)
-    key = unit.lower()
-    if key not in _FLOPS_UNITS:
-        raise UnitError(
-            f"{value!r} has unknown compute unit {unit!r}; use GFLOPS or TFLOPS, e.g. {ex!r}"
-        )
-    return _finite_nonneg(num * _FLOPS_UNITS[key], value, "compute rate", ex)
+    return _parse(
+        value, "compute rate", ex, _table(_FLOPS_UNITS, value, "compute", "GFLOPS or TFLOPS", ex)
+    )
 
 
 def parse_bandwidth_Bps(value: object) -> float:
     """Memory bandwidth: '936GB/s' -> 9.36e11 (bytes per second)."""
     ex = "936GB/s"
-    if isinstance(value, bool):
-        raise UnitError(f"{value!r} is not a memory bandwidth; write e.g. {ex!r}")
-    if isinstance(value, int | float):
-        return _finite_nonneg(float(value), value, "memory bandwidth", ex)
-    if not isinstance(value, str):
-        raise UnitError(f"{value!r} is not a memory bandwidth; write e.g. {ex!r}")
-    num, unit = _split(value, "memory bandwidth", ex)
-    key = unit.lower()
-    if key not in _BW_UNITS:
-        raise UnitError(
-            f"{value!r} has unknown bandwidth unit {unit!r}; use GB/s or GiB/s, e.g. {ex!r}"
-        )
-    return _finite_nonneg(num * _BW_UNITS[key], value, "memory bandwidth", ex)
+    return _parse(
+        value, "memory bandwidth", ex, _table(_BW_UNITS, value, "bandwidth", "GB/s or GiB/s", ex)
+    )
 
 
 def parse_percent(value: object) -> float:
