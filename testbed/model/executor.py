@@ -209,9 +209,7 @@ class LayerRangeExecutor:
 
         types = _layer_types(self.config)
         self._layer_types = [types[i] for i in range(start, end)]
-        self._mask_layer_idx: dict[str, int] = {}
-        for i in range(start, end):
-            self._mask_layer_idx.setdefault(types[i], i)
+        self._sliding_window: int | None = getattr(self.config, "sliding_window", None)
         self._requests: dict[str, _RequestState] = {}
 
     # ---------------------------------------------------------------- loading
@@ -348,7 +346,7 @@ class LayerRangeExecutor:
         t0 = time.perf_counter()
         state = self._requests.get(request_id)
         if state is None:
-            state = _RequestState(cache=DynamicCache(config=self.config))
+            state = _RequestState(cache=DynamicCache())
         q = x.shape[1]
         x = x.to(self.device)
         if self.is_first:
@@ -379,29 +377,19 @@ class LayerRangeExecutor:
             compute_s=time.perf_counter() - t0,
         )
 
-    def _run_layers(self, hidden: torch.Tensor, cache: Any, start_pos: int, q: int):
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
+    def _mask(self, layer_type: str, start_pos: int, q: int) -> torch.Tensor:
+        return causal_mask(
+            start_pos,
+            q,
+            window=self._sliding_window if layer_type == "sliding_attention" else None,
+            additive=self.config._attn_implementation == "eager",
+            dtype=self.dtype,
+            device=self.device,
         )
 
+    def _run_layers(self, hidden: torch.Tensor, cache: Any, start_pos: int, q: int):
         position_ids = torch.arange(start_pos, start_pos + q, device=self.device).unsqueeze(0)
-        attention_mask = torch.ones((1, start_pos + q), dtype=torch.long, device=self.device)
-        masks: dict[str, Any] = {}
-        for layer_type, layer_idx in self._mask_layer_idx.items():
-            fn = (
-                create_causal_mask
-                if layer_type == "full_attention"
-                else create_sliding_window_causal_mask
-            )
-            masks[layer_type] = fn(
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=layer_idx,
-            )
+        masks = {t: self._mask(t, start_pos, q) for t in set(self._layer_types)}
         position_embeddings = self.rotary(hidden, position_ids)
         for layer, layer_type in zip(self.layers, self._layer_types, strict=True):
             hidden = layer(
@@ -434,7 +422,7 @@ class LayerRangeExecutor:
         for kind, q, past in (("prefill", prompt_tokens, 0), ("decode", 1, context_tokens)):
             ids = torch.randint(0, self.info.vocab_size, (1, q), generator=gen).to(self.device)
             hidden = (torch.randn(1, q, h, generator=gen) * 0.1).to(self.device, self.dtype)
-            cache = DynamicCache(config=self.config)
+            cache = DynamicCache()
             if past:
                 pre = (torch.randn(1, past, h, generator=gen) * 0.1).to(self.device, self.dtype)
                 self._run_layers(pre, cache, 0, past)
@@ -483,29 +471,13 @@ class _OneLayer:
         self.ex, self.layer, self.idx = ex, layer, idx
 
     def __call__(self, hidden: torch.Tensor, cache: Any, start_pos: int, q: int) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         ex = self.ex
         layer_type = _layer_types(ex.config)[self.idx]
         position_ids = torch.arange(start_pos, start_pos + q, device=ex.device).unsqueeze(0)
-        attention_mask = torch.ones((1, start_pos + q), dtype=torch.long, device=ex.device)
-        fn = (
-            create_causal_mask
-            if layer_type == "full_attention"
-            else create_sliding_window_causal_mask
-        )
-        mask = fn(
-            config=ex.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=self.idx,
-        )
         pos = ex.rotary(hidden, position_ids)
         out = self.layer(
             hidden,
-            attention_mask=mask,
+            attention_mask=ex._mask(layer_type, start_pos, q),
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
@@ -513,6 +485,35 @@ class _OneLayer:
         )
         cache.layers[self.idx].crop(-q)  # every block and repeat is timed at the same context
         return out
+
+
+def causal_mask(
+    start_pos: int,
+    q: int,
+    *,
+    window: int | None,
+    additive: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The [1, 1, q, start_pos + q] attention mask of q new tokens over a full KV cache.
+
+    Query i (absolute position start_pos + i) sees keys 0..start_pos + i, and with a sliding
+    window only the last ``window`` of them (HF's convention: kv > q - window). Boolean (True =
+    attend) for SDPA, additive (0 / dtype min) for eager attention. Built here rather than with
+    transformers' internal mask helpers, whose signatures change between releases; the caches
+    are full (not sliding) layers, so the window lives in the mask alone.
+    """
+    q_pos = torch.arange(start_pos, start_pos + q, device=device)[:, None]
+    kv_pos = torch.arange(start_pos + q, device=device)[None, :]
+    allowed = kv_pos <= q_pos
+    if window is not None:
+        allowed &= kv_pos > q_pos - window
+    allowed = allowed[None, None]
+    if not additive:
+        return allowed
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _desc(x: torch.Tensor) -> str:

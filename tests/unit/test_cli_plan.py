@@ -101,3 +101,29 @@ def test_list_registries(capsys):
 def test_check_scenario(capsys):
     code, out, _ = run(capsys, "check", str(REPO / "scenarios/tiny-azure.yaml"))
     assert code == 0 and "ok scenario tiny-azure" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["plan"], "Missing argument"),
+        (["plan", "topologies/tiny.yaml", "--bogus"], "No such option: --bogus"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["plan", "topologies/tiny.yaml", "--prompt-tokens", "0"], "--prompt-tokens"),
+        (["model"], "Missing command"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: testbed") and needle in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["plan", "--help"]])
+def test_help_exits_0(capsys, argv):
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert "Usage" in out
