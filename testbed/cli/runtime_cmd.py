@@ -161,8 +161,8 @@ def up(
         str, typer.Option(help="docker (containers) or local (processes)")
     ] = "docker",
     image_mode: Annotated[
-        str, typer.Option(help="offline (local Debian base) or dockerfile")
-    ] = "offline",
+        str, typer.Option(help="auto (dockerfile if python:3.11-slim can be pulled, else offline), offline (Debian base made with debootstrap) or dockerfile")
+    ] = "auto",
     backend: Annotated[
         str | None,
         typer.Option(help="force the shaping backend (kernel, kernel-rate+app-delay, app)"),
@@ -291,7 +291,7 @@ def doctor(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
 def image_build(
     mode: Annotated[
         str, typer.Option(help="offline (local Debian base) or dockerfile (python:3.11-slim)")
-    ] = "offline",
+    ] = "auto",
     force: Annotated[bool, typer.Option(help="rebuild the code layer even if present")] = False,
 ) -> None:
     """Build (or reuse) the node image and print its tag and the time it took."""

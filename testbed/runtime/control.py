@@ -45,7 +45,7 @@ async def up_docker(
     model_dir: Path,
     *,
     backend: ShapingBackend,
-    image_mode: ImageMode = "offline",
+    image_mode: ImageMode = "auto",
     seed: int = 0,
     health_timeout_s: float = 180.0,
 ) -> RunningTestbed:

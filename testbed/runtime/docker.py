@@ -157,7 +157,7 @@ class DockerTestbed:
         model_dir: Path,
         *,
         backend: ShapingBackend,
-        image_mode: ImageMode = "offline",
+        image_mode: ImageMode = "auto",
         seed: int = 0,
     ) -> None:
         self.topology = topology

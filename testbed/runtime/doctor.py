@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -130,26 +129,26 @@ def run_checks() -> list[Check]:
         try:
             import docker
 
-            from testbed.runtime.image import BASE_REPO, BASE_TAG
+            from testbed.runtime.image import BASE_REPO, BASE_TAG, PUBLIC_BASE
 
+            public = ":".join(PUBLIC_BASE)
             try:
                 c.images.get(f"{BASE_REPO}:{BASE_TAG}")
-                out.append(Check("node image", "ok", f"base {BASE_REPO}:{BASE_TAG} present"))
+                out.append(
+                    Check("node image", "ok", f"offline base {BASE_REPO}:{BASE_TAG} present")
+                )
             except docker.errors.ImageNotFound:
-                has = shutil.which("debootstrap") is not None
                 out.append(
                     Check(
                         "node image",
-                        "ok" if has else "warn",
-                        "base image not built yet (first `testbed up` builds it, ~2 min)"
-                        + ("" if has else "; debootstrap missing"),
-                        ""
-                        if has
-                        else "apt-get install debootstrap, or use --image-mode dockerfile",
+                        "ok",
+                        f"not built yet: the first `testbed up` uses {public} if it can be "
+                        "pulled, else builds a Debian base with debootstrap (~2 min)",
                     )
                 )
         except Exception as exc:
             out.append(Check("node image", "warn", str(exc)))
+    out.extend(_system_tool_checks())
     py_ok = sys.version_info[:2] == (3, 11)
     out.append(
         Check(
@@ -162,4 +161,23 @@ def run_checks() -> list[Check]:
             "use a 3.11 venv or --image-mode dockerfile",
         )
     )
+    return out
+
+
+def _system_tool_checks() -> list[Check]:
+    """Every system tool the testbed can need, found or not, and how it gets installed."""
+    from testbed.runtime.sysdeps import can_auto_install, install_command, tool_states
+
+    auto = can_auto_install()
+    out: list[Check] = []
+    for tool, path in tool_states():
+        if path:
+            out.append(Check(f"tool {tool.command}", "ok", f"{path} (for {tool.needed_for})"))
+            continue
+        how = (
+            "`testbed up` installs it with apt-get when needed (root on Debian/Ubuntu)"
+            if auto and tool.command == "debootstrap"
+            else install_command(tool)
+        )
+        out.append(Check(f"tool {tool.command}", "warn", f"missing (for {tool.needed_for})", how))
     return out

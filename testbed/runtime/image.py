@@ -17,8 +17,17 @@ Two ways, chosen by ``mode``:
        (``images/node-offline.Dockerfile``). A code change rebuilds only this: seconds.
 
 ``dockerfile`` (a normal machine with a registry)
-    ``images/Dockerfile``: ``python:3.11-slim``, torch from the CPU wheel index, the node's
-    requirements, code last. Nothing is mounted.
+    ``images/Dockerfile``: ``python:3.11-slim``, the node's requirements exported from
+    ``uv.lock`` (``images/requirements-node.txt``: the exact versions and hashes CI tested),
+    torch at the lock's version from the CPU wheel index, code last. Nothing is mounted.
+
+``auto`` (the default) picks ``dockerfile`` when ``python:3.11-slim`` is present or can be
+pulled, ``offline`` otherwise, and says which.
+
+Environment: ``TESTBED_CACHE_DIR`` (default ``$XDG_CACHE_HOME/testbed`` or
+``~/.cache/testbed``) holds the root filesystem tarball and the generated models;
+``TESTBED_BASE_TAG`` names the base image's tag (CI builds under a fresh one to prove the cold
+path).
 """
 
 from __future__ import annotations
@@ -39,10 +48,12 @@ from typing import Any, Literal
 
 from testbed.errors import RuntimeBackendError
 
-ImageMode = Literal["offline", "dockerfile"]
+ImageMode = Literal["auto", "offline", "dockerfile"]
+IMAGE_MODES: tuple[str, ...] = ("auto", "offline", "dockerfile")
 
 BASE_REPO = "testbed-base"
-BASE_TAG = "bookworm"
+BASE_TAG = os.environ.get("TESTBED_BASE_TAG") or "bookworm"
+PUBLIC_BASE = ("python", "3.11-slim")  # images/Dockerfile's FROM
 NODE_REPO = "testbed-node"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("TESTBED_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -66,6 +77,10 @@ class ImageInfo:
 
 
 def cache_dir() -> Path:
+    """The testbed's one cache folder (rootfs tarball, generated models)."""
+    explicit = os.environ.get("TESTBED_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "testbed"
 
@@ -110,23 +125,57 @@ def python_mounts(mode: ImageMode) -> tuple[tuple[str, str], ...]:
     return ((str(host_site_packages()), SITE_IN_CONTAINER),)
 
 
+def locked_version(package: str) -> str:
+    """``package``'s version in uv.lock (the node image installs what CI tested)."""
+    import tomllib
+
+    lock = REPO_ROOT / "uv.lock"
+    try:
+        data = tomllib.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RuntimeBackendError(f"{lock}: cannot read the lock ({exc}); run `make lock`") from exc
+    for entry in data.get("package", []):
+        if entry.get("name") == package:
+            return str(entry["version"])
+    raise RuntimeBackendError(f"{lock}: {package} is not locked; run `make lock`")
+
+
+def resolve_auto_mode(client: Any) -> ImageMode:
+    """``dockerfile`` when the public base image is here or can be pulled, else ``offline``."""
+    import docker
+
+    repo, tag = PUBLIC_BASE
+    if _has_image(client, f"{repo}:{tag}"):
+        mode: ImageMode = "dockerfile"
+        why = f"{repo}:{tag} is present"
+    else:
+        try:
+            client.images.pull(repo, tag=tag)
+            mode, why = "dockerfile", f"pulled {repo}:{tag}"
+        except docker.errors.DockerException as exc:
+            reason = str(exc).splitlines()[0][:160]
+            mode, why = "offline", f"{repo}:{tag} cannot be pulled ({reason})"
+    _log(f"image mode {mode}: {why}")
+    return mode
+
+
 # -- base image ----------------------------------------------------------------------------
 
 
-def _rootfs_tarball() -> Path:
+def rootfs_tarball() -> Path:
     return cache_dir() / f"rootfs-{DEBIAN_SUITE}-{'-'.join(BASE_PACKAGES)}.tar"
 
 
 def _make_rootfs_tarball(dest: Path) -> None:
-    if shutil.which("debootstrap") is None:
-        raise RuntimeBackendError(
-            "the offline base image needs debootstrap: apt-get install debootstrap "
-            "(or use --image-mode dockerfile on a machine that can pull python:3.11-slim)"
-        )
+    from testbed.runtime.sysdeps import SystemDependencyError, ensure_tool
+
     if os.geteuid() != 0:
-        raise RuntimeBackendError(
-            "debootstrap needs root to build the base image; run as root once"
+        raise SystemDependencyError(
+            "building the offline base image runs debootstrap, which needs root: run "
+            "`sudo testbed up ...` once (later runs reuse the image), or use --image-mode "
+            "dockerfile on a machine that can pull python:3.11-slim"
         )
+    ensure_tool("debootstrap")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="testbed-rootfs-", dir=dest.parent) as tmp:
         root = Path(tmp) / "rootfs"
@@ -164,7 +213,7 @@ def ensure_base_image(client: Any) -> str:
     ref = f"{BASE_REPO}:{BASE_TAG}"
     if _has_image(client, ref):
         return ref
-    tarball = _rootfs_tarball()
+    tarball = rootfs_tarball()
     if not tarball.exists():
         _make_rootfs_tarball(tarball)
     _log(f"docker import {tarball} -> {ref}")
@@ -192,8 +241,10 @@ def _package_files() -> list[Path]:
     )
 
 
-def code_hash(dockerfile: Path) -> str:
+def code_hash(dockerfile: Path, buildargs: dict[str, str] | None = None) -> str:
     h = hashlib.sha256(dockerfile.read_bytes())
+    for key, value in sorted((buildargs or {}).items()):
+        h.update(f"{key}={value}".encode())
     for p in _package_files():
         h.update(str(p.relative_to(REPO_ROOT)).encode())
         h.update(p.read_bytes())
@@ -236,24 +287,36 @@ def _build(
         raise RuntimeBackendError(f"building {tag} failed: {exc}") from exc
 
 
-def ensure_image(mode: ImageMode = "offline", *, force: bool = False) -> ImageInfo:
+def _recipe(mode: ImageMode) -> tuple[Path, dict[str, str], dict[str, Path]]:
+    """(Dockerfile, build args, extra context files) of a concrete image mode."""
+    if mode == "offline":
+        return IMAGES_DIR / "node-offline.Dockerfile", {"BASE": f"{BASE_REPO}:{BASE_TAG}"}, {}
+    if mode == "dockerfile":
+        return (
+            IMAGES_DIR / "Dockerfile",
+            {"TORCH_VERSION": locked_version("torch")},
+            {"images/requirements-node.txt": IMAGES_DIR / "requirements-node.txt"},
+        )
+    raise RuntimeBackendError(f"unknown image mode {mode!r}; use auto, offline or dockerfile")
+
+
+def node_tag(mode: ImageMode) -> str:
+    """The node image's tag for this code, recipe and base (``offline`` or ``dockerfile``)."""
+    dockerfile, buildargs, _ = _recipe(mode)
+    return f"{NODE_REPO}:{mode}-{code_hash(dockerfile, buildargs)}"
+
+
+def ensure_image(mode: ImageMode = "auto", *, force: bool = False) -> ImageInfo:
     """Return the node image tag for the current code, building only what is missing.
 
     Blocking (Docker SDK); call it from a thread in async code.
     """
     t0 = time.monotonic()
     client = _client()
-    if mode == "offline":
-        dockerfile = IMAGES_DIR / "node-offline.Dockerfile"
-        buildargs = {"BASE": f"{BASE_REPO}:{BASE_TAG}"}
-        extra: dict[str, Path] = {}
-    elif mode == "dockerfile":
-        dockerfile = IMAGES_DIR / "Dockerfile"
-        buildargs = {}
-        extra = {"images/requirements-node.txt": IMAGES_DIR / "requirements-node.txt"}
-    else:
-        raise RuntimeBackendError(f"unknown image mode {mode!r}; use offline or dockerfile")
-    tag = f"{NODE_REPO}:{mode}-{code_hash(dockerfile)}"
+    if mode == "auto":
+        mode = resolve_auto_mode(client)
+    dockerfile, buildargs, extra = _recipe(mode)
+    tag = node_tag(mode)
     mounts = python_mounts(mode)
     if not force and _has_image(client, tag):
         return ImageInfo(tag, mode, False, time.monotonic() - t0, mounts)
