@@ -168,3 +168,25 @@ def test_time_parts_covers_every_part(tiny_model):
     assert set(parts) == {"embed", "block0", "block1", "block2", "block3", "head"}
     for times in parts.values():
         assert times["prefill_s"] > 0 and times["decode_s"] > 0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sliding_window_and_eager_masks_match_generate(tiny_model, tmp_path, attn):
+    """Our own attention mask (not transformers' internal helpers) keeps tokens exact, also
+    with a sliding window far shorter than the context and with eager attention."""
+    import json
+    import shutil
+
+    path = tmp_path / "mistral-window"
+    shutil.copytree(tiny_model("mistral"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sliding_window"] = 4
+    (path / "config.json").write_text(json.dumps(cfg))
+    eos = read_model_info(path).eos_token_ids
+    want = reference(path, PROMPT, 12)
+    n = read_model_info(path).num_blocks
+    executors = [
+        LayerRangeExecutor(path, a, b, attn_implementation=attn)
+        for a, b in itertools.pairwise([0, 2, n])
+    ]
+    assert chain_generate(executors, PROMPT, 12, eos=eos) == want
