@@ -114,7 +114,7 @@ def test_check_scenario(capsys):
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, needle):
-    code, out, err = run(capsys, *argv)
+    code, _out, err = run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
