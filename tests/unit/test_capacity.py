@@ -109,6 +109,11 @@ def test_stable_load_on_three_tier_phi3_medium():
     by = {r.label: r for r in sl.plans}
     assert set(by) == {"bsdp", "even", "heft", "min_latency"}
     caps = {k: r.capacity.capacity_rps for k, r in by.items()}
+    # the numbers the README quotes
+    want = {"bsdp": 1.153, "even": 0.2292, "heft": 0.08445, "min_latency": 0.8231}
+    assert caps == pytest.approx(want, rel=1e-3)
+    assert by["bsdp"].plan.bottleneck_tier == "fog"  # one effective node per tier ...
+    assert by["bsdp"].capacity.bottleneck == "tier cloud"  # ... but the fog has 3 replicas
     # bsdp balances: the highest capacity; heft keeps 38 blocks on the edge: the lowest
     assert max(caps, key=lambda k: caps[k]) == "bsdp"
     assert sl.limited_by == "heft" and by["heft"].capacity.bottleneck == "tier edge"
