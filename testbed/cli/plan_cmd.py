@@ -10,6 +10,7 @@ from rich.table import Table
 
 from testbed.cli.common import console, parse_params, print_json
 from testbed.cli.main import app
+from testbed.cost.capacity import PlanCapacity, plan_capacity
 from testbed.cost.model import CostModel
 from testbed.cost.planner import make_plan
 from testbed.partition import PARTITIONERS
@@ -57,13 +58,30 @@ def plan_table(plan: Plan) -> Table:
             f"{fmt_bytes(s.mem_bytes)} / {fmt_bytes(s.mem_available_bytes)}",
             mark,
         )
+    counted = (
+        "compute + transfer; link delay adds latency, not occupancy"
+        if plan.include_transfer
+        else "compute only: this partitioner did not count transfer"
+    )
+    cap = plan_capacity(plan)
     table.caption = (
         f"per request of {plan.shape.prompt_tokens} prompt + {plan.shape.output_tokens} "
         f"output tokens, KV reserved for {plan.shape.concurrency}; bottleneck "
-        f"{fmt_seconds(plan.bottleneck_s)} on {plan.bottleneck_tier} (compute + transfer; "
-        f"link delay adds latency, not occupancy)"
+        f"{fmt_seconds(plan.bottleneck_s)} on {plan.bottleneck_tier} ({counted})\n"
+        f"{capacity_line(cap)}"
     )
     return table
+
+
+def capacity_line(cap: PlanCapacity) -> str:
+    """One line saying at what load the plan saturates."""
+    if cap.capacity_rps == float("inf"):
+        return "capacity: unbounded (no resource is busy per request)"
+    return (
+        f"capacity {cap.capacity_rps:.3g} req/s: above it the {cap.bottleneck} "
+        f"({fmt_seconds(cap.bottleneck_time_s)} per request over its replicas) saturates and "
+        f"queues grow without bound; at r req/s it is r / {cap.capacity_rps:.3g} busy"
+    )
 
 
 @app.command()
@@ -101,7 +119,7 @@ def plan(
         ),
     )
     if json_out:
-        print_json(result.model_dump(mode="json"))
+        print_json({**result.model_dump(mode="json"), "capacity": plan_capacity(result).to_dict()})
     else:
         console.print(plan_table(result))
 

@@ -18,6 +18,8 @@ from testbed.spec.devices import DeviceProfile
 from testbed.spec.plan import Plan, RequestShape, StagePlan
 from testbed.spec.topology import Topology
 
+TOKEN_ID_BYTES = 4  # the user's prompt enters as int32 token ids (for the input's transfer time)
+
 
 def _node_block_times(cost: CostModel, device: DeviceProfile, shape: RequestShape) -> np.ndarray:
     t = cost.block_request_times(device, shape).copy()
@@ -53,12 +55,26 @@ def build_problem(
     layer_mem[0] += cost.profile.embed_weight_bytes()
     layer_mem[-1] += cost.profile.head_weight_bytes()
     transfer = np.zeros((t, n))
+    hop_delay = np.zeros(t)
+    input_time = np.zeros(t)
+    input_bits = TOKEN_ID_BYTES * shape.prompt_tokens * 8
+    first_lan = topology.tiers[0].lan  # the user sits at the first tier, behind its LAN
+    input_time[0] = input_bits / first_lan.bandwidth_bps + first_lan.delay_s
     for j in range(t - 1):
         link = topology.uplink(j)
         assert link is not None
-        transfer[j, :] = cost.hop_request_s(link, shape)[0]  # occupancy; delay drops out
+        # occupancy (limits the rate; bsdp's transfer term) and delay (latency only: it drops
+        # out of the bottleneck, but HEFT and min_latency count it)
+        transfer[j, :], hop_delay[j] = cost.hop_request_s(link, shape)
+        input_time[j + 1] = input_time[j] + input_bits / link.bandwidth_bps + link.delay_s
     problem = PartitionProblem.from_arrays(
-        stage_time, layer_mem, tier_mem, transfer, topology.tier_names
+        stage_time,
+        layer_mem,
+        tier_mem,
+        transfer,
+        topology.tier_names,
+        hop_delay=hop_delay,
+        input_time=input_time,
     )
     return problem, effective
 

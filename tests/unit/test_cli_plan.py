@@ -127,3 +127,21 @@ def test_help_exits_0(capsys, argv):
     code, out, _ = run(capsys, *argv)
     assert code == 0
     assert "Usage" in out
+
+
+def test_plan_reports_capacity_and_says_what_the_bottleneck_counts(capsys):
+    topo = str(REPO / "topologies/three-tier.yaml")
+    code, out, _ = run(capsys, "plan", topo, "--model", "phi-3-medium", "--json")
+    assert code == 0
+    cap = json.loads(out)["capacity"]
+    assert cap["bottleneck"] == "tier cloud" and 0 < cap["capacity_rps"] < 10
+    assert cap["capacity_rps"] == min(v for v in cap["resources_rps"].values() if v is not None)
+    code, out, _ = run(capsys, "plan", topo, "--model", "phi-3-medium")
+    text = " ".join(out.split())  # rich wraps the caption
+    assert "(compute + transfer;" in text and "capacity " in text and "req/s" in text
+    code, out, _ = run(
+        capsys, "plan", topo, "--model", "phi-3-medium", "-p", "include_transfer=false"
+    )
+    text = " ".join(out.split())
+    assert code == 0 and "compute + transfer" not in text
+    assert "(compute only: this partitioner did not count transfer)" in text

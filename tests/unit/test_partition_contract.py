@@ -14,7 +14,7 @@ NAMES = PARTITIONERS.names()
 
 
 def test_expected_partitioners_registered():
-    assert {"bsdp", "even", "heft", "exhaustive"} <= set(NAMES)
+    assert {"bsdp", "even", "heft", "exhaustive", "min_latency"} <= set(NAMES)
 
 
 def make_problem(seed: int, *, transfer: bool = True, tight: bool = True) -> PartitionProblem:
