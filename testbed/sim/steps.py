@@ -1,0 +1,134 @@
+"""Step times per node: one prefill over P tokens, one decode step at context c (pure).
+
+From the cost model (roofline, or a measured profile scaled to the node's device), per stage
+segment: the node's blocks, plus the embedding and the head where the stage holds them. A
+decode step at context c is the difference between a request of (c, 2) and one of (c, 1)
+tokens, so the measured-profile calibration applies exactly as the planner sees it.
+
+A :class:`CalibratedProfile` (``testbed calibrate``) overrides the nodes it names with a fitted
+line: ``fixed_s + per_token_s * new_tokens + per_context_s * context_tokens`` (prefill: P new
+tokens, context 0; decode step: 1 new token at context c).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from testbed.broker.layout import Layout, StageInfo
+from testbed.cost.model import CostModel
+from testbed.spec.devices import DeviceProfile
+from testbed.spec.plan import RequestShape
+
+CALIBRATED_KIND = "testbed.calibrated-profile"
+
+
+class StepFit(BaseModel):
+    """Fitted step time of one node (seconds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fixed_s: float
+    per_token_s: float
+    per_context_s: float
+    samples: int = 0
+    rmse_s: float = 0.0
+
+    def step_s(self, new_tokens: int, context_tokens: int) -> float:
+        return max(
+            0.0,
+            self.fixed_s + self.per_token_s * new_tokens + self.per_context_s * context_tokens,
+        )
+
+
+class HopFit(BaseModel):
+    """Fitted transfer time of one hop "sender->receiver": fixed_s + per_byte_s * bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fixed_s: float
+    per_byte_s: float
+    samples: int = 0
+
+
+class CalibratedProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["testbed.calibrated-profile"] = CALIBRATED_KIND
+    version: Literal[1] = 1
+    source: str = ""  # the run folder it was fitted from
+    nodes: dict[str, StepFit] = Field(default_factory=dict)
+    hops: dict[str, HopFit] = Field(default_factory=dict)
+    hop_overhead_s: float = 0.0  # per hop, on top of the link model (median fitted excess)
+
+
+def is_calibrated_profile(path: Path) -> bool:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == CALIBRATED_KIND
+
+
+def load_calibrated_profile(path: str | Path) -> CalibratedProfile:
+    from testbed.spec.loading import read_mapping, validate
+
+    return validate(CalibratedProfile, read_mapping(Path(path), "calibrated profile"), str(path))
+
+
+@dataclass
+class StepTimes:
+    """Per node: ``prefill_s(node, P)`` and ``decode_s(node, context)``, cached."""
+
+    layout: Layout
+    cost: CostModel
+    calibrated: CalibratedProfile | None = None
+    _group: dict[str, tuple[int, DeviceProfile]] = field(init=False, default_factory=dict)
+    _cache: dict[tuple[Any, ...], float] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, info in self.layout.nodes.items():
+            self._group[name] = (info.stage, info.device)
+
+    def _segment_s(self, stage: StageInfo, device: DeviceProfile, p: int, o: int) -> float:
+        shape = RequestShape(prompt_tokens=max(p, 1), output_tokens=o, concurrency=1)
+        c = self.cost
+        t = float(c.block_request_times(device, shape)[stage.start : stage.end].sum())
+        if stage.holds_embedding:
+            t += c.embed_request_s(device, shape)
+        if stage.holds_head:
+            t += c.head_request_s(device, shape)
+        return t
+
+    def prefill_s(self, node: str, prompt_tokens: int) -> float:
+        fit = self.calibrated.nodes.get(node) if self.calibrated else None
+        if fit is not None:
+            return fit.step_s(prompt_tokens, 0)
+        s, dev = self._group[node]
+        key = ("p", s, dev, prompt_tokens)
+        t = self._cache.get(key)
+        if t is None:
+            t = self._segment_s(self.layout.stages[s], dev, prompt_tokens, 1)
+            self._cache[key] = t
+        return t
+
+    def decode_s(self, node: str, context_tokens: int) -> float:
+        fit = self.calibrated.nodes.get(node) if self.calibrated else None
+        if fit is not None:
+            return fit.step_s(1, context_tokens)
+        s, dev = self._group[node]
+        key = ("d", s, dev, context_tokens)
+        t = self._cache.get(key)
+        if t is None:
+            st = self.layout.stages[s]
+            t = max(
+                0.0,
+                self._segment_s(st, dev, context_tokens, 2)
+                - self._segment_s(st, dev, context_tokens, 1),
+            )
+            self._cache[key] = t
+        return t
