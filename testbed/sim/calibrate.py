@@ -52,8 +52,8 @@ def fit_profile(records: Iterable[RequestRecord], source: str = "") -> Calibrate
             "run's requests.jsonl with spans (from `testbed replay` or `testbed simulate`)"
         )
     nodes = {}
-    for name, data in sorted(rows.items()):
-        a = np.asarray(data, dtype=float)
+    for name, steps in sorted(rows.items()):
+        a = np.asarray(steps, dtype=float)
         x = np.column_stack([np.ones(len(a)), a[:, 0], a[:, 1]])
         coef = _lstsq(x, a[:, 2])
         rmse = float(np.sqrt(np.mean((x @ coef - a[:, 2]) ** 2)))

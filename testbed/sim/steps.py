@@ -24,7 +24,7 @@ from testbed.cost.model import CostModel
 from testbed.spec.devices import DeviceProfile
 from testbed.spec.plan import RequestShape
 
-CALIBRATED_KIND = "testbed.calibrated-profile"
+CALIBRATED_KIND: Literal["testbed.calibrated-profile"] = "testbed.calibrated-profile"
 
 
 class StepFit(BaseModel):

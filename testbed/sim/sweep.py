@@ -63,7 +63,9 @@ def vary(reqs: Sequence[TraceRequest], variable: str, value: float) -> list[Trac
     n = int(value)
     if n < 1:
         raise ConfigError(f"--{variable.replace('_', '-')}: {value!r} must be >= 1")
-    return [replace(r, **{variable: n}) for r in reqs]
+    if variable == "output_tokens":
+        return [replace(r, output_tokens=n) for r in reqs]
+    return [replace(r, prompt_tokens=n) for r in reqs]
 
 
 def run_sweep(
@@ -78,7 +80,8 @@ def run_sweep(
     if variable not in VARIABLES:
         raise ConfigError(f"unknown sweep variable {variable!r}; use one of {', '.join(VARIABLES)}")
     points = []
-    for pair in pairs or [None]:
+    choices: list[str | None] = list(pairs) or [None]  # None: the scenario's own pair
+    for pair in choices:
         setup = prepare_sim(loaded, pair, requests)
         for v in values:
             if v <= 0:
