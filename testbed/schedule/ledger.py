@@ -64,6 +64,10 @@ class Ledger:
     capacity: Mapping[str, float] = field(default_factory=dict)  # prior speed; absent: 1.0
     _books: dict[str, NodeBook] = field(init=False, default_factory=dict)
     _charges: dict[int, _Charge] = field(init=False, default_factory=dict)
+    # NodeState per node, rebuilt only for nodes changed since the last snapshot (books change
+    # only through this class's methods): a snapshot of 1,000 nodes costs what changed
+    _states: dict[str, NodeState] = field(init=False, default_factory=dict)
+    _dirty: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         for s, names in enumerate(self.stages):
@@ -96,9 +100,15 @@ class Ledger:
         return c.route if c else None
 
     def snapshot(self, now_s: float, hop_s: Sequence[float] = ()) -> ClusterSnapshot:
+        states = self._states
+        if len(states) != len(self._books):
+            self._dirty.update(self._books)
+        for name in self._dirty:
+            states[name] = self._books[name].state()
+        self._dirty.clear()
         return ClusterSnapshot(
             now_s=now_s,
-            stages=tuple(tuple(self._books[n].state() for n in names) for names in self.stages),
+            stages=tuple(tuple(states[n] for n in names) for names in self.stages),
             hop_s=tuple(hop_s),
         )
 
@@ -136,6 +146,7 @@ class Ledger:
             b.queued_work_s += float(work_s[s])
             b.kv_used_bytes += kv[s]
             b.routed_total += 1
+            self._dirty.add(name)
         self._charges[request_id] = _Charge(
             route, [float(w) for w in work_s], kv, [False] * len(route)
         )
@@ -149,6 +160,7 @@ class Ledger:
         take = min(max(done_s, 0.0), c.remaining_s[stage])
         c.remaining_s[stage] -= take
         self._books[c.route[stage]].queued_work_s -= take
+        self._dirty.add(c.route[stage])
         return take
 
     def leave(self, request_id: int) -> Route | None:
@@ -176,6 +188,7 @@ class Ledger:
             return
         c.left[s] = True
         b = self._books[c.route[s]]
+        self._dirty.add(b.name)
         b.queue_len -= 1
         b.queued_work_s -= c.remaining_s[s]
         b.kv_used_bytes -= c.kv_bytes[s]
@@ -185,10 +198,12 @@ class Ledger:
     def mark_down(self, name: str, reason: str) -> bool:
         """Returns True if the node was up (first report)."""
         b = self._books[name]
+        self._dirty.add(name)
         was_up = b.up
         b.up, b.down_reason = False, reason
         return was_up
 
     def mark_up(self, name: str) -> None:
         b = self._books[name]
+        self._dirty.add(name)
         b.up, b.down_reason = True, None

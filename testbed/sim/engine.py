@@ -65,6 +65,7 @@ class _Node:
     stage: int
     kv_cap: int
     slowdown: float
+    gid: int = 0  # StepTimes group (stage, device)
     busy: int = 0
     busy_s: float = 0.0
     kv_used: int = 0
@@ -86,8 +87,11 @@ class _Req:
     tokens: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     queue_s: float = 0.0
-    compute: dict[str, float] = field(default_factory=dict)
-    hops: dict[str, float] = field(default_factory=dict)
+    nodes: list[_Node] = field(default_factory=list)  # the route's servers
+    work_pre: list[float] = field(default_factory=list)  # per stage: predicted prefill work
+    work_dec: list[float] = field(default_factory=list)  # per stage: predicted decode step
+    compute: list[float] = field(default_factory=list)  # per stage: compute seconds
+    hops: list[float] = field(default_factory=list)  # per hop into stage s (len(route): back)
 
 
 class Simulator:
@@ -122,6 +126,12 @@ class Simulator:
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
+        self._spans = self.config.record_spans
+        # a scheduler that keeps the base class's no-op hook is not fed step completions
+        self._learns = type(scheduler).on_complete is not Scheduler.on_complete
+        self._dec = steps.decode_tables()
+        for n in self.nodes.values():
+            n.gid = steps.group(n.name)
 
     # -- the loop -------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
@@ -183,6 +193,11 @@ class Simulator:
             return
         self.ledger.charge(req.request_id, route, [pred.work_s[n] for n in route], pred.kv_bytes)
         r.route = route
+        r.nodes = [self.nodes[n] for n in route]
+        r.work_pre = [pred.prefill_s[n] for n in route]
+        r.work_dec = [pred.decode_step_s[n] for n in route]
+        r.compute = [0.0] * len(route)
+        r.hops = [0.0] * (len(route) + 1)
         self._first_hop(r, now)
 
     def _first_hop(self, r: _Req, now: float) -> None:
@@ -195,11 +210,12 @@ class Simulator:
 
     # -- act ------------------------------------------------------------------------------------
     def _arrive(self, r: _Req, s: int, now: float) -> None:
-        node = self.nodes[r.route[s]]
-        if s > 0:
-            self._span(
-                r, "transfer", r.route[s - 1] if s > 0 else CLIENT, r.sent_s, now, s, node.name
-            )
+        node = r.nodes[s]
+        if now > r.sent_s:
+            r.hops[s] += now - r.sent_s
+            if self._spans:
+                sender = r.route[s - 1] if s > 0 else CLIENT
+                self._span(r, "transfer", sender, r.sent_s, now, s, node.name)
         r.ready_s = now
         if not r.held[s]:
             need = r.pred.kv_bytes[s]
@@ -226,29 +242,33 @@ class Simulator:
         node.busy += 1
         if now > r.ready_s:
             r.queue_s += now - r.ready_s
-            self._span(r, "queue", node.name, r.ready_s, now, s)
+            if self._spans:
+                self._span(r, "queue", node.name, r.ready_s, now, s)
         p = r.req.prompt_tokens
-        base = (
-            self.steps.prefill_s(node.name, p)
-            if r.step == 0
-            else self.steps.decode_s(node.name, p + r.step - 1)
-        )
+        if r.step == 0:
+            base = self.steps.prefill_s(node.name, p)
+        else:
+            base = self._dec[node.gid].get(p + r.step - 1) or self.steps.decode_s(
+                node.name, p + r.step - 1
+            )
         r.service_s = base * node.slowdown
         r.start_s = now
         self._push(now + r.service_s, _DONE, r, s)
 
     def _done(self, r: _Req, s: int, now: float) -> None:
-        node = self.nodes[r.route[s]]
+        node = r.nodes[s]
         node.busy -= 1
         node.busy_s += r.service_s
-        r.compute[node.name] = r.compute.get(node.name, 0.0) + r.service_s
-        self._span(r, "compute", node.name, r.start_s, now, s)
-        kind_pred = r.pred.prefill_s if r.step == 0 else r.pred.decode_step_s
+        r.compute[s] += r.service_s
+        if self._spans:
+            self._span(r, "compute", node.name, r.start_s, now, s)
+        predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
         rid = r.req.request_id
-        self.ledger.progress(rid, s, kind_pred[node.name])
-        self.scheduler.on_complete(
-            StageCompletion(node.name, rid, kind_pred[node.name], r.service_s, now, False)
-        )
+        self.ledger.progress(rid, s, predicted)
+        if self._learns:
+            self.scheduler.on_complete(
+                StageCompletion(node.name, rid, predicted, r.service_s, now, False)
+            )
         if node.fifo:
             nr, ns = node.fifo.popleft()
             self._start(node, nr, ns, now)
@@ -260,8 +280,10 @@ class Simulator:
             self._push(self.net.back(now, self.config.token_bytes), _TOKEN, r)
 
     def _token(self, r: _Req, now: float) -> None:
-        if len(r.route) > 1 or self.net.fwd:
-            self._span(r, "transfer", r.route[-1], r.sent_s, now, len(r.route), CLIENT)
+        if now > r.sent_s:
+            r.hops[-1] += now - r.sent_s
+            if self._spans:
+                self._span(r, "transfer", r.route[-1], r.sent_s, now, len(r.route), CLIENT)
         r.tokens.append(now)
         r.step += 1
         if r.step < r.req.output_tokens:
@@ -293,8 +315,8 @@ class Simulator:
             end_s=now,
             injection_lag_s=0.0,
             queueing_s=r.queue_s,
-            stage_compute_s=r.compute,
-            hop_transfer_s=r.hops,
+            stage_compute_s=_per_node(r.route, r.compute),
+            hop_transfer_s=_per_hop(r.route, r.hops),
             spans=tuple(r.spans),
         )
         if self.on_record is not None:
@@ -317,11 +339,6 @@ class Simulator:
     def _span(
         self, r: _Req, kind: str, node: str, t0: float, t1: float, s: int, peer: str | None = None
     ) -> None:
-        if kind == "transfer":
-            key = f"{node}->{peer}"
-            r.hops[key] = r.hops.get(key, 0.0) + (t1 - t0)
-        if not self.config.record_spans:
-            return
         phase = "prefill" if r.step == 0 else "decode"
         nbytes = None
         if kind == "transfer":
@@ -333,3 +350,15 @@ class Simulator:
         r.spans.append(
             Span(kind, node, t0, t1, r.req.request_id, s, phase, r.step, peer, nbytes)  # type: ignore[arg-type]
         )
+
+
+def _per_node(route: tuple[str, ...], values: list[float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, v in zip(route, values, strict=False):
+        out[name] = out.get(name, 0.0) + v
+    return out
+
+
+def _per_hop(route: tuple[str, ...], values: list[float]) -> dict[str, float]:
+    names = (CLIENT, *route, CLIENT)
+    return {f"{names[s]}->{names[s + 1]}": v for s, v in enumerate(values) if v > 0}

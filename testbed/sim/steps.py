@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -87,12 +87,21 @@ class StepTimes:
     layout: Layout
     cost: CostModel
     calibrated: CalibratedProfile | None = None
-    _group: dict[str, tuple[int, DeviceProfile]] = field(init=False, default_factory=dict)
-    _cache: dict[tuple[Any, ...], float] = field(init=False, default_factory=dict)
+    _group: dict[str, int] = field(init=False, default_factory=dict)  # node -> (stage, device) id
+    _keys: list[tuple[int, DeviceProfile]] = field(init=False, default_factory=list)
+    _pre: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: P -> s
+    _dec: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: ctx -> s
 
     def __post_init__(self) -> None:
+        ids: dict[tuple[int, DeviceProfile], int] = {}
         for name, info in self.layout.nodes.items():
-            self._group[name] = (info.stage, info.device)
+            key = (info.stage, info.device)
+            if key not in ids:
+                ids[key] = len(self._keys)
+                self._keys.append(key)
+                self._pre.append({})
+                self._dec.append({})
+            self._group[name] = ids[key]
 
     def _segment_s(self, stage: StageInfo, device: DeviceProfile, p: int, o: int) -> float:
         shape = RequestShape(prompt_tokens=max(p, 1), output_tokens=o, concurrency=1)
@@ -104,31 +113,41 @@ class StepTimes:
             t += c.head_request_s(device, shape)
         return t
 
+    def group(self, node: str) -> int:
+        return self._group[node]
+
+    def decode_tables(self) -> list[dict[int, float]]:
+        """Per group: the cached decode times (context -> s), for the engine's fast path; empty
+        (always a miss) for calibrated nodes' groups, so they go through :meth:`decode_s`."""
+        if self.calibrated is not None and self.calibrated.nodes:
+            return [{} for _ in self._keys]
+        return self._dec
+
     def prefill_s(self, node: str, prompt_tokens: int) -> float:
         fit = self.calibrated.nodes.get(node) if self.calibrated else None
         if fit is not None:
             return fit.step_s(prompt_tokens, 0)
-        s, dev = self._group[node]
-        key = ("p", s, dev, prompt_tokens)
-        t = self._cache.get(key)
+        g = self._group[node]
+        t = self._pre[g].get(prompt_tokens)
         if t is None:
+            s, dev = self._keys[g]
             t = self._segment_s(self.layout.stages[s], dev, prompt_tokens, 1)
-            self._cache[key] = t
+            self._pre[g][prompt_tokens] = t
         return t
 
     def decode_s(self, node: str, context_tokens: int) -> float:
         fit = self.calibrated.nodes.get(node) if self.calibrated else None
         if fit is not None:
             return fit.step_s(1, context_tokens)
-        s, dev = self._group[node]
-        key = ("d", s, dev, context_tokens)
-        t = self._cache.get(key)
+        g = self._group[node]
+        t = self._dec[g].get(context_tokens)
         if t is None:
+            s, dev = self._keys[g]
             st = self.layout.stages[s]
             t = max(
                 0.0,
                 self._segment_s(st, dev, context_tokens, 2)
                 - self._segment_s(st, dev, context_tokens, 1),
             )
-            self._cache[key] = t
+            self._dec[g][context_tokens] = t
         return t
