@@ -60,11 +60,13 @@ class Arts(PerStageScheduler):
     ) -> NodeState:
         kv = request.kv_bytes[stage] if stage < len(request.kv_bytes) else 0
         fits = [n for n in live if n.mem_free_bytes >= kv] if self.use_memory_filter else []
-        return min(fits or live, key=lambda n: self._key(n, request))
-
-    def _key(self, node: NodeState, request: RequestView) -> tuple[float, float, str]:
-        c = max(self.capacity(node), self.min_capacity)
-        return ((node.queued_work_s + request.work_s[node.name]) / c, -c, node.name)
+        best, best_key = live[0], None
+        for n in fits or live:  # argmin of _key, written out: it runs for every replica
+            c = max(self.capacity(n), self.min_capacity)
+            key = ((n.queued_work_s + request.work_s[n.name]) / c, -c, n.name)
+            if best_key is None or key < best_key:
+                best, best_key = n, key
+        return best
 
     def on_complete(self, event: StageCompletion) -> None:
         if self.alpha == 0.0 or event.service_s <= 0.0 or event.predicted_work_s <= 0.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import operator
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -143,9 +144,12 @@ class PerStageScheduler(Scheduler):
         for ``request``; return that element."""
 
 
+_by_name = operator.attrgetter("name")
+
+
 def up_nodes(stage: tuple[NodeState, ...], stage_index: int) -> tuple[NodeState, ...]:
     """The replicas of a stage that are up, sorted by name, or NoRouteError naming the stage."""
-    live = tuple(sorted((n for n in stage if n.up), key=lambda n: n.name))
+    live = tuple(sorted((n for n in stage if n.up), key=_by_name))
     if not live:
         names = ", ".join(n.name for n in stage) or "(none)"
         raise NoRouteError(f"stage {stage_index}: no replica is up (replicas: {names})")
