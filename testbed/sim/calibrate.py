@@ -10,8 +10,9 @@ it takes is the transport's own cost per call).
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,11 @@ def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
-def fit_profile(records: Iterable[RequestRecord], source: str = "") -> CalibratedProfile:
+def fit_profile(
+    records: Iterable[RequestRecord], source: str = "", blocks: Mapping[str, int] | None = None
+) -> CalibratedProfile:
+    """``blocks``: per node, how many blocks it served in the run (scales the fit to other
+    plans, and lets the planner use it)."""
     rows: dict[str, list[tuple[float, float, float]]] = {}
     hops: dict[str, list[tuple[float, float]]] = {}
     first_hop: list[float] = []
@@ -63,6 +68,7 @@ def fit_profile(records: Iterable[RequestRecord], source: str = "") -> Calibrate
             per_context_s=float(coef[2]),
             samples=len(a),
             rmse_s=rmse,
+            blocks=(blocks or {}).get(name),
         )
     hop_fits = {}
     for key, data in sorted(hops.items()):
@@ -81,7 +87,23 @@ def calibrate_run(run_dir: Path) -> CalibratedProfile:
         raise ConfigError(
             f"{str(path)!r} not found; give a run folder written by `testbed replay` (or simulate)"
         )
-    return fit_profile(load_records(path), source=str(Path(run_dir).resolve()))
+    return fit_profile(
+        load_records(path), source=str(Path(run_dir).resolve()), blocks=served_blocks(run_dir)
+    )
+
+
+def served_blocks(run_dir: Path) -> dict[str, int]:
+    """Per node, the blocks it served, from the run's config.json (``stages_served``)."""
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for st in cfg.get("stages_served") or []:
+        a, b = st.get("blocks", (0, 0))
+        for name in st.get("nodes") or {}:
+            out[name] = int(b) - int(a)
+    return out
 
 
 def write_profile(profile: CalibratedProfile, out: Path) -> Path:

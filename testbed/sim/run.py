@@ -17,7 +17,7 @@ from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.cost.model import CostModel
-from testbed.cost.planner import make_plan
+from testbed.cost.planner import NodeBlockFn, make_plan
 from testbed.errors import ConfigError
 from testbed.metrics.summary import SLO, Summary, summarize
 from testbed.schedule.base import Scheduler
@@ -28,9 +28,10 @@ from testbed.sim.steps import (
     StepTimes,
     is_calibrated_profile,
     load_calibrated_profile,
+    per_block_request_s,
 )
 from testbed.spec.model_profile import load_measured_profile, load_model_profile
-from testbed.spec.plan import Plan
+from testbed.spec.plan import Plan, RequestShape
 from testbed.spec.scenario import LoadedScenario, parse_pair
 from testbed.spec.topology import Topology, load_topology
 from testbed.workload.request import TraceRequest, Workload
@@ -71,6 +72,23 @@ def _model_source(loaded: LoadedScenario) -> str | Path:
     return folder if (folder / "config.json").exists() else spec.model
 
 
+def _planner_times(calibrated: CalibratedProfile | None) -> NodeBlockFn | None:
+    """The calibrated nodes' per-block times for the planner (None: plan from the cost model)."""
+    if calibrated is None or not calibrated.nodes:
+        return None
+    fits = calibrated.nodes
+
+    def per_block(node: str, shape: RequestShape) -> float | None:
+        fit = fits.get(node)
+        return (
+            None
+            if fit is None
+            else per_block_request_s(fit, shape.prompt_tokens, shape.output_tokens)
+        )
+
+    return per_block
+
+
 def prepare_sim(
     loaded: LoadedScenario, pair: str | None = None, requests_limit: int | None = None
 ) -> SimSetup:
@@ -99,7 +117,9 @@ def prepare_sim(
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
-    plan = make_plan(topo, cost, partitioner, spec.planning)
+    plan = make_plan(
+        topo, cost, partitioner, spec.planning, node_block_s=_planner_times(calibrated)
+    )
     layout = Layout.from_plan(
         plan, topo, {n.name: f"sim://{n.name}" for _, n in topo.nodes()}, cost
     )

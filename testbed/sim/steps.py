@@ -7,7 +7,8 @@ tokens, so the measured-profile calibration applies exactly as the planner sees 
 
 A :class:`CalibratedProfile` (``testbed calibrate``) overrides the nodes it names with a fitted
 line: ``fixed_s + per_token_s * new_tokens + per_context_s * context_tokens`` (prefill: P new
-tokens, context 0; decode step: 1 new token at context c).
+tokens, context 0; decode step: 1 new token at context c), scaled by the number of blocks the
+node serves now over the number it served when measured (when that is known).
 """
 
 from __future__ import annotations
@@ -37,12 +38,23 @@ class StepFit(BaseModel):
     per_context_s: float
     samples: int = 0
     rmse_s: float = 0.0
+    blocks: int | None = None  # blocks the node served when measured (None: unknown)
 
     def step_s(self, new_tokens: int, context_tokens: int) -> float:
         return max(
             0.0,
             self.fixed_s + self.per_token_s * new_tokens + self.per_context_s * context_tokens,
         )
+
+
+def per_block_request_s(fit: StepFit, prompt_tokens: int, output_tokens: int) -> float | None:
+    """One request's time (prefill + every decode step) per block, for the planner: the fitted
+    segment time spread evenly over the blocks it covered (None if their number is unknown)."""
+    if not fit.blocks:
+        return None
+    p, steps = prompt_tokens, max(output_tokens - 1, 0)
+    total = fit.step_s(p, 0) + sum(fit.step_s(1, p + i) for i in range(steps))
+    return total / fit.blocks
 
 
 class HopFit(BaseModel):
@@ -113,6 +125,12 @@ class StepTimes:
             t += c.head_request_s(device, shape)
         return t
 
+    def _scale(self, node: str, fit: StepFit) -> float:
+        """A fit measured over k blocks, applied to a node that now serves m: x m / k."""
+        if not fit.blocks:
+            return 1.0
+        return self.layout.stages[self.layout.nodes[node].stage].num_blocks / fit.blocks
+
     def group(self, node: str) -> int:
         return self._group[node]
 
@@ -126,7 +144,7 @@ class StepTimes:
     def prefill_s(self, node: str, prompt_tokens: int) -> float:
         fit = self.calibrated.nodes.get(node) if self.calibrated else None
         if fit is not None:
-            return fit.step_s(prompt_tokens, 0)
+            return fit.step_s(prompt_tokens, 0) * self._scale(node, fit)
         g = self._group[node]
         t = self._pre[g].get(prompt_tokens)
         if t is None:
@@ -138,7 +156,7 @@ class StepTimes:
     def decode_s(self, node: str, context_tokens: int) -> float:
         fit = self.calibrated.nodes.get(node) if self.calibrated else None
         if fit is not None:
-            return fit.step_s(1, context_tokens)
+            return fit.step_s(1, context_tokens) * self._scale(node, fit)
         g = self._group[node]
         t = self._dec[g].get(context_tokens)
         if t is None:

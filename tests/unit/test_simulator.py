@@ -210,3 +210,33 @@ def test_sweep_rescales_rates_and_lengths(setup: SimSetup) -> None:
     assert [p.value for p in pts] == [0.5, 8.0]
     assert pts[1].e2e_mean_s >= pts[0].e2e_mean_s  # type: ignore[operator]
     assert "bsdp+arts" in markdown(pts)
+
+
+def test_calibrated_fits_scale_with_blocks_and_feed_the_planner(setup: SimSetup) -> None:
+    from testbed.cost.planner import make_plan
+    from testbed.partition import PARTITIONERS
+    from testbed.sim.run import _planner_times
+    from testbed.sim.steps import CalibratedProfile, StepFit, per_block_request_s
+
+    fit = StepFit(fixed_s=0.01, per_token_s=0.001, per_context_s=0.0, blocks=2)
+    # per block: (prefill 0.01 + 0.001 * 8, then 3 decode steps of 0.011) / 2 blocks
+    assert per_block_request_s(fit, 8, 4) == pytest.approx((0.018 + 3 * 0.011) / 2)
+    node = setup.layout.stages[-1].nodes[0]
+    m = setup.layout.stages[-1].num_blocks
+    steps = StepTimes(setup.layout, setup.cost, CalibratedProfile(nodes={node: fit}))
+    assert steps.prefill_s(node, 8) == pytest.approx(0.018 * m / 2)
+    # a node made very slow by its calibration loses its blocks in the plan
+    slow = {n: StepFit(fixed_s=50.0, per_token_s=0.0, per_context_s=0.0, blocks=1) for n in [node]}
+    spec = setup.loaded.spec
+    part = PARTITIONERS.create("bsdp")
+    before = make_plan(setup.topology, setup.cost, part, spec.planning)
+    after = make_plan(
+        setup.topology,
+        setup.cost,
+        part,
+        spec.planning,
+        node_block_s=_planner_times(CalibratedProfile(nodes=slow)),
+    )
+    tier = setup.layout.stages[-1].tier
+    held = {st.tier: st.end - st.start for st in after.stages}
+    assert held[tier] < {st.tier: st.end - st.start for st in before.stages}[tier]
