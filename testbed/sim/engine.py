@@ -87,6 +87,7 @@ class _Req:
     tokens: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     queue_s: float = 0.0
+    admitted_s: float | None = None  # when admission let it in (later than arrival if full)
     nodes: list[_Node] = field(default_factory=list)  # the route's servers
     work_pre: list[float] = field(default_factory=list)  # per stage: predicted prefill work
     work_dec: list[float] = field(default_factory=list)  # per stage: predicted decode step
@@ -180,7 +181,7 @@ class Simulator:
             return
         self._active += 1
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
-        r = _Req(req, pred, held=[False] * len(self.layout.stages))
+        r = _Req(req, pred, held=[False] * len(self.layout.stages), admitted_s=now)
         view = RequestView(
             req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens,
             pred.work_s, pred.kv_bytes,
@@ -313,7 +314,7 @@ class Simulator:
             reason=reason,
             token_times_s=tuple(r.tokens) if reason is None else (),
             end_s=now,
-            injection_lag_s=0.0,
+            injection_lag_s=None if r.admitted_s is None else r.admitted_s - req.arrival_s,
             queueing_s=r.queue_s,
             stage_compute_s=_per_node(r.route, r.compute),
             hop_transfer_s=_per_hop(r.route, r.hops),

@@ -189,7 +189,13 @@ class SimRun:
 
 
 def write_sim_run(
-    setup: SimSetup, outcome: SimOutcome, out_dir: Path, *, plots: bool = True, wall_s: float = 0.0
+    setup: SimSetup,
+    outcome: SimOutcome,
+    out_dir: Path,
+    *,
+    plots: bool = True,
+    wall_s: float = 0.0,
+    config: SimConfig | None = None,
 ) -> SimRun:
     """The same folder as `replay` writes, marked ``"mode": "simulated"``."""
     from testbed.metrics.report import write_run_report
@@ -228,7 +234,7 @@ def write_sim_run(
         "stages_served": setup.layout.describe(),
         "partitioner": {"name": setup.partitioner, "params": setup.partitioner_params},
         "scheduler": outcome.scheduler,
-        "simulator": asdict(SimConfig()),
+        "simulator": asdict(config or SimConfig()),
         "workload": setup.workload.description,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -263,7 +269,7 @@ def simulate_scenario(
     wall = time.perf_counter() - t0
     root = output if output is not None else loaded.resolve(loaded.spec.output)
     out = run_folder(root, loaded.spec.name, f"{setup.pair}-sim")
-    return write_sim_run(setup, outcome, out, plots=plots, wall_s=wall)
+    return write_sim_run(setup, outcome, out, plots=plots, wall_s=wall, config=config)
 
 
 def compare_simulated(
@@ -289,7 +295,8 @@ def compare_simulated(
     runs = []
     for pair in pairs:
         setup = prepare_sim(loaded, pair, requests)
-        runs.append(write_sim_run(setup, simulate(setup, config=config), out / pair, plots=plots))
+        outcome = simulate(setup, config=config)
+        runs.append(write_sim_run(setup, outcome, out / pair, plots=plots, config=config))
     write_comparison(
         out,
         [(r.label, r.summary.to_dict()) for r in runs],

@@ -240,3 +240,10 @@ def test_calibrated_fits_scale_with_blocks_and_feed_the_planner(setup: SimSetup)
     tier = setup.layout.stages[-1].tier
     held = {st.tier: st.end - st.start for st in after.stages}
     assert held[tier] < {st.tier: st.end - st.start for st in before.stages}[tier]
+
+
+def test_admission_cap_holds_requests_back_like_the_broker(setup: SimSetup) -> None:
+    a, b = engine(setup, max_active_requests=1).run([req(0, 0.0), req(1, 0.0)]).records
+    assert a.injection_lag_s == 0.0
+    assert b.injection_lag_s == pytest.approx(a.e2e_s)
+    assert b.token_times_s[0] > a.token_times_s[-1]
