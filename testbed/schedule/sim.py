@@ -2,7 +2,9 @@
 
 It runs the same scheduler objects the broker runs (the snapshot in, a route out, completions
 fed back), so a policy can be tried in milliseconds before it runs on the emulated testbed.
-The model is deliberately simple (store-and-forward at the request level):
+For a whole scenario (plan, prefill and decode steps, links, KV memory) use :mod:`testbed.sim`
+(``testbed simulate``). The model here is deliberately simple (store-and-forward at the request
+level):
 
 - Each request is routed once, at its arrival, to one replica per stage (``scheduler.route``).
 - On each stage the request is one job of ``work_s(request, node)`` *predicted* seconds. The

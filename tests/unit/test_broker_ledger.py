@@ -192,3 +192,13 @@ def test_per_stage_template_and_abstract_contract() -> None:
         Last().route(view, ClusterSnapshot(0.0, ((NodeState("a", 0, up=False),),)))
     with pytest.raises(TypeError):
         Scheduler()  # type: ignore[abstract]
+
+
+def test_scheduler_state_is_not_a_parameter() -> None:
+    from testbed.errors import ConfigError as _ConfigError
+
+    listed = {d["name"]: {p["name"] for p in d["params"]} for d in SCHEDULERS.describe()}
+    assert listed["round_robin"] == set() and listed["jsq"] == {"tie_break", "seed"}
+    assert not any(name.startswith("_") for params in listed.values() for name in params)
+    with pytest.raises(_ConfigError, match="has no parameter '_rng'"):
+        SCHEDULERS.create("random", {"_rng": None})
