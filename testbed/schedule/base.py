@@ -116,9 +116,10 @@ class Scheduler(abc.ABC):
         shows it)."""
 
     def describe(self) -> dict[str, object]:
-        """Name and parameters, recorded with every result."""
+        """Name and parameters, recorded with every result (an unregistered scheduler, e.g. a
+        test's wrapper, is named by its class)."""
         params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
-        return {"name": self.name, "params": params}
+        return {"name": getattr(self, "name", type(self).__name__), "params": params}
 
 
 class PerStageScheduler(Scheduler):

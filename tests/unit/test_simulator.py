@@ -247,3 +247,44 @@ def test_admission_cap_holds_requests_back_like_the_broker(setup: SimSetup) -> N
     assert a.injection_lag_s == 0.0
     assert b.injection_lag_s == pytest.approx(a.e2e_s)
     assert b.token_times_s[0] > a.token_times_s[-1]
+
+
+def test_the_scheduler_sees_the_brokers_ledger(setup: SimSetup) -> None:
+    """Snapshots come from the shared ledger: a routed request counts on every node of its
+    route (queue, predicted work, KV) until it leaves; every step is fed back, then the leave."""
+    from dataclasses import dataclass, field
+
+    from testbed.schedule import ClusterSnapshot, RequestView, Scheduler, StageCompletion
+
+    @dataclass
+    class Spy(Scheduler):
+        inner: Scheduler = field(default_factory=lambda: SCHEDULERS.create("jsq"))
+        snaps: list[ClusterSnapshot] = field(default_factory=list)
+        events: list[StageCompletion] = field(default_factory=list)
+
+        def route(self, request: RequestView, snapshot: ClusterSnapshot) -> tuple[str, ...]:
+            self.snaps.append(snapshot)
+            return self.inner.route(request, snapshot)
+
+        def on_complete(self, event: StageCompletion) -> None:
+            self.events.append(event)
+
+    spy = Spy()
+    lay = setup.layout
+    sim = Simulator(
+        lay,
+        WorkPredictor(lay, setup.cost),
+        spy,
+        StepTimes(lay, setup.cost),
+        Network(lay.hop_links),
+    )
+    first, _ = sim.run([req(0, 0.0, 16, 3), req(1, 0.001, 16, 3)]).records
+    seen = {n.name: n for st in spy.snaps[1].stages for n in st}
+    pred = WorkPredictor(lay, setup.cost).predict(16, 3)
+    for s, name in enumerate(first.route):
+        assert seen[name].queue_len == 1
+        assert seen[name].mem_free_bytes == lay.nodes[name].kv_capacity_bytes - pred.kv_bytes[s]
+    mine = [e for e in spy.events if e.request_id == 0]
+    assert len(mine) == 3 * len(first.route) + len(first.route)  # 3 steps per stage, then leave
+    assert [e.finished for e in mine[-len(first.route) :]] == [True] * len(first.route)
+    assert sim.ledger.in_flight() == 0
