@@ -72,7 +72,7 @@ def _model_source(loaded: LoadedScenario) -> str | Path:
     return folder if (folder / "config.json").exists() else spec.model
 
 
-def _planner_times(calibrated: CalibratedProfile | None) -> NodeBlockFn | None:
+def planner_times(calibrated: CalibratedProfile | None) -> NodeBlockFn | None:
     """The calibrated nodes' per-block times for the planner (None: plan from the cost model)."""
     if calibrated is None or not calibrated.nodes:
         return None
@@ -118,7 +118,7 @@ def prepare_sim(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
     plan = make_plan(
-        topo, cost, partitioner, spec.planning, node_block_s=_planner_times(calibrated)
+        topo, cost, partitioner, spec.planning, node_block_s=planner_times(calibrated)
     )
     layout = Layout.from_plan(
         plan, topo, {n.name: f"sim://{n.name}" for _, n in topo.nodes()}, cost

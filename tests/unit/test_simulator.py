@@ -215,7 +215,7 @@ def test_sweep_rescales_rates_and_lengths(setup: SimSetup) -> None:
 def test_calibrated_fits_scale_with_blocks_and_feed_the_planner(setup: SimSetup) -> None:
     from testbed.cost.planner import make_plan
     from testbed.partition import PARTITIONERS
-    from testbed.sim.run import _planner_times
+    from testbed.sim.run import planner_times
     from testbed.sim.steps import CalibratedProfile, StepFit, per_block_request_s
 
     fit = StepFit(fixed_s=0.01, per_token_s=0.001, per_context_s=0.0, blocks=2)
@@ -235,7 +235,7 @@ def test_calibrated_fits_scale_with_blocks_and_feed_the_planner(setup: SimSetup)
         setup.cost,
         part,
         spec.planning,
-        node_block_s=_planner_times(CalibratedProfile(nodes=slow)),
+        node_block_s=planner_times(CalibratedProfile(nodes=slow)),
     )
     tier = setup.layout.stages[-1].tier
     held = {st.tier: st.end - st.start for st in after.stages}
