@@ -82,7 +82,7 @@ class Registry(Generic[T]):
         except ConfigError as exc:
             raise ConfigError(str(exc), source=source, field=field) from None
         params = dict(params or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
         for key in params:
             if key not in known:
                 raise ConfigError(
@@ -104,6 +104,8 @@ class Registry(Generic[T]):
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             ps = []
             for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+                if not f.init:  # running state (a scheduler's counters, RNG), not a parameter
+                    continue
                 default = f.default if f.default is not dataclasses.MISSING else None
                 ps.append({"name": f.name, "default": default})
             out.append({"name": name, "doc": doc, "params": ps})

@@ -8,7 +8,7 @@ For each request, in order:
    unfinished the next one waits, and its injection lag shows it.
 2. **Decide** (synchronously, no await between snapshot and charge): the cost model's
    :class:`~testbed.broker.layout.Prediction` gives the request's work on every replica, the
-   :class:`~testbed.broker.ledger.Ledger` the exact queue counts, queued work and KV headroom;
+   :class:`~testbed.schedule.ledger.Ledger` the exact queue counts, queued work and KV headroom;
    the scenario's scheduler picks the route, and the ledger charges it.
 3. **Act**: prefill through every stage of the route, then one decode step per further token
    (the KV caches stay on the route). The output length is forced to the trace's: the token
@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
-from testbed.broker.ledger import Ledger
 from testbed.broker.transport import (
     NodeUnreachable,
     StageRejected,
@@ -52,6 +51,7 @@ from testbed.schedule.base import (
     Scheduler,
     StageCompletion,
 )
+from testbed.schedule.ledger import InvalidRouteError, Ledger
 from testbed.workload.request import TraceRequest
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class Broker:
             pass  # recorded below: every unfinished request fails with the drain timeout
         wall = self.now_s()
         for rid, tr in self._trackers.items():
-            if rid not in self._records:
+            if tr.state < RequestState.FINISHED:
                 self.ledger.leave(rid)
                 self._finish(tr, "failed", "not finished within the drain timeout")
         self._trackers.clear()
@@ -333,13 +333,10 @@ class Broker:
             route = tuple(self.scheduler.route(view, snap))
         except NoRouteError as exc:
             raise _Failed(f"no route: {exc}") from None
-        for s, name in enumerate(route):
-            if s >= len(self.layout.stages) or name not in self.layout.stages[s].nodes:
-                raise _Failed(f"scheduler returned an invalid route {route}")
-            if not self.ledger.book(name).up:
-                raise _Failed(f"scheduler routed to {name}, which is down")
-        if len(route) != len(self.layout.stages):
-            raise _Failed(f"scheduler returned an invalid route {route}")
+        try:
+            self.ledger.check_route(route)
+        except InvalidRouteError as exc:
+            raise _Failed(f"invalid route: {exc}") from None
         self.ledger.charge(req.request_id, route, [pred.work_s[n] for n in route], pred.kv_bytes)
         tr.route = route
         tr.state = RequestState.DISPATCHED
@@ -474,11 +471,12 @@ class Broker:
             ev = NodeEvent(node, self.now_s() if at_s is None else at_s, False, reason)
             self._events.append(ev)
             log.warning("node %s marked down: %s", node, reason)
+            self.scheduler.on_node_change(node, False, ev.at_s)
             if self.on_node_event is not None:
                 self.on_node_event(ev)
 
     def _finish(self, tr: _Tracker, status: str, reason: str | None = None) -> None:
-        if tr.req.request_id in self._records:
+        if tr.state >= RequestState.FINISHED:
             return
         tr.state = RequestState.FINISHED if status == "completed" else RequestState.FAILED
         end = tr.token_times_s[-1] if status == "completed" and tr.token_times_s else self.now_s()

@@ -27,6 +27,7 @@ def _register() -> None:
         plan_cmd,
         replay_cmd,
         runtime_cmd,
+        sim_cmd,
         stage_cmd,
     )
 

@@ -126,9 +126,15 @@ def compare_cmd(
         int | None, typer.Option("--requests", min=1, help="replay only the first N requests")
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    simulate: Annotated[bool, typer.Option("--simulate", help="in simulated time")] = False,
 ) -> None:
     """Replay the same workload under several policy pairs, each on its own testbed, and
     compare them side by side (ratios to the first pair)."""
+    if simulate:
+        from testbed.cli.sim_cmd import simulate_compare
+
+        ps = [p.strip() for p in (policies or "").split(",") if p.strip()]
+        return simulate_compare(scenario, ps, output.resolve() if output else None, requests)
     from testbed.broker.replay import ReplayOptions, check_runtime, compare_scenario
     from testbed.metrics.compare import compare_rows, rich_table
     from testbed.spec.scenario import load_scenario

@@ -10,6 +10,8 @@ tier holds those blocks runs them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from testbed.cost.model import CostModel
@@ -19,9 +21,19 @@ from testbed.spec.plan import Plan, RequestShape, StagePlan
 from testbed.spec.topology import Topology
 
 TOKEN_ID_BYTES = 4  # the user's prompt enters as int32 token ids (for the input's transfer time)
+NodeBlockFn = Callable[[str, RequestShape], float | None]  # node, shape -> s per block, or None
 
 
-def _node_block_times(cost: CostModel, device: DeviceProfile, shape: RequestShape) -> np.ndarray:
+def _node_block_times(
+    cost: CostModel,
+    device: DeviceProfile,
+    shape: RequestShape,
+    node: str = "",
+    node_block_s: NodeBlockFn | None = None,
+) -> np.ndarray:
+    measured = node_block_s(node, shape) if node_block_s is not None else None
+    if measured is not None:  # a calibrated node: its fitted time, embedding and head included
+        return np.full(cost.profile.num_blocks, measured)
     t = cost.block_request_times(device, shape).copy()
     t[0] += cost.embed_request_s(device, shape)
     t[-1] += cost.head_request_s(device, shape)
@@ -29,7 +41,10 @@ def _node_block_times(cost: CostModel, device: DeviceProfile, shape: RequestShap
 
 
 def build_problem(
-    topology: Topology, cost: CostModel, shape: RequestShape
+    topology: Topology,
+    cost: CostModel,
+    shape: RequestShape,
+    node_block_s: NodeBlockFn | None = None,
 ) -> tuple[PartitionProblem, list[str]]:
     """The partitioning instance (T x N arrays) and, per tier, the name of its effective node."""
     n = cost.profile.num_blocks
@@ -40,7 +55,7 @@ def build_problem(
     for j, tier in enumerate(topology.tiers):
         best_name, best_times = "", None
         for node in tier.nodes:
-            times = _node_block_times(cost, node.device, shape)
+            times = _node_block_times(cost, node.device, shape, node.name, node_block_s)
             if (
                 best_times is None
                 or times.sum() < best_times.sum()
@@ -84,10 +99,13 @@ def make_plan(
     cost: CostModel,
     partitioner: Partitioner,
     shape: RequestShape | None = None,
+    *,
+    node_block_s: NodeBlockFn | None = None,
 ) -> Plan:
-    """Run ``partitioner`` on the topology and describe the result per tier."""
+    """Run ``partitioner`` on the topology and describe the result per tier. ``node_block_s``
+    (from a calibrated profile) replaces the cost model's per-block time for the nodes it knows."""
     shape = shape or RequestShape()
-    problem, _ = build_problem(topology, cost, shape)
+    problem, _ = build_problem(topology, cost, shape, node_block_s)
     split = partitioner.split(problem)
     include_transfer = bool(getattr(partitioner, "include_transfer", True))
     costs = split_cost(problem, split.cuts, include_transfer)
@@ -98,7 +116,9 @@ def make_plan(
         mem = int(problem.layer_mem[a:b].sum())
         fits = [node for node in tier.nodes if node.device.mem >= mem] if b > a else []
         node_compute = {
-            node.name: float(_node_block_times(cost, node.device, shape)[a:b].sum())
+            node.name: float(
+                _node_block_times(cost, node.device, shape, node.name, node_block_s)[a:b].sum()
+            )
             for node in fits
         }
         ships = problem.transfer_time is not None and a < b < n

@@ -11,24 +11,21 @@ EWMA of observed speed = predicted_work_s / service_s from completions, clamped 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
 
 from testbed.schedule.base import (
     SCHEDULERS,
     ClusterSnapshot,
     NodeState,
+    PerStageScheduler,
     RequestView,
-    Route,
-    Scheduler,
     StageCompletion,
-    up_nodes,
 )
 
 
 @SCHEDULERS.register("arts")
-@dataclass(frozen=True)
-class Arts(Scheduler):
+@dataclass
+class Arts(PerStageScheduler):
     """ARTS: least predicted finish delay, capacity learned from completions (EWMA)."""
 
     alpha: float = 0.2  # EWMA weight of a new speed observation (0 = never learn)
@@ -38,17 +35,15 @@ class Arts(Scheduler):
     min_capacity: float = 1e-6
     max_capacity: float = 1e6
 
-    # mutable state, per instance (set in __post_init__; ClassVar keeps it out of the parameters)
-    _c_hat: ClassVar[dict[str, float]]  # node -> learned speed factor
-    _prior: ClassVar[dict[str, float]]  # node -> last capacity prior seen in a snapshot
+    # state: node -> learned speed factor; node -> last capacity prior seen in a snapshot
+    _c_hat: dict[str, float] = field(init=False, default_factory=dict, repr=False, compare=False)
+    _prior: dict[str, float] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 < self.min_capacity <= self.max_capacity:
             raise ValueError("need 0 < min_capacity <= max_capacity")
-        object.__setattr__(self, "_c_hat", {})
-        object.__setattr__(self, "_prior", {})
 
     def capacity(self, node: NodeState) -> float:
         """C_hat for ``node``: the learned estimate, else the snapshot's prior (remembered as the
@@ -56,19 +51,22 @@ class Arts(Scheduler):
         self._prior[node.name] = node.capacity
         return self._c_hat.get(node.name, node.capacity)
 
-    def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:
-        route = []
-        for s, stage in enumerate(snapshot.stages):
-            live = up_nodes(stage, s)
-            kv = request.kv_bytes[s] if s < len(request.kv_bytes) else 0
-            fits = [n for n in live if n.mem_free_bytes >= kv] if self.use_memory_filter else []
-            best = min(fits or live, key=lambda n: self._key(n, request))
-            route.append(best.name)
-        return tuple(route)
-
-    def _key(self, node: NodeState, request: RequestView) -> tuple[float, float, str]:
-        c = max(self.capacity(node), self.min_capacity)
-        return ((node.queued_work_s + request.work_s[node.name]) / c, -c, node.name)
+    def choose(
+        self,
+        stage: int,
+        live: tuple[NodeState, ...],
+        request: RequestView,
+        snapshot: ClusterSnapshot,
+    ) -> NodeState:
+        kv = request.kv_bytes[stage] if stage < len(request.kv_bytes) else 0
+        fits = [n for n in live if n.mem_free_bytes >= kv] if self.use_memory_filter else []
+        best, best_key = live[0], None
+        for n in fits or live:  # argmin of _key, written out: it runs for every replica
+            c = max(self.capacity(n), self.min_capacity)
+            key = ((n.queued_work_s + request.work_s[n.name]) / c, -c, n.name)
+            if best_key is None or key < best_key:
+                best, best_key = n, key
+        return best
 
     def on_complete(self, event: StageCompletion) -> None:
         if self.alpha == 0.0 or event.service_s <= 0.0 or event.predicted_work_s <= 0.0:

@@ -9,8 +9,10 @@ counts and the predicted work it dispatched; schedulers that learn (ARTS) refine
 
 from __future__ import annotations
 
+import abc
+import dataclasses
+import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import ClassVar
 
 from testbed.errors import TestbedError
@@ -23,7 +25,7 @@ class NoRouteError(TestbedError, RuntimeError):
     """No node of some stage can take the request (all down)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class NodeState:
     name: str
     stage: int  # index of the pipeline stage this node serves (0 = first non-empty tier)
@@ -36,7 +38,7 @@ class NodeState:
     mem_free_bytes: int = 2**62  # memory headroom left for KV caches on this node
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RequestView:
     """What a scheduler may know about a request at admission."""
 
@@ -48,7 +50,7 @@ class RequestView:
     kv_bytes: tuple[int, ...] = ()  # per stage: KV-cache bytes this request will hold there
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ClusterSnapshot:
     now_s: float
     stages: tuple[tuple[NodeState, ...], ...]  # per stage, the replicas that hold its blocks
@@ -64,7 +66,7 @@ class ClusterSnapshot:
         raise KeyError(name)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StageCompletion:
     """A stage finished some of a request's work (a prefill or decode step, or the whole request)."""
 
@@ -76,32 +78,79 @@ class StageCompletion:
     finished: bool = False  # the request left this node (its cache was released)
 
 
-class Scheduler:
-    """Base class: subclasses are frozen-parameter dataclasses registered in SCHEDULERS.
+class Scheduler(abc.ABC):
+    """The contract every scheduler implements (the broker and the simulators call it alike).
 
-    ``route`` must be deterministic for a given seed, snapshot sequence and completion sequence.
-    State that changes (counters, estimates, RNG) lives in attributes set in ``__post_init__``.
+    A scheduler is a dataclass registered in ``SCHEDULERS``: its ``init`` fields are its
+    parameters (recorded by :meth:`describe`); state it changes while running (counters, learned
+    estimates, a seeded RNG) is an ordinary field with ``init=False, compare=False`` and a
+    ``default_factory`` (or set in ``__post_init__``), so every instance has its own.
+
+    Calls, all synchronous and on one thread, in the order events happen:
+
+    - :meth:`route` at **admission**, once per request (again if a fault forces a re-route);
+    - :meth:`on_complete` as **completion feedback**, after every prefill or decode step a
+      stage finished, and once per node when the request **leaves** it (``finished=True``);
+    - :meth:`on_node_change` when a **node goes down or comes back** (the snapshot shows ``up``
+      as well; the hook is for schedulers that keep per-node state).
+
+    Given the same parameters and the same sequence of calls, a scheduler returns the same
+    routes (seeded randomness only): runs repeat, and the broker and the simulator agree.
     """
 
     name: ClassVar[str]
 
+    @abc.abstractmethod
     def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:
-        raise NotImplementedError
+        """Called at admission. Return one node name per stage of ``snapshot.stages``, in stage
+        order, each an *up* replica of its stage; raise :class:`NoRouteError` if a stage has
+        none (use :func:`up_nodes`). Must not mutate ``request`` or ``snapshot``; no I/O."""
 
-    def on_complete(self, event: StageCompletion) -> None:
-        """Feed a completion; default: nothing to learn."""
+    def on_complete(self, event: StageCompletion) -> None:  # noqa: B027 - optional hook
+        """Completion feedback: a stage finished a step of a request (``finished=False``) or the
+        request left a node (``finished=True``, zero work). Default: nothing to learn. Must
+        tolerate zero or odd service times and nodes it has never routed to."""
+
+    def on_node_change(self, node: str, up: bool, now_s: float) -> None:  # noqa: B027 - optional
+        """A node went down (``up=False``) or came back. Default: nothing (the next snapshot
+        shows it)."""
 
     def describe(self) -> dict[str, object]:
-        """Name and parameters, recorded with every result."""
-        import dataclasses
-
+        """Name and parameters, recorded with every result (an unregistered scheduler, e.g. a
+        test's wrapper, is named by its class)."""
         params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
-        return {"name": self.name, "params": params}
+        return {"name": getattr(self, "name", type(self).__name__), "params": params}
+
+
+class PerStageScheduler(Scheduler):
+    """Template for policies that pick each stage's replica independently of the others:
+    :meth:`route` walks the stages and asks :meth:`choose` for each. A subclass overrides only
+    :meth:`choose`."""
+
+    def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:
+        return tuple(
+            self.choose(s, up_nodes(stage, s), request, snapshot).name
+            for s, stage in enumerate(snapshot.stages)
+        )
+
+    @abc.abstractmethod
+    def choose(
+        self,
+        stage: int,
+        live: tuple[NodeState, ...],
+        request: RequestView,
+        snapshot: ClusterSnapshot,
+    ) -> NodeState:
+        """Pick one of ``live`` (the up replicas of stage ``stage``, never empty, sorted by name)
+        for ``request``; return that element."""
+
+
+_by_name = operator.attrgetter("name")
 
 
 def up_nodes(stage: tuple[NodeState, ...], stage_index: int) -> tuple[NodeState, ...]:
-    """The replicas of a stage that are up, or NoRouteError naming the stage."""
-    live = tuple(n for n in stage if n.up)
+    """The replicas of a stage that are up, sorted by name, or NoRouteError naming the stage."""
+    live = tuple(sorted((n for n in stage if n.up), key=_by_name))
     if not live:
         names = ", ".join(n.name for n in stage) or "(none)"
         raise NoRouteError(f"stage {stage_index}: no replica is up (replicas: {names})")

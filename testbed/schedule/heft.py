@@ -22,7 +22,7 @@ from testbed.schedule.base import (
 
 
 @SCHEDULERS.register("heft")
-@dataclass(frozen=True)
+@dataclass
 class Heft(Scheduler):
     """Earliest finish time per stage along the request's chain (static capacities, no learning)."""
 

@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
 
 from testbed.schedule.base import (
     SCHEDULERS,
     ClusterSnapshot,
+    NodeState,
+    PerStageScheduler,
     RequestView,
-    Route,
-    Scheduler,
-    up_nodes,
 )
 
 
 @SCHEDULERS.register("round_robin")
-@dataclass(frozen=True)
-class RoundRobin(Scheduler):
+@dataclass
+class RoundRobin(PerStageScheduler):
     """Round-robin over each stage's up replicas (name order), ignoring load and speed."""
 
-    # mutable state, per instance (set in __post_init__; ClassVar keeps it out of the parameters)
-    _next: ClassVar[dict[int, int]]  # stage index -> requests routed through it so far
+    # state: stage index -> requests routed through it so far
+    _next: dict[int, int] = field(init=False, default_factory=dict, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_next", {})
-
-    def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:
-        route = []
-        for s, stage in enumerate(snapshot.stages):
-            live = sorted(up_nodes(stage, s), key=lambda n: n.name)
-            i = self._next.get(s, 0)
-            route.append(live[i % len(live)].name)
-            self._next[s] = i + 1
-        return tuple(route)
+    def choose(
+        self,
+        stage: int,
+        live: tuple[NodeState, ...],
+        request: RequestView,
+        snapshot: ClusterSnapshot,
+    ) -> NodeState:
+        i = self._next.get(stage, 0)
+        self._next[stage] = i + 1
+        return live[i % len(live)]

@@ -2,7 +2,9 @@
 
 It runs the same scheduler objects the broker runs (the snapshot in, a route out, completions
 fed back), so a policy can be tried in milliseconds before it runs on the emulated testbed.
-The model is deliberately simple (store-and-forward at the request level):
+For a whole scenario (plan, prefill and decode steps, links, KV memory) use :mod:`testbed.sim`
+(``testbed simulate``). The model here is deliberately simple (store-and-forward at the request
+level):
 
 - Each request is routed once, at its arrival, to one replica per stage (``scheduler.route``).
 - On each stage the request is one job of ``work_s(request, node)`` *predicted* seconds. The
@@ -10,8 +12,8 @@ The model is deliberately simple (store-and-forward at the request level):
   differ from the ``capacity`` prior the scheduler is shown.
 - A node serves its jobs FIFO, ``slots`` at a time, each at full speed (a c-server queue).
 - After stage s the request waits ``hop_s[s]`` seconds (transfer), then joins stage s+1's queue.
-- The snapshot shows what a broker knows: per node, the requests routed there and not yet
-  finished on it (``queue_len``, counted from routing, as the broker counts dispatches),
+- The snapshot is the broker's: the shared :class:`~testbed.schedule.ledger.Ledger` keeps, per
+  node, the requests routed there and not yet finished on it (``queue_len``, counted from routing, as the broker counts dispatches),
   their predicted work (``queued_work_s``), free memory after their KV reservations
   (``kv_bytes(request, stage)``, held from routing until the request leaves the node).
 - When a job ends the scheduler gets a ``StageCompletion`` (predicted work, measured service
@@ -31,15 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from testbed.errors import ConfigError, TestbedError
-from testbed.schedule.base import (
-    ClusterSnapshot,
-    NodeState,
-    RequestView,
-    Route,
-    Scheduler,
-    StageCompletion,
-)
+from testbed.errors import ConfigError
+from testbed.schedule.base import RequestView, Route, Scheduler, StageCompletion
+from testbed.schedule.ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -102,22 +98,11 @@ KvFn = Callable[[SimRequest, int], int]  # (request, stage index) -> KV bytes he
 
 
 @dataclass
-class _Node:  # mutable per-node state during a run
+class _Node:  # mutable per-node server state during a run (the counters live in the Ledger)
     spec: SimNode
-    stage: int
-    queue_len: int = 0
-    queued_work_s: float = 0.0
-    mem_used_bytes: int = 0
     busy: int = 0
     busy_s: float = 0.0
     waiting: deque[tuple[int, int]] = field(default_factory=deque)  # (request index, stage)
-
-    def state(self) -> NodeState:
-        s = self.spec
-        free = s.mem_bytes - self.mem_used_bytes
-        return NodeState(
-            s.name, self.stage, s.up, self.queue_len, max(self.queued_work_s, 0.0), s.capacity, free
-        )
 
 
 _END, _ARRIVE, _ADMIT = 0, 1, 2  # event kinds, in their order at equal times
@@ -152,13 +137,21 @@ def simulate(
     if len(hops) != len(stages) - 1 or any(h < 0 for h in hops):
         raise ConfigError(f"hop_s needs {len(stages) - 1} non-negative entries, got {hop_s!r}")
     nodes: dict[str, _Node] = {}
-    for s, st in enumerate(stages):
+    for st in stages:
         for n in st:
             if n.name in nodes:
                 raise ConfigError(f"node {n.name!r} appears twice")
             if n.speed <= 0 or n.slots < 1:
                 raise ConfigError(f"node {n.name!r}: speed must be > 0 and slots >= 1")
-            nodes[n.name] = _Node(n, s)
+            nodes[n.name] = _Node(n)
+    ledger = Ledger(
+        tuple(tuple(n.name for n in st) for st in stages),
+        {name: node.spec.mem_bytes for name, node in nodes.items()},
+        {name: node.spec.capacity for name, node in nodes.items()},
+    )
+    for name, node in nodes.items():
+        if not node.spec.up:
+            ledger.mark_down(name, "down in the simulation")
     work: WorkFn = work_s if callable(work_s) else (lambda _r, name: float(work_s[name]))
 
     routes: list[Route] = [()] * len(reqs)
@@ -194,17 +187,11 @@ def simulate(
                 {name: float(work(r, name)) for name in nodes},
                 kv,
             )
-            snap = ClusterSnapshot(
-                now, tuple(tuple(nodes[n.name].state() for n in st) for st in stages), hops
-            )
-            route = tuple(scheduler.route(view, snap))
-            _check_route(route, stages)
+            route = tuple(scheduler.route(view, ledger.snapshot(now, hops)))
+            ledger.check_route(route)
             routes[i], kvs[i] = route, kv or (0,) * len(stages)
             works[i] = tuple(view.work_s[name] for name in route)
-            for j, name in enumerate(route):
-                nodes[name].queue_len += 1
-                nodes[name].queued_work_s += works[i][j]
-                nodes[name].mem_used_bytes += kvs[i][j]
+            ledger.charge(i, route, works[i], kvs[i])
             push(now, _ARRIVE, i, 0)
         elif kind == _ARRIVE:
             node = nodes[routes[i][s]]
@@ -218,9 +205,8 @@ def simulate(
             end[i][s] = now
             node.busy -= 1
             node.busy_s += service
-            node.queue_len -= 1
-            node.queued_work_s -= works[i][s]
-            node.mem_used_bytes -= kvs[i][s]
+            ledger.progress(i, s, works[i][s])
+            ledger.leave_stage(i, s)
             scheduler.on_complete(
                 StageCompletion(node.spec.name, i, works[i][s], service, now, True)
             )
@@ -234,14 +220,3 @@ def simulate(
         for i, r in enumerate(reqs)
     )
     return SimResult(records, {name: n.busy_s for name, n in nodes.items()})
-
-
-def _check_route(route: Route, stages: Sequence[Sequence[SimNode]]) -> None:
-    if len(route) != len(stages):
-        raise TestbedError(
-            f"scheduler returned {len(route)} nodes for {len(stages)} stages: {route}"
-        )
-    for s, (name, st) in enumerate(zip(route, stages, strict=True)):
-        ok = {n.name for n in st if n.up}
-        if name not in ok:
-            raise TestbedError(f"scheduler chose {name!r} for stage {s}, not an up replica of it")

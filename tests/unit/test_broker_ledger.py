@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from testbed.broker.layout import Layout, WorkPredictor
-from testbed.broker.ledger import Ledger
 from testbed.cost.model import CostModel
 from testbed.cost.planner import make_plan
 from testbed.errors import ConfigError, TestbedError
 from testbed.partition import PARTITIONERS
 from testbed.schedule import SCHEDULERS, NoRouteError, RequestView
+from testbed.schedule.ledger import Ledger
 from testbed.spec.model_profile import load_model_profile
 from testbed.spec.plan import RequestShape
 from tests.factories import topology
@@ -144,3 +144,61 @@ def test_predictions_split_into_prefill_and_decode_steps() -> None:
     # longer prompts cost more everywhere
     big = pred.predict(1024, 33)
     assert all(big.prefill_s[n] > p.prefill_s[n] for n in layout.node_names())
+
+
+def test_check_route_is_the_one_route_check() -> None:
+    from testbed.schedule.ledger import InvalidRouteError
+
+    led = _ledger()
+    led.check_route(("a1", "b1"))
+    with pytest.raises(InvalidRouteError, match="1 nodes for 2 stages"):
+        led.check_route(("a1",))
+    with pytest.raises(InvalidRouteError, match="'b1' is not a replica of stage 0"):
+        led.check_route(("b1", "a1"))
+    led.mark_down("a2", "timeout")
+    with pytest.raises(InvalidRouteError, match="'a2' \\(stage 0\\) is down"):
+        led.check_route(("a2", "b1"))
+    led.check_route(("a2", "b1"), up=False)  # shape only
+
+
+def test_leave_stage_releases_one_node_then_the_charge() -> None:
+    led = _ledger()
+    led.charge(3, ("a1", "b1"), [0.5, 0.7], [100, 200])
+    led.leave_stage(3, 0)
+    led.leave_stage(3, 0)  # idempotent
+    assert (led.book("a1").queue_len, led.book("a1").kv_used_bytes) == (0, 0)
+    assert led.book("b1").queue_len == 1 and led.is_charged(3)
+    assert led.progress(3, 0, 1.0) == 0.0  # nothing left on a node it left
+    led.leave_stage(3, 1)
+    assert not led.is_charged(3) and led.book("b1").kv_used_bytes == 0
+
+
+def test_per_stage_template_and_abstract_contract() -> None:
+    from dataclasses import dataclass
+
+    from testbed.schedule import ClusterSnapshot, NodeState, PerStageScheduler, Scheduler
+
+    @dataclass
+    class Last(PerStageScheduler):
+        def choose(self, stage, live, request, snapshot):  # type: ignore[no-untyped-def]
+            return live[-1]
+
+    snap = ClusterSnapshot(
+        0.0, ((NodeState("b", 0), NodeState("a", 0), NodeState("c", 0, up=False)),)
+    )
+    view = RequestView(0, 0.0, 1, 1, {})
+    assert Last().route(view, snap) == ("b",)  # up replicas, in name order
+    with pytest.raises(NoRouteError, match="stage 0"):
+        Last().route(view, ClusterSnapshot(0.0, ((NodeState("a", 0, up=False),),)))
+    with pytest.raises(TypeError):
+        Scheduler()  # type: ignore[abstract]
+
+
+def test_scheduler_state_is_not_a_parameter() -> None:
+    from testbed.errors import ConfigError as _ConfigError
+
+    listed = {d["name"]: {p["name"] for p in d["params"]} for d in SCHEDULERS.describe()}
+    assert listed["round_robin"] == set() and listed["jsq"] == {"tie_break", "seed"}
+    assert not any(name.startswith("_") for params in listed.values() for name in params)
+    with pytest.raises(_ConfigError, match="has no parameter '_rng'"):
+        SCHEDULERS.create("random", {"_rng": None})

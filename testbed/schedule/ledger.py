@@ -1,10 +1,12 @@
-"""The broker's exact bookkeeping of routed requests, per node (pure, synchronous).
+"""Exact bookkeeping of routed requests, per node (pure, synchronous), shared by the broker and
+the simulators so that what a scheduler sees is computed one way only.
 
 From the moment a request is routed until it leaves (completed, failed, or re-routed after a
 fault), every node of its route counts it in ``queue_len``, holds its predicted remaining work
 in ``queued_work_s`` and its KV-cache bytes against the node's memory. Completed steps reduce
 the remaining work; leaving removes whatever is left, so the counters return exactly to zero.
-:meth:`Ledger.snapshot` turns this into the scheduler's :class:`ClusterSnapshot`.
+:meth:`Ledger.snapshot` turns this into the scheduler's :class:`ClusterSnapshot`;
+:meth:`Ledger.check_route` is the one check of a scheduler's answer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class NodeBook:
     queued_work_s: float = 0.0
     kv_used_bytes: int = 0
     routed_total: int = 0  # requests ever routed here (for the results)
+    capacity: float = 1.0  # prior speed factor shown to schedulers (1: work_s is per node)
 
     def state(self) -> NodeState:
         return NodeState(
@@ -35,7 +38,7 @@ class NodeBook:
             up=self.up,
             queue_len=self.queue_len,
             queued_work_s=max(self.queued_work_s, 0.0),
-            capacity=1.0,  # work_s is already per node: the prior speed factor is 1
+            capacity=self.capacity,
             mem_free_bytes=self.kv_capacity_bytes - self.kv_used_bytes,
         )
 
@@ -45,6 +48,11 @@ class _Charge:
     route: Route
     remaining_s: list[float]  # per stage: predicted work not yet done
     kv_bytes: tuple[int, ...]
+    left: list[bool]  # per stage: the request already left that node (see leave_stage)
+
+
+class InvalidRouteError(TestbedError):
+    """A scheduler returned a route that does not fit the stages (or uses a node that is down)."""
 
 
 @dataclass
@@ -52,16 +60,26 @@ class Ledger:
     """Per-node counters for every request between routing and leaving."""
 
     stages: tuple[tuple[str, ...], ...]  # per stage: replica names
-    kv_capacity_bytes: Mapping[str, int] = field(default_factory=dict)
+    kv_capacity_bytes: Mapping[str, int] = field(default_factory=dict)  # absent: unlimited
+    capacity: Mapping[str, float] = field(default_factory=dict)  # prior speed; absent: 1.0
     _books: dict[str, NodeBook] = field(init=False, default_factory=dict)
     _charges: dict[int, _Charge] = field(init=False, default_factory=dict)
+    # NodeState per node, rebuilt only for nodes changed since the last snapshot (books change
+    # only through this class's methods): a snapshot of 1,000 nodes costs what changed
+    _states: dict[str, NodeState] = field(init=False, default_factory=dict)
+    _dirty: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         for s, names in enumerate(self.stages):
             for name in names:
                 if name in self._books:
                     raise TestbedError(f"node {name!r} appears in two stages")
-                self._books[name] = NodeBook(name, s, int(self.kv_capacity_bytes.get(name, 2**62)))
+                self._books[name] = NodeBook(
+                    name,
+                    s,
+                    int(self.kv_capacity_bytes.get(name, 2**62)),
+                    capacity=float(self.capacity.get(name, 1.0)),
+                )
 
     # -- queries ---------------------------------------------------------------------------------
     def book(self, name: str) -> NodeBook:
@@ -82,14 +100,34 @@ class Ledger:
         return c.route if c else None
 
     def snapshot(self, now_s: float, hop_s: Sequence[float] = ()) -> ClusterSnapshot:
+        states = self._states
+        if len(states) != len(self._books):
+            self._dirty.update(self._books)
+        for name in self._dirty:
+            states[name] = self._books[name].state()
+        self._dirty.clear()
         return ClusterSnapshot(
             now_s=now_s,
-            stages=tuple(tuple(self._books[n].state() for n in names) for names in self.stages),
+            stages=tuple(tuple(states[n] for n in names) for names in self.stages),
             hop_s=tuple(hop_s),
         )
 
     def down_nodes(self) -> dict[str, str]:
         return {n: b.down_reason or "down" for n, b in self._books.items() if not b.up}
+
+    def check_route(self, route: Route, *, up: bool = True) -> None:
+        """The one check of a scheduler's answer: one replica per stage, in stage order, each up
+        (unless ``up=False``). Raises :class:`InvalidRouteError` naming what is wrong."""
+        if len(route) != len(self.stages):
+            raise InvalidRouteError(
+                f"scheduler returned {len(route)} nodes for {len(self.stages)} stages: {route}"
+            )
+        for s, name in enumerate(route):
+            b = self._books.get(name)
+            if b is None or b.stage != s:
+                raise InvalidRouteError(f"route {route}: {name!r} is not a replica of stage {s}")
+            if up and not b.up:
+                raise InvalidRouteError(f"route {route}: {name!r} (stage {s}) is down")
 
     # -- updates ---------------------------------------------------------------------------------
     def charge(
@@ -100,32 +138,29 @@ class Ledger:
             raise TestbedError(
                 f"request {request_id} is already routed ({self.route_of(request_id)})"
             )
-        if len(route) != len(self.stages):
-            raise TestbedError(
-                f"route {route} has {len(route)} nodes for {len(self.stages)} stages"
-            )
+        self.check_route(route, up=False)
         kv = tuple(int(k) for k in kv_bytes) or (0,) * len(route)
-        for s, name in enumerate(route):
-            b = self._books.get(name)
-            if b is None or b.stage != s:
-                raise TestbedError(f"route {route}: {name!r} is not a replica of stage {s}")
         for s, name in enumerate(route):
             b = self._books[name]
             b.queue_len += 1
             b.queued_work_s += float(work_s[s])
             b.kv_used_bytes += kv[s]
             b.routed_total += 1
-        self._charges[request_id] = _Charge(route, [float(w) for w in work_s], kv)
+            self._dirty.add(name)
+        self._charges[request_id] = _Charge(
+            route, [float(w) for w in work_s], kv, [False] * len(route)
+        )
 
     def progress(self, request_id: int, stage: int, done_s: float) -> float:
         """A step of ``done_s`` predicted seconds finished on the request's stage ``stage``;
         returns what was actually taken off (never more than the request's remaining work)."""
         c = self._charges.get(request_id)
-        if c is None:
+        if c is None or c.left[stage]:
             return 0.0
         take = min(max(done_s, 0.0), c.remaining_s[stage])
         c.remaining_s[stage] -= take
         self._books[c.route[stage]].queued_work_s -= take
+        self._dirty.add(c.route[stage])
         return take
 
     def leave(self, request_id: int) -> Route | None:
@@ -134,22 +169,41 @@ class Ledger:
         c = self._charges.pop(request_id, None)
         if c is None:
             return None
-        for s, name in enumerate(c.route):
-            b = self._books[name]
-            b.queue_len -= 1
-            b.queued_work_s -= c.remaining_s[s]
-            b.kv_used_bytes -= c.kv_bytes[s]
-            if b.queue_len == 0:  # no float drift once a node is idle
-                b.queued_work_s = 0.0
+        for s in range(len(c.route)):
+            self._drop(c, s)
         return c.route
+
+    def leave_stage(self, request_id: int, stage: int) -> None:
+        """The request is done with one node of its route (a store-and-forward model): drop what
+        it holds there; once it left every node, it is no longer charged. Idempotent."""
+        c = self._charges.get(request_id)
+        if c is None:
+            return
+        self._drop(c, stage)
+        if all(c.left):
+            del self._charges[request_id]
+
+    def _drop(self, c: _Charge, s: int) -> None:
+        if c.left[s]:
+            return
+        c.left[s] = True
+        b = self._books[c.route[s]]
+        self._dirty.add(b.name)
+        b.queue_len -= 1
+        b.queued_work_s -= c.remaining_s[s]
+        b.kv_used_bytes -= c.kv_bytes[s]
+        if b.queue_len == 0:  # no float drift once a node is idle
+            b.queued_work_s = 0.0
 
     def mark_down(self, name: str, reason: str) -> bool:
         """Returns True if the node was up (first report)."""
         b = self._books[name]
+        self._dirty.add(name)
         was_up = b.up
         b.up, b.down_reason = False, reason
         return was_up
 
     def mark_up(self, name: str) -> None:
         b = self._books[name]
+        self._dirty.add(name)
         b.up, b.down_reason = True, None
