@@ -212,6 +212,7 @@ async def serve_echo(
     import sys
 
     from testbed.stage.server import StageConfig, StageServer
+    from testbed.stage.tasks import cancel_and_wait
 
     ex = EchoExecutor(start, end, num_blocks=num_blocks, compute_s=compute_s)
     cfg = StageConfig(model_dir="echo", start=start, end=end, name=node, port=port, max_queue=4096)
@@ -234,9 +235,7 @@ async def serve_echo(
         sys.stdout.flush()
         await stop.wait()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await cancel_and_wait(watcher)
         await srv.aclose()
 
 

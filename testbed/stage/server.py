@@ -182,8 +182,13 @@ class StageServer:
             self.tensor_port = self._tensor_server.port
         self._sweeper = asyncio.create_task(self._sweep_idle(), name=f"{cfg.label}-sweeper")
 
-    async def aclose(self) -> None:
+    def stop_admitting(self) -> None:
+        """Refuse new steps with ``shutting_down`` (503; /health too); running ones finish.
+        The first part of :meth:`aclose`, callable alone to drain a stage."""
         self._closing = True
+
+    async def aclose(self) -> None:
+        self.stop_admitting()
         if self._sweeper is not None:
             sweeper, self._sweeper = self._sweeper, None
             await cancel_and_wait(sweeper)
