@@ -40,11 +40,17 @@ class InfeasibleError(TestbedError, ValueError):
 
 
 class StageError(TestbedError, RuntimeError):
-    """A stage server refused or failed a request."""
+    """A stage server refused or failed a request (kinds: :mod:`testbed.stage.errors`)."""
+
+    stage: str | None = None  # which stage (its URL or node name), when known
 
 
 class StageTimeoutError(StageError, TimeoutError):
     """A stage server did not answer in time."""
+
+    def __init__(self, message: str, *, stage: str | None = None):
+        super().__init__(message)
+        self.stage = stage
 
 
 class RuntimeBackendError(TestbedError, RuntimeError):

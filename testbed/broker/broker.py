@@ -37,12 +37,15 @@ from typing import Any
 
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
 from testbed.broker.transport import (
-    NodeUnreachable,
-    StageRejected,
+    StageError,
+    StageProtocolError,
+    StageRejectedError,
     StageTransport,
+    StageUnreachableError,
     StepKind,
+    marks_node_down,
 )
-from testbed.errors import ConfigError, StageError
+from testbed.errors import ConfigError
 from testbed.metrics.records import RequestRecord, Span, totals_from_spans
 from testbed.schedule.base import (
     NoRouteError,
@@ -352,22 +355,24 @@ class Broker:
                     await self._attempt(tr, route)
                     self._finish(tr, "completed")
                     return
-                except NodeUnreachable as exc:
-                    self._node_down(exc.node, exc.reason)
+                except StageError as exc:  # the type and code decide, never the text
+                    node = exc.stage or "?"
+                    reason = getattr(exc, "reason", None) or str(exc)
                     self.ledger.leave(rid)
-                    await self._release(tr, route, skip=exc.node)
+                    if not marks_node_down(exc):
+                        await self._release(tr, route)
+                        if isinstance(exc, StageRejectedError):
+                            reason = f"HTTP {exc.status} {exc.code}: {exc.reason}"
+                        raise _Failed(f"node {node}: {reason}") from None
+                    self._node_down(node, reason)
+                    await self._release(tr, route, skip=node)
                     if tr.retries >= self.config.max_retries:
                         raise _Failed(
-                            f"node {exc.node} down ({exc.reason}); gave up after "
-                            f"{tr.retries} re-routes"
+                            f"node {node} down ({reason}); gave up after {tr.retries} re-routes"
                         ) from None
                     tr.retries += 1
                     tr.token_times_s.clear()
                     route = self._decide(tr)
-                except StageRejected as exc:
-                    self.ledger.leave(rid)
-                    await self._release(tr, route)
-                    raise _Failed(f"node {exc.node}: {exc.reason}") from None
         except _Failed as exc:
             self.ledger.leave(rid)
             self._finish(tr, "failed", exc.reason)
@@ -426,7 +431,8 @@ class Broker:
             if t0 - waited_from > 1e-6:
                 tr.spans.append(Span("queue", node, waited_from, t0, rid, s, kind, step))
             if not self.ledger.book(node).up:
-                raise NodeUnreachable(node, self.ledger.book(node).down_reason or "marked down")
+                down = self.ledger.book(node).down_reason or "marked down"
+                raise StageUnreachableError(node, down)
             res = await self.transport.forward(
                 node, sid, kind, pos, data, timeout_s=self.config.call_timeout_s
             )
@@ -491,4 +497,4 @@ def _as_token(data: object, node: str) -> int:
         return data
     if isinstance(data, list | tuple) and len(data) == 1 and isinstance(data[0], int):
         return int(data[0])
-    raise StageRejected(node, f"the last stage returned {type(data).__name__}, not a token id")
+    raise StageProtocolError(node, f"the last stage returned {type(data).__name__}, not a token id")

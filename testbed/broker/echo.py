@@ -13,6 +13,7 @@ step takes ``compute_s`` seconds (a sleep on the server's worker thread; 0 = ins
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -20,13 +21,7 @@ from typing import Any
 
 import torch
 
-from testbed.model.executor import (
-    CacheFullError,
-    CacheStateError,
-    ExecutorInputError,
-    StepOutput,
-    UnknownRequestError,
-)
+from testbed.model.contract import StepOutput, check_step
 
 EOS_ID = 2
 
@@ -47,7 +42,8 @@ class EchoInfo:
 
 @dataclass
 class EchoExecutor:
-    """Executor interface of :class:`testbed.model.executor.LayerRangeExecutor`, no model."""
+    """A :class:`testbed.model.contract.StageExecutor` without a model (thread-safe as the
+    contract asks: the request table is guarded by a lock)."""
 
     start: int
     end: int
@@ -61,6 +57,8 @@ class EchoExecutor:
     steps: int = 0  # steps served (for tests)
     _lengths: dict[str, int] = field(default_factory=dict)
     _used: dict[str, float] = field(default_factory=dict)
+    _opening: set[str] = field(default_factory=set)  # prefills running: slots taken
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.info = EchoInfo(
@@ -74,71 +72,69 @@ class EchoExecutor:
 
     # -- accounting (as LayerRangeExecutor) ----------------------------------------------------
     def kv_bytes(self) -> int:
-        return sum(self._lengths.values()) * self.hidden_size * 4
+        with self._lock:
+            return sum(self._lengths.values()) * self.hidden_size * 4
 
     @property
     def request_ids(self) -> list[str]:
-        return list(self._lengths)
+        with self._lock:
+            return list(self._lengths)
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._lengths
+        with self._lock:
+            return request_id in self._lengths
 
     def idle_requests(self, idle_s: float) -> list[str]:
         now = time.monotonic()
-        return [r for r, t in list(self._used.items()) if now - t > idle_s]
+        with self._lock:
+            return [r for r, t in self._used.items() if now - t > idle_s]
 
     def release(self, request_id: str) -> bool:
-        self._used.pop(request_id, None)
-        return self._lengths.pop(request_id, None) is not None
+        with self._lock:
+            self._used.pop(request_id, None)
+            return self._lengths.pop(request_id, None) is not None
 
     def check_input(self, kind: str, x: torch.Tensor, start_pos: int, request_id: str) -> None:
-        if kind not in ("prefill", "decode"):
-            raise ExecutorInputError(f"step kind {kind!r} is not prefill or decode")
-        if self.is_first:
-            if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2 or x.shape[0] != 1:
-                raise ExecutorInputError(
-                    f"the first stage takes token ids int64[1, q], got {x.dtype}{list(x.shape)}"
-                )
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
-                raise ExecutorInputError(f"token ids must be in [0, {self.vocab_size})")
-        elif not x.is_floating_point() or x.dim() != 3 or x.shape[2] != self.hidden_size:
-            raise ExecutorInputError(
-                f"stage {self.start}:{self.end} takes hidden float[1, q, {self.hidden_size}], "
-                f"got {x.dtype}{list(x.shape)}"
-            )
-        q = x.shape[1]
-        if q < 1:
-            raise ExecutorInputError("a step needs at least one token")
-        length = self._lengths.get(request_id)
-        if kind == "prefill":
-            if length is not None:
-                raise CacheStateError(f"request {request_id!r} already has a cache")
-            if start_pos != 0:
-                raise CacheStateError(f"prefill starts at position 0, got {start_pos}")
-            if len(self._lengths) >= self.max_requests:
-                raise CacheFullError(f"stage holds {len(self._lengths)} request caches")
-        else:
-            if length is None:
-                raise UnknownRequestError(f"unknown request id {request_id!r}")
-            if q != 1:
-                raise ExecutorInputError(f"a decode step carries exactly 1 token, got {q}")
-            if start_pos != length:
-                raise CacheStateError(
-                    f"request {request_id!r}: decode at position {start_pos}, cache holds {length}"
-                )
-        if start_pos + q > self.max_context:
-            raise CacheStateError(f"{start_pos + q} tokens exceed the context")
+        with self._lock:
+            self._check_locked(kind, x, start_pos, request_id)
+
+    def _check_locked(self, kind: str, x: torch.Tensor, start_pos: int, request_id: str) -> None:
+        check_step(
+            kind,
+            x,
+            start_pos,
+            request_id,
+            start=self.start,
+            end=self.end,
+            is_first=self.is_first,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            max_context=self.max_context,
+            cached_length=self._lengths.get(request_id),
+            held=len(self._lengths) + len(self._opening),
+            max_requests=self.max_requests,
+        )
 
     def step(self, request_id: str, kind: str, x: torch.Tensor, start_pos: int) -> StepOutput:
-        self.check_input(kind, x, start_pos, request_id)
-        t0 = time.perf_counter()
-        q = int(x.shape[1])
-        wait = self.compute_s + self.per_token_s * q
-        if wait > 0:
-            time.sleep(wait)  # on the server's worker thread, as real compute would be
-        self._lengths[request_id] = start_pos + q
-        self._used[request_id] = time.monotonic()
-        self.steps += 1
+        with self._lock:  # check and take the cache slot at once (steps run concurrently)
+            self._check_locked(kind, x, start_pos, request_id)
+            opening = request_id not in self._lengths
+            if opening:
+                self._opening.add(request_id)
+        try:
+            t0 = time.perf_counter()
+            q = int(x.shape[1])
+            wait = self.compute_s + self.per_token_s * q
+            if wait > 0:
+                time.sleep(wait)  # on the server's worker thread, as real compute would be
+            with self._lock:
+                if opening or request_id in self._lengths:  # not one released meanwhile
+                    self._lengths[request_id] = start_pos + q
+                    self._used[request_id] = time.monotonic()
+                self.steps += 1
+        finally:
+            with self._lock:
+                self._opening.discard(request_id)
         hidden = None if self.is_last else torch.zeros((1, q, self.hidden_size))
         token = echo_token(start_pos + q, self.vocab_size) if self.is_last else None
         return StepOutput(hidden, None, token, start_pos + q, time.perf_counter() - t0)
@@ -160,7 +156,9 @@ class EchoStages:
         return {n: s.url for n, s in self.servers.items()}
 
     def executor(self, node: str) -> EchoExecutor:
-        return self.servers[node].executor  # type: ignore[no-any-return]
+        ex = self.servers[node].executor
+        assert isinstance(ex, EchoExecutor)
+        return ex
 
     async def stop(self, node: str) -> None:
         """Stop one node's server (a crash from the broker's point of view)."""
@@ -214,6 +212,7 @@ async def serve_echo(
     import sys
 
     from testbed.stage.server import StageConfig, StageServer
+    from testbed.stage.tasks import cancel_and_wait
 
     ex = EchoExecutor(start, end, num_blocks=num_blocks, compute_s=compute_s)
     cfg = StageConfig(model_dir="echo", start=start, end=end, name=node, port=port, max_queue=4096)
@@ -236,9 +235,7 @@ async def serve_echo(
         sys.stdout.flush()
         await stop.wait()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await cancel_and_wait(watcher)
         await srv.aclose()
 
 

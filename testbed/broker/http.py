@@ -2,8 +2,10 @@
 
 One aiohttp session is shared by all nodes' clients. Each node's app-level link hook (the
 running testbed's ``hook_for(node)``) is awaited before every send to that node. A stage that
-is busy (HTTP 429, or 503 with its cache slots full) is retried with a short back-off until the
-call's deadline: that is backpressure from the server, not a failure.
+answers ``busy`` or ``cache_full`` (:attr:`ErrorCode.retry_later`) is retried with a short
+back-off until the call's deadline: that is backpressure from the server, not a failure. Every
+other error propagates as the stage error it is, named by the node (the broker decides from its
+type and code).
 """
 
 from __future__ import annotations
@@ -14,16 +16,14 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from testbed.broker.transport import NodeUnreachable, StageRejected, StepKind, StepResult
-from testbed.errors import StageError, StageTimeoutError
-from testbed.stage.client import (
-    SendHook,
-    StageClient,
+from testbed.broker.transport import StepKind, StepResult
+from testbed.stage.client import SendHook, StageClient
+from testbed.stage.errors import (
+    StageError,
     StageRejectedError,
+    StageTimeoutError,
     StageUnreachableError,
 )
-
-BUSY_STATUSES = (429, 503)
 
 
 class HttpStageTransport:
@@ -52,7 +52,7 @@ class HttpStageTransport:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
         )
         self._clients = {
-            n: StageClient(url, session=self._session, hook=self.hooks.get(n))
+            n: StageClient(url, session=self._session, hook=self.hooks.get(n), name=n)
             for n, url in self.urls.items()
         }
 
@@ -95,24 +95,18 @@ class HttpStageTransport:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NodeUnreachable(node, f"busy for the whole {timeout_s:g}s call timeout")
+                raise StageTimeoutError(
+                    f"stage {node}: busy for the whole {timeout_s:g}s call timeout", stage=node
+                )
             try:
                 res = await client.forward(request_id, kind, start_pos, data, timeout_s=left)  # type: ignore[arg-type]
-            except StageTimeoutError:
-                raise NodeUnreachable(node, f"no answer within {timeout_s:g}s") from None
-            except StageUnreachableError as exc:
-                raise NodeUnreachable(node, exc.reason) from None
             except StageRejectedError as exc:
-                if "shutting down" in exc.reason:
-                    raise NodeUnreachable(node, "shutting down") from None
-                if exc.status in BUSY_STATUSES:
-                    self.busy_retries += 1
-                    await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
-                    backoff = min(backoff * 2, self.busy_backoff_max_s)
-                    continue
-                raise StageRejected(node, f"HTTP {exc.status}: {exc.reason}", exc.status) from None
-            except StageError as exc:  # a malformed answer
-                raise StageRejected(node, str(exc)) from None
+                if exc.code is None or not exc.code.retry_later:
+                    raise
+                self.busy_retries += 1
+                await asyncio.sleep(min(backoff, max(deadline - time.monotonic(), 0.0)))
+                backoff = min(backoff * 2, self.busy_backoff_max_s)
+                continue
             return StepResult(
                 output=res.output,
                 service_s=res.service_s,
@@ -122,9 +116,4 @@ class HttpStageTransport:
             )
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None:
-        try:
-            await self._client(node).release(request_id, timeout_s=timeout_s)
-        except (StageTimeoutError, StageUnreachableError) as exc:
-            raise NodeUnreachable(node, str(exc)) from None
-        except StageRejectedError as exc:
-            raise StageRejected(node, f"HTTP {exc.status}: {exc.reason}", exc.status) from None
+        await self._client(node).release(request_id, timeout_s=timeout_s)

@@ -4,12 +4,15 @@
 implements it over the stage servers' HTTP wire format with :mod:`testbed.stage.client`
 (one client per node, the node's app-level link hook awaited before every send).
 
-Failures are split in two, because the broker treats them differently:
+Failures are the stage errors of :mod:`testbed.stage.errors` (their ``stage`` is the node
+name), and the broker treats them in two ways, decided by
+:func:`testbed.stage.errors.marks_node_down` from the error's type and code:
 
-- :class:`NodeUnreachable` - the node did not answer (timeout, connection refused or reset):
-  the broker marks it down and re-routes the request's remaining life elsewhere.
-- :class:`StageRejected` - the node answered with an error: the request fails with that reason
-  (retrying the same bytes elsewhere would fail the same way).
+- the node is gone - it did not answer (unreachable, timeout) or answered ``shutting_down``:
+  the broker marks it down and re-routes the request's remaining life elsewhere;
+- anything else (``bad_input``, ``bad_position``, ``unknown_request``, ``model_error``, a
+  malformed answer): the request fails with that reason (the same bytes elsewhere would fail
+  the same way). A transport retries ``busy`` / ``cache_full`` itself until its deadline.
 """
 
 from __future__ import annotations
@@ -18,29 +21,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from testbed.errors import StageError
+from testbed.stage.errors import (
+    ErrorCode,
+    StageError,
+    StageProtocolError,
+    StageRejectedError,
+    StageTimeoutError,
+    StageUnreachableError,
+    marks_node_down,
+)
 
 StepKind = Literal["prefill", "decode"]
 Hook = Callable[[int], Awaitable[None]]  # before_send(nbytes): the emulated link's delay
-
-
-class NodeUnreachable(StageError):
-    """The node did not answer (timeout, refused, reset)."""
-
-    def __init__(self, node: str, reason: str) -> None:
-        self.node = node
-        self.reason = reason
-        super().__init__(f"node {node} unreachable: {reason}")
-
-
-class StageRejected(StageError):
-    """The node answered with an error status."""
-
-    def __init__(self, node: str, reason: str, status: int | None = None) -> None:
-        self.node = node
-        self.reason = reason
-        self.status = status
-        super().__init__(f"node {node} rejected the step: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +63,21 @@ class StageTransport(Protocol):
     ) -> StepResult: ...
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None: ...
+
+
+# The errors a transport raises (re-exported for the broker and other transports).
+__all__ = [
+    "ErrorCode",
+    "StageError",
+    "StageProtocolError",
+    "StageRejectedError",
+    "StageTimeoutError",
+    "StageTransport",
+    "StageUnreachableError",
+    "StepKind",
+    "StepResult",
+    "marks_node_down",
+]
 
 
 def token_ids(data: object) -> Sequence[int] | None:

@@ -80,7 +80,8 @@ def serve_cmd(
         raise ConfigError(
             f"blocks {start}:{end} run past the model's {info.num_blocks} blocks", field="--blocks"
         )
-    from testbed.stage.server import StageConfig, serve
+    from testbed.stage.serve import serve
+    from testbed.stage.server import StageConfig
 
     config = StageConfig(
         model_dir=model_dir,

@@ -3,18 +3,19 @@
 `LayerRangeExecutor(model_dir, start, end)` holds blocks `[start, end)`: it builds the model's
 module tree on the meta device (no memory), keeps only its own blocks (plus the embedding on
 the first stage, and the final norm and LM head on the last), and reads just those tensors from
-the safetensors files. It mirrors the architecture's own `forward` (mask creation, rotary
-embedding, layer loop, final norm, last-position LM head) so a chain of executors gives the
-whole model's numbers bit for bit under greedy decoding.
+the safetensors files (:mod:`testbed.model.weights`). It mirrors the architecture's own
+`forward` (mask creation, rotary embedding, layer loop, final norm, last-position LM head) so a
+chain of executors gives the whole model's numbers bit for bit under greedy decoding.
 
-Not thread-safe: call it from one thread (the stage server's worker thread).
+It implements :class:`testbed.model.contract.StageExecutor`, threading contract included: steps
+run on worker threads (several at once for different requests), everything else may be called
+from the event loop meanwhile; the request table is guarded by a lock.
 """
 
 from __future__ import annotations
 
-import json
+import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from testbed.errors import ConfigError, TestbedError
+from testbed.errors import ConfigError
+from testbed.model.contract import (
+    CacheFullError,
+    CacheStateError,
+    ExecutorInputError,
+    StepOutput,
+    UnknownRequestError,
+    check_step,
+)
 from testbed.model.info import SUPPORTED_MODEL_TYPES, ModelInfo, read_model_info
+from testbed.model.weights import load_modules, pick_device, pick_dtype
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -39,120 +49,12 @@ __all__ = [
     "read_model_info",
 ]
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-class ExecutorInputError(TestbedError, ValueError):
-    """A step's input does not fit this executor or the request's cache (a client error)."""
-
-    exit_code = 2
-
-
-class UnknownRequestError(ExecutorInputError, KeyError):
-    """A decode or release names a request id this executor holds no cache for."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class CacheStateError(ExecutorInputError):
-    """A step does not fit the request's cache: wrong position, prefill over a live cache, or
-    past the model's context (HTTP 409)."""
-
-
-class CacheFullError(TestbedError, RuntimeError):
-    """The executor already holds its maximum number of request caches."""
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """`device` if given, else CUDA when present, else CPU."""
-    if device:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise ConfigError(f"not a torch device: {device!r} (use cpu or cuda[:N])") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} asked for but CUDA is not available")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(dtype: str | None, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
-    """`auto`: the checkpoint's dtype on CUDA, float32 on CPU (fast and exact there)."""
-    if dtype in (None, "auto"):
-        if device.type == "cuda" and checkpoint_dtype in _DTYPES:
-            return _DTYPES[checkpoint_dtype]
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-class _SafetensorsIndex:
-    """Which file holds which tensor, for single-file and sharded checkpoints."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        index = root / "model.safetensors.index.json"
-        single = root / "model.safetensors"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of: dict[str, Path] = {k: root / v for k, v in weight_map.items()}
-        elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                self.file_of = {k: single for k in f.keys()}
-        else:
-            raise ConfigError(
-                "no model.safetensors or model.safetensors.index.json; only safetensors "
-                "checkpoints are read (never pickled .bin files)",
-                source=str(root),
-            )
-
-    def load(self, names: Iterable[str], device: torch.device, dtype: torch.dtype) -> dict:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            if name not in self.file_of:
-                raise ConfigError(f"checkpoint has no tensor {name!r}", source=str(self.root))
-            by_file.setdefault(self.file_of[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for path, keys in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in keys:
-                    t = f.get_tensor(key)
-                    src = t
-                    if t.is_floating_point():
-                        t = t.to(dtype)
-                    t = t.to(device)
-                    if t is src:  # still the file's memory map: page cache pressure would
-                        t = t.clone()  # evict it and turn every step into disk reads
-                    out[key] = t
-        return out
-
 
 @dataclass
 class _RequestState:
     cache: Any  # transformers DynamicCache
     length: int = 0  # tokens seen
     last_used_s: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one prefill/decode step produced on this executor."""
-
-    hidden: torch.Tensor | None  # [1, q, hidden] when this is not the last stage
-    logits: torch.Tensor | None  # [1, vocab] float32, last position, on the last stage
-    token_id: int | None  # greedy next token on the last stage
-    length: int  # tokens in the request's cache after this step
-    compute_s: float
 
 
 class LayerRangeExecutor:
@@ -201,16 +103,20 @@ class LayerRangeExecutor:
         self.lm_head: nn.Module | None = skeleton.lm_head if self.is_last else None
         del skeleton, base
 
-        self._load_weights(Path(model_dir))
+        load_modules(
+            Path(model_dir), self._modules_by_prefix(), self.config, self.device, self.dtype
+        )
         with torch.device(self.device):
             rotary_cls = _rotary_class(self.config)
             self.rotary = rotary_cls(config=self.config)
         self.rotary.to(self.device)
 
         types = _layer_types(self.config)
-        self._layer_types = [types[i] for i in range(start, end)]
+        self.layer_types = [types[i] for i in range(start, end)]
         self._sliding_window: int | None = getattr(self.config, "sliding_window", None)
+        self._lock = threading.Lock()  # guards _requests and _opening (see the contract)
         self._requests: dict[str, _RequestState] = {}
+        self._opening: set[str] = set()  # prefills running: their cache slots are taken
 
     # ---------------------------------------------------------------- loading
     def _modules_by_prefix(self) -> list[tuple[str, nn.Module]]:
@@ -225,22 +131,6 @@ class LayerRangeExecutor:
             mods.append(("lm_head.", self.lm_head))
         return mods
 
-    def _load_weights(self, root: Path) -> None:
-        index = _SafetensorsIndex(root)
-        tied = bool(getattr(self.config, "tie_word_embeddings", False))
-        for prefix, module in self._modules_by_prefix():
-            wanted = {prefix + k: k for k in module.state_dict()}
-            source = dict(wanted)
-            if prefix == "lm_head." and "lm_head.weight" not in index.file_of and tied:
-                source = {"model.embed_tokens.weight": "weight"}
-            tensors = index.load(source, self.device, self.dtype)
-            state = {source[k]: v for k, v in tensors.items()}
-            module.load_state_dict(state, strict=True, assign=True)
-            for name, p in [*module.named_parameters(), *module.named_buffers()]:
-                if p.is_meta:
-                    raise ConfigError(f"{prefix}{name} was not loaded", source=str(root))
-            module.eval()
-
     # ---------------------------------------------------------------- accounting
     @property
     def param_bytes(self) -> int:
@@ -249,11 +139,17 @@ class LayerRangeExecutor:
             total += sum(p.numel() * p.element_size() for p in module.parameters())
         return total
 
+    def _states(self) -> list[_RequestState]:
+        with self._lock:
+            return list(self._requests.values())
+
     def kv_bytes(self) -> int:
+        """Bytes held by the request caches (a snapshot of the table; safe while steps run)."""
         total = 0
-        for state in self._requests.values():
-            for i in range(self.start, self.end):
-                layer = state.cache.layers[i]
+        for state in self._states():
+            layers = state.cache.layers
+            for i in range(self.start, min(self.end, len(layers))):
+                layer = layers[i]
                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                     if isinstance(t, torch.Tensor):
                         total += t.numel() * t.element_size()
@@ -261,92 +157,82 @@ class LayerRangeExecutor:
 
     @property
     def request_ids(self) -> list[str]:
-        return list(self._requests)
+        with self._lock:
+            return list(self._requests)
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._requests
+        with self._lock:
+            return request_id in self._requests
 
     def idle_requests(self, idle_s: float) -> list[str]:
         """Ids of request caches not used for more than `idle_s` seconds."""
         now = time.monotonic()
-        return [rid for rid, st in list(self._requests.items()) if now - st.last_used_s > idle_s]
+        with self._lock:
+            return [rid for rid, st in self._requests.items() if now - st.last_used_s > idle_s]
 
     def request_length(self, request_id: str) -> int | None:
-        state = self._requests.get(request_id)
+        with self._lock:
+            state = self._requests.get(request_id)
         return None if state is None else state.length
 
     # ---------------------------------------------------------------- requests
     def release(self, request_id: str) -> bool:
         """Free the request's cache; False when it held none."""
-        return self._requests.pop(request_id, None) is not None
+        with self._lock:
+            return self._requests.pop(request_id, None) is not None
 
     def check_input(self, kind: str, x: torch.Tensor, start_pos: int, request_id: str) -> None:
         """Raise ExecutorInputError when the step does not fit (without changing anything)."""
-        if kind not in ("prefill", "decode"):
-            raise ExecutorInputError(f"step kind {kind!r} is not prefill or decode")
-        if self.is_first:
-            if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2 or x.shape[0] != 1:
-                raise ExecutorInputError(
-                    f"the first stage takes token ids int64[1, q], got {_desc(x)}"
-                )
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.info.vocab_size):
-                raise ExecutorInputError(
-                    f"token ids must be in [0, {self.info.vocab_size}), got "
-                    f"{int(x.min())}..{int(x.max())}"
-                )
-        else:
-            h = self.info.hidden_size
-            if not x.is_floating_point() or x.dim() != 3 or x.shape[0] != 1 or x.shape[2] != h:
-                raise ExecutorInputError(
-                    f"stage {self.start}:{self.end} takes hidden states float[1, q, {h}], "
-                    f"got {_desc(x)}"
-                )
-        q = x.shape[1]
-        if q < 1:
-            raise ExecutorInputError("a step needs at least one token")
+        with self._lock:
+            self._check_locked(kind, x, start_pos, request_id)
+
+    def _check_locked(self, kind: str, x: torch.Tensor, start_pos: int, request_id: str) -> None:
         state = self._requests.get(request_id)
-        if kind == "prefill":
-            if state is not None:
-                raise CacheStateError(
-                    f"request {request_id!r} already has a cache of {state.length} tokens; "
-                    "release it before a new prefill"
-                )
-            if start_pos != 0:
-                raise CacheStateError(f"prefill starts at position 0, got {start_pos}")
-        else:
-            if state is None:
-                raise UnknownRequestError(
-                    f"unknown request id {request_id!r}: no prefill on this stage "
-                    "(or it was released)"
-                )
-            if q != 1:
-                raise ExecutorInputError(f"a decode step carries exactly 1 token, got {q}")
-            if start_pos != state.length:
-                raise CacheStateError(
-                    f"request {request_id!r}: decode at position {start_pos} but the cache "
-                    f"holds {state.length} tokens (expected position {state.length})"
-                )
-        if start_pos + q > self.max_context:
-            raise CacheStateError(
-                f"request {request_id!r}: {start_pos + q} tokens exceed the model's "
-                f"context of {self.max_context}"
-            )
-        if kind == "prefill" and len(self._requests) >= self.max_requests:
-            raise CacheFullError(
-                f"stage holds {len(self._requests)} request caches (max {self.max_requests}); "
-                "release finished requests"
-            )
+        check_step(
+            kind,
+            x,
+            start_pos,
+            request_id,
+            start=self.start,
+            end=self.end,
+            is_first=self.is_first,
+            vocab_size=self.info.vocab_size,
+            hidden_size=self.info.hidden_size,
+            max_context=self.max_context,
+            cached_length=None if state is None else state.length,
+            held=len(self._requests) + len(self._opening),
+            max_requests=self.max_requests,
+        )
 
     @torch.inference_mode()
     def step(self, request_id: str, kind: str, x: torch.Tensor, start_pos: int) -> StepOutput:
         """Run one prefill (whole prompt) or decode (one token) step for a request."""
         from transformers import DynamicCache
 
-        self.check_input(kind, x, start_pos, request_id)
+        with self._lock:  # check and take the cache slot at once (steps run concurrently)
+            self._check_locked(kind, x, start_pos, request_id)
+            if request_id in self._opening:
+                raise CacheStateError(f"request {request_id!r} is already being prefilled")
+            state = self._requests.get(request_id)
+            opening = state is None
+            if state is None:
+                state = _RequestState(cache=DynamicCache())
+                self._opening.add(request_id)
+        try:
+            return self._compute(request_id, state, x, start_pos, opening)
+        finally:
+            with self._lock:
+                self._opening.discard(request_id)
+
+    def _compute(
+        self,
+        request_id: str,
+        state: _RequestState,
+        x: torch.Tensor,
+        start_pos: int,
+        opening: bool,
+    ) -> StepOutput:
         t0 = time.perf_counter()
-        state = self._requests.get(request_id)
-        if state is None:
-            state = _RequestState(cache=DynamicCache())
         q = x.shape[1]
         x = x.to(self.device)
         if self.is_first:
@@ -354,10 +240,8 @@ class LayerRangeExecutor:
             hidden = self.embed(x.to(torch.long))
         else:
             hidden = x.to(self.dtype)
-        hidden = self._run_layers(hidden, state.cache, start_pos, q)
-        state.length = start_pos + q
-        state.last_used_s = time.monotonic()
-        self._requests[request_id] = state
+        hidden = self.run_layers(hidden, state.cache, start_pos, q)
+        length = start_pos + q
 
         logits = token = None
         out_hidden: torch.Tensor | None = hidden
@@ -369,15 +253,21 @@ class LayerRangeExecutor:
             out_hidden = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        with self._lock:
+            state.length = length
+            state.last_used_s = time.monotonic()
+            if opening or request_id in self._requests:  # not one released meanwhile
+                self._requests[request_id] = state
         return StepOutput(
             hidden=out_hidden,
             logits=logits,
             token_id=token,
-            length=state.length,
+            length=length,
             compute_s=time.perf_counter() - t0,
         )
 
-    def _mask(self, layer_type: str, start_pos: int, q: int) -> torch.Tensor:
+    def mask(self, layer_type: str, start_pos: int, q: int) -> torch.Tensor:
+        """The attention mask of ``q`` new tokens at ``start_pos`` for one layer type."""
         return causal_mask(
             start_pos,
             q,
@@ -387,11 +277,12 @@ class LayerRangeExecutor:
             device=self.device,
         )
 
-    def _run_layers(self, hidden: torch.Tensor, cache: Any, start_pos: int, q: int):
+    def run_layers(self, hidden: torch.Tensor, cache: Any, start_pos: int, q: int) -> Any:
+        """The range's blocks over ``hidden`` (positions start_pos..start_pos+q), on ``cache``."""
         position_ids = torch.arange(start_pos, start_pos + q, device=self.device).unsqueeze(0)
-        masks = {t: self._mask(t, start_pos, q) for t in set(self._layer_types)}
+        masks = {t: self.mask(t, start_pos, q) for t in set(self.layer_types)}
         position_embeddings = self.rotary(hidden, position_ids)
-        for layer, layer_type in zip(self.layers, self._layer_types, strict=True):
+        for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
             hidden = layer(
                 hidden,
                 attention_mask=masks[layer_type],
@@ -402,89 +293,13 @@ class LayerRangeExecutor:
             )
         return hidden
 
-    # ---------------------------------------------------------------- profiling helpers
-    @torch.inference_mode()
     def time_parts(
         self, prompt_tokens: int, context_tokens: int, repeats: int = 3
     ) -> dict[str, dict[str, float]]:
-        """Median seconds for embed, each block and head: a P-token prefill, a decode at context C.
+        """Per-part median step times (see :func:`testbed.model.profiling.time_parts`)."""
+        from testbed.model.profiling import time_parts
 
-        Keys: "embed" (first stage), "block<i>", "head" (last stage); values {"prefill_s",
-        "decode_s"}. Runs on throwaway caches with random inputs; used by `testbed profile`.
-        """
-        import statistics
-
-        from transformers import DynamicCache
-
-        gen = torch.Generator().manual_seed(0)
-        samples: dict[str, dict[str, list[float]]] = {}
-        h = self.info.hidden_size
-        for kind, q, past in (("prefill", prompt_tokens, 0), ("decode", 1, context_tokens)):
-            ids = torch.randint(0, self.info.vocab_size, (1, q), generator=gen).to(self.device)
-            hidden = (torch.randn(1, q, h, generator=gen) * 0.1).to(self.device, self.dtype)
-            cache = DynamicCache()
-            if past:
-                pre = (torch.randn(1, past, h, generator=gen) * 0.1).to(self.device, self.dtype)
-                self._run_layers(pre, cache, 0, past)
-            for _ in range(repeats + 1):  # the first round warms up and is dropped
-                times: dict[str, float] = {}
-                if self.embed is not None:
-                    times["embed"] = self._timed(self.embed, ids)
-                for k, layer in enumerate(self.layers):
-                    one = _OneLayer(self, layer, self.start + k)
-                    times[f"block{self.start + k}"] = self._timed(one, hidden, cache, past, q)
-                if self.norm is not None and self.lm_head is not None:
-                    times["head"] = self._timed(_Head(self.norm, self.lm_head), hidden)
-                if _ == 0:
-                    continue
-                for part, sec in times.items():
-                    samples.setdefault(part, {}).setdefault(f"{kind}_s", []).append(sec)
-        return {
-            part: {key: statistics.median(vals) for key, vals in kinds.items()}
-            for part, kinds in samples.items()
-        }
-
-    def _timed(self, fn: Any, *args: Any) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
-
-
-class _Head:
-    """Final norm + LM head on the last position (for profiling)."""
-
-    def __init__(self, norm: nn.Module, head: nn.Module):
-        self.norm, self.head = norm, head
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden)[:, -1:, :])
-
-
-class _OneLayer:
-    """Run one block of an executor on a cache (for profiling)."""
-
-    def __init__(self, ex: LayerRangeExecutor, layer: nn.Module, idx: int):
-        self.ex, self.layer, self.idx = ex, layer, idx
-
-    def __call__(self, hidden: torch.Tensor, cache: Any, start_pos: int, q: int) -> torch.Tensor:
-        ex = self.ex
-        layer_type = _layer_types(ex.config)[self.idx]
-        position_ids = torch.arange(start_pos, start_pos + q, device=ex.device).unsqueeze(0)
-        pos = ex.rotary(hidden, position_ids)
-        out = self.layer(
-            hidden,
-            attention_mask=ex._mask(layer_type, start_pos, q),
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=pos,
-        )
-        cache.layers[self.idx].crop(-q)  # every block and repeat is timed at the same context
-        return out
+        return time_parts(self, prompt_tokens, context_tokens, repeats)
 
 
 def causal_mask(
@@ -514,10 +329,6 @@ def causal_mask(
         return allowed
     zeros = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _desc(x: torch.Tensor) -> str:
-    return f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
 
 
 def _layer_types(config: Any) -> list[str]:

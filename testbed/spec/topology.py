@@ -70,7 +70,9 @@ class Tier(BaseModel):
 
     name: str = Field(pattern=_NAME)
     nodes: tuple[Node, ...] = Field(min_length=1)
-    lan: LinkSpec = LinkSpec.model_validate({"bandwidth": "10Gbit", "delay": "0.1ms"})  # inside the tier
+    lan: LinkSpec = LinkSpec.model_validate(
+        {"bandwidth": "10Gbit", "delay": "0.1ms"}
+    )  # inside the tier
 
     @field_validator("nodes", mode="before")
     @classmethod

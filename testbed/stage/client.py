@@ -1,12 +1,8 @@
 """Async client for one stage server, and `generate_through` for a quick end-to-end run.
 
-Errors say which stage and why, in three kinds a caller can act on:
-
-- :class:`StageTimeoutError` (also ``TimeoutError``): no answer within the timeout.
-- :class:`StageUnreachableError`: connection refused, reset or closed - the stage is down
-  (its process died, or the network is cut).
-- :class:`StageRejectedError`: the stage answered with an HTTP error; ``status`` and
-  ``reason`` carry the server's message (4xx: the step was wrong; 429/503: busy, retry).
+Errors say which stage and why, in the kinds of :mod:`testbed.stage.errors`: unreachable,
+timeout, rejected (with the HTTP ``status`` and the server's :class:`ErrorCode` ``code``), or a
+malformed answer. They name the stage by its URL, or by the ``name`` the client was given.
 
 A *hop hook* shapes the link into a stage at application level: before the client sends
 ``nbytes`` to the stage it awaits ``hook.before_send(nbytes)`` (or ``hook(nbytes)`` for a plain
@@ -16,6 +12,7 @@ async callable) - the place for another component's delay / jitter / loss emulat
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +21,15 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 import torch
 
-from testbed.errors import StageError, StageTimeoutError
+from testbed.stage.errors import (
+    ErrorCode,
+    StageError,
+    StageProtocolError,
+    StageRejectedError,
+    StageTimeoutError,
+    StageUnreachableError,
+    parse_code,
+)
 from testbed.stage.wire import (
     CONTENT_TYPE,
     WireFormatError,
@@ -34,10 +39,12 @@ from testbed.stage.wire import (
 )
 
 __all__ = [
+    "ErrorCode",
     "ForwardResult",
     "HopHook",
     "StageClient",
     "StageError",
+    "StageProtocolError",
     "StageRejectedError",
     "StageTimeoutError",
     "StageUnreachableError",
@@ -107,27 +114,8 @@ def as_send_hook(hook: HopHook | SendHook | None) -> SendHook | None:
     raise TypeError(f"hop hook {hook!r} has no before_send(nbytes) and is not callable")
 
 
-class StageUnreachableError(StageError):
-    """The stage did not answer at all: connection refused, reset or closed."""
-
-    def __init__(self, url: str, reason: str):
-        self.url = url
-        self.reason = reason
-        super().__init__(f"stage {url} unreachable: {reason} (did the stage process die?)")
-
-
 class _TensorPortRefused(StageUnreachableError):
     """Connecting to the tensor port failed (nothing was sent)."""
-
-
-class StageRejectedError(StageError):
-    """The stage answered with an HTTP error status."""
-
-    def __init__(self, url: str, status: int, reason: str):
-        self.url = url
-        self.status = status
-        self.reason = reason
-        super().__init__(f"stage {url} answered HTTP {status}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -185,10 +173,12 @@ class StageClient:
         hook: HopHook | SendHook | None = None,
         limits: WireLimits | None = None,
         transport: str = "auto",
+        name: str | None = None,
     ):
         if transport not in ("auto", "http", "tcp"):
             raise ValueError(f"transport must be auto, http or tcp, got {transport!r}")
         self.url = base_url.rstrip("/")
+        self.name = name or self.url  # how errors name the stage (a node name, or the URL)
         self.transport = transport  # auto: the tensor port when the stage announces one
         self._tcp_port: int | None = None
         self._tcp_resolved = transport == "http"
@@ -234,20 +224,22 @@ class StageClient:
         try:
             async with asyncio.timeout(timeout_s):  # no extra task, unlike wait_for
                 return await coro_fn()
+        except StageError:  # already one of ours (they are also TimeoutError / OSError)
+            raise
         except TimeoutError:
             raise StageTimeoutError(
-                f"stage {self.url}: no answer to {what} within {timeout_s:g}s"
+                f"stage {self.name}: no answer to {what} within {timeout_s:g}s", stage=self.name
             ) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
-            raise StageUnreachableError(self.url, f"{what}: {reason}") from None
+            raise StageUnreachableError(self.name, f"{what}: {reason}") from None
 
     async def _json(self, method: str, path: str, timeout_s: float | None, **kw: Any) -> Any:
         t = timeout_s if timeout_s is not None else self.timeout_s
 
         async def go() -> Any:
             async with self.session.request(method, self.url + path, **kw) as resp:
-                await _raise_for_status(self.url, resp)
+                await _raise_for_status(self.name, resp)
                 return await resp.json()
 
         return await self._call(f"{method} {path}", go, t)
@@ -263,7 +255,7 @@ class StageClient:
 
         async def go() -> str:
             async with self.session.get(self.url + "/metrics") as resp:
-                await _raise_for_status(self.url, resp)
+                await _raise_for_status(self.name, resp)
                 return await resp.text()
 
         return await self._call("GET /metrics", go, t)
@@ -292,7 +284,7 @@ class StageClient:
             info = await self.info()
             port = info.get("tensor_port")
             if port is None and self.transport == "tcp":
-                raise StageError(f"stage {self.url} announces no tensor port")
+                raise StageProtocolError(self.name, "announces no tensor port")
             self._tcp_port = int(port) if port is not None else None
             self._tcp_resolved = True
         return self._tcp_port is not None
@@ -313,16 +305,19 @@ class StageClient:
                 conn = await open_connection(host, self._tcp_port, self.limits)
             except OSError as exc:
                 raise _TensorPortRefused(
-                    self.url, f"tensor port {host}:{self._tcp_port}: {exc}"
+                    self.name, f"tensor port {host}:{self._tcp_port}: {exc}"
                 ) from None
         try:
             msg = await conn.request(parts)
         except WireFormatError as exc:
-            raise StageError(f"stage {self.url}: malformed response: {exc}") from None
+            raise StageProtocolError(self.name, f"malformed response: {exc}") from None
         self._tcp_pool.append(conn)
         status = msg.meta.get("status", 200)
         if status != 200:
-            raise StageRejectedError(self.url, int(status), str(msg.meta.get("error", "error")))
+            code = parse_code(msg.meta.get("code"))
+            raise StageRejectedError(
+                self.name, int(status), code, str(msg.meta.get("error", "error"))
+            )
         return msg
 
     async def sink(
@@ -340,7 +335,7 @@ class StageClient:
 
         async def go() -> int:
             async with self.session.post(self.url + "/sink", data=WirePayload(parts)) as resp:
-                await _raise_for_status(self.url, resp)
+                await _raise_for_status(self.name, resp)
                 return int((await resp.json())["bytes"])
 
         return await self._call("sink", go, t)
@@ -387,11 +382,11 @@ class StageClient:
                 async with self.session.post(
                     self.url + "/forward", data=WirePayload(parts)
                 ) as resp:
-                    await _raise_for_status(self.url, resp)
+                    await _raise_for_status(self.name, resp)
                     try:
                         return await read_message(resp.content, resp.content_length, self.limits)
                     except WireFormatError as exc:
-                        raise StageError(f"stage {self.url}: malformed response: {exc}") from None
+                        raise StageProtocolError(self.name, f"malformed response: {exc}") from None
 
             msg = await self._call(what, go, t)
         wall_s = time.perf_counter() - t0
@@ -415,7 +410,7 @@ class StageClient:
                 bytes_received=msg.nbytes,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise StageError(f"stage {self.url}: response meta lacks {exc}") from None
+            raise StageProtocolError(self.name, f"response meta lacks {exc}") from None
 
 
 READ_BUFSIZE = 1 << 22  # aiohttp's default (64 KiB) pauses the socket every few reads
@@ -426,20 +421,20 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), read_bufsize=READ_BUFSIZE)
 
 
-async def _raise_for_status(url: str, resp: aiohttp.ClientResponse) -> None:
+async def _raise_for_status(stage: str, resp: aiohttp.ClientResponse) -> None:
+    """Raise :class:`StageRejectedError` for an error answer, with the code from its body."""
     if resp.status < 400:
         return
     text = await resp.text(errors="replace")
-    reason = text
+    reason, code = text, None
     try:
-        import json
-
         body = json.loads(text)
-        if isinstance(body, dict) and "error" in body:
-            reason = str(body["error"])
     except ValueError:
-        pass
-    raise StageRejectedError(url, resp.status, reason[:2000] or resp.reason or "error")
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        reason = str(body["error"])
+        code = parse_code(body.get("code"))
+    raise StageRejectedError(stage, resp.status, code, reason[:2000] or resp.reason or "error")
 
 
 async def generate_through(

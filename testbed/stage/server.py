@@ -19,35 +19,36 @@ The same /forward messages also travel over a plain TCP *tensor port* (announced
 ``tensor_port``; see :mod:`testbed.stage.tensor_port`): fewer copies for megabyte hidden
 states. Both paths share admission, validation, metrics and the worker threads.
 
-Errors are JSON ``{"error": message, "status": code}``: 400 malformed, 404 unknown request,
-409 wrong position or a prefill over an existing cache, 413 over the size limits, 429 queue
-full, 503 cache slots full or shutting down, 500 a failure inside the model. The server keeps
-serving the others in every case. Torch work runs on worker threads (``max_inflight`` of them,
+Errors are JSON ``{"error": message, "status": status, "code": code}`` (the tensor port puts
+the same keys in its answer's meta), the code one of :class:`testbed.stage.errors.ErrorCode`:
+400/413 ``bad_input`` (malformed or over the size limits), 404 ``unknown_request``, 409
+``bad_position`` (wrong position, a prefill over an existing cache, past the context), 429
+``busy`` (queue full), 503 ``cache_full`` or ``shutting_down``, 500 ``model_error``; one table
+(:func:`testbed.stage.errors.status_and_code`) maps executor exceptions to them. The server
+keeps serving the others in every case. Torch work runs on worker threads (``max_inflight`` of them,
 default 1), never on the event loop; at most ``max_queue`` more steps may wait for a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
-import sys
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
 from testbed.errors import ConfigError
+from testbed.model.contract import StageExecutor
 from testbed.stage.client import WirePayload
-from testbed.stage.wire import WireFormatError, WireLimits, encode_parts, read_message
-
-_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_MAX_REQUEST_ID = 128
+from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
+from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
+from testbed.stage.metrics import Gauges, StageMetrics
+from testbed.stage.tasks import cancel_and_wait
+from testbed.stage.tensor_port import TensorPortServer, start_tensor_port
+from testbed.stage.wire import WireFormatError, WireLimits, WireMessage, encode_parts, read_message
 
 
 @dataclass(frozen=True)
@@ -83,34 +84,8 @@ class StageConfig:
         return self.name or f"stage-{self.start}-{self.end}"
 
 
-class _Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * len(_BUCKETS_S)
-        self.total = 0
-        self.sum_s = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.total += 1
-        self.sum_s += seconds
-        for i, edge in enumerate(_BUCKETS_S):
-            if seconds <= edge:
-                self.counts[i] += 1
-
-
-@dataclass
-class _Metrics:
-    busy_s: float = 0.0
-    tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    steps: dict[str, _Histogram] = field(default_factory=lambda: defaultdict(_Histogram))
-    rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    errors: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    evicted: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message, "status": status}, status=status)
+def _error(exc: StageRejectedError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
 
 
 def _rss_bytes() -> int:
@@ -124,11 +99,16 @@ def _rss_bytes() -> int:
 
 
 class StageServer:
-    """Serve one block range over HTTP. `await start()`, then `url`; `await aclose()`."""
+    """Serve one block range over HTTP. `await start()`, then `url`; `await aclose()`.
 
-    def __init__(self, config: StageConfig, executor: Any = None):
+    Threads: routes, admission and bookkeeping run on the event loop; ``executor.step`` runs on
+    ``max_inflight`` worker threads, one step per request at a time (a per-request lock), as
+    :mod:`testbed.model.contract` describes.
+    """
+
+    def __init__(self, config: StageConfig, executor: StageExecutor | None = None):
         self.config = config
-        self.executor = executor  # a LayerRangeExecutor; loaded in start() when None
+        self._executor = executor  # a LayerRangeExecutor is loaded in start() when None
         self._pool = ThreadPoolExecutor(
             max_workers=config.max_inflight, thread_name_prefix=f"{config.label}-worker"
         )
@@ -136,17 +116,22 @@ class StageServer:
         self._waiting = 0
         self._running = 0
         self._req_locks: dict[str, asyncio.Lock] = {}
-        self._metrics = _Metrics()
+        self._metrics = StageMetrics()
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
-        self._tensor_server: asyncio.Server | None = None
-        self._tensor_conns: set[Any] = set()
+        self._tensor_server: TensorPortServer | None = None
         self.port: int | None = None
         self.tensor_port: int | None = None
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def executor(self) -> StageExecutor:
+        if self._executor is None:
+            raise RuntimeError("server not started: the executor loads in start()")
+        return self._executor
+
     @property
     def url(self) -> str:
         if self.port is None:
@@ -160,10 +145,10 @@ class StageServer:
 
     async def start(self) -> None:
         cfg = self.config
-        if self.executor is None:
+        if self._executor is None:
             from testbed.model.executor import LayerRangeExecutor
 
-            self.executor = await asyncio.get_running_loop().run_in_executor(
+            self._executor = await asyncio.get_running_loop().run_in_executor(
                 self._pool,
                 lambda: LayerRangeExecutor(
                     cfg.model_dir,
@@ -191,29 +176,28 @@ class StageServer:
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         if cfg.tensor_port is not None:
-            from testbed.stage.tensor_port import start_server
-
-            self._tensor_server = await start_server(self, cfg.host, cfg.tensor_port, cfg.limits)
-            self.tensor_port = self._tensor_server.sockets[0].getsockname()[1]
+            self._tensor_server = await start_tensor_port(
+                self, cfg.host, cfg.tensor_port, cfg.limits
+            )
+            self.tensor_port = self._tensor_server.port
         self._sweeper = asyncio.create_task(self._sweep_idle(), name=f"{cfg.label}-sweeper")
 
-    async def aclose(self) -> None:
+    def stop_admitting(self) -> None:
+        """Refuse new steps with ``shutting_down`` (503; /health too); running ones finish.
+        The first part of :meth:`aclose`, callable alone to drain a stage."""
         self._closing = True
+
+    async def aclose(self) -> None:
+        self.stop_admitting()
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+            sweeper, self._sweeper = self._sweeper, None
+            await cancel_and_wait(sweeper)
         if self._tensor_server is not None:
-            self._tensor_server.close()
-            for conn in list(self._tensor_conns):
-                if conn.transport is not None:
-                    conn.transport.close()
-            await self._tensor_server.wait_closed()
-            self._tensor_server = None
+            tensor_server, self._tensor_server = self._tensor_server, None
+            await tensor_server.aclose()
         if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> StageServer:
@@ -234,10 +218,19 @@ class StageServer:
                     self._req_locks.pop(rid, None)
                     self._metrics.evicted += 1
 
+    # ------------------------------------------------------------------ the tensor port's view
+    def note_bytes_in(self, nbytes: int) -> None:
+        """A message of ``nbytes`` arrived (the tensor port's sink)."""
+        self._metrics.bytes_in += nbytes
+
+    def note_refused(self, status: int, code: ErrorCode | None) -> None:
+        """An answer with an error went out (the tensor port's framing errors)."""
+        self._metrics.count_refusal(status, code)
+
     # ------------------------------------------------------------------ routes
     async def _health(self, request: web.Request) -> web.Response:
         if self._closing:
-            return _error(503, "shutting down")
+            return _error(self._shutting_down())
         return web.json_response({"status": "ok", "name": self.config.label})
 
     async def _info(self, request: web.Request) -> web.Response:
@@ -281,13 +274,14 @@ class StageServer:
         return web.json_response(body)
 
     async def _release(self, request: web.Request) -> web.Response:
+        usage = 'release takes a JSON body {"request_id": "..."}'
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, 'release takes a JSON body {"request_id": "..."}')
+            return _error(self._refuse(400, ErrorCode.BAD_INPUT, usage))
         rid = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(rid, str) or not rid:
-            return _error(400, 'release takes a JSON body {"request_id": "..."}')
+            return _error(self._refuse(400, ErrorCode.BAD_INPUT, usage))
         lock = self._req_locks.get(rid)
         if lock is not None:
             async with lock:
@@ -302,83 +296,95 @@ class StageServer:
         try:
             msg = await read_message(request.content, request.content_length, self.config.limits)
         except WireFormatError as exc:
-            return self._reject_wire(exc)
+            return _error(self._refuse_exc(exc))
         self._metrics.bytes_in += msg.nbytes
         return web.json_response(
             {"bytes": msg.nbytes, "tensors": len(msg.tensors), "read_s": time.perf_counter() - t0}
         )
 
-    def _reject_wire(self, exc: WireFormatError) -> web.Response:
-        status = 413 if exc.too_large else 400
-        self._metrics.errors[status] += 1
-        return _error(status, str(exc))
-
-    def _admission_error(self) -> tuple[int, str] | None:
-        cfg = self.config
-        if self._closing:
-            return 503, f"stage {cfg.label} is shutting down"
-        if self._running >= cfg.max_inflight and self._waiting >= cfg.max_queue:
-            self._metrics.rejected["queue_full"] += 1
-            return 429, (
-                f"stage {cfg.label} is busy: {self._running} running, {self._waiting} waiting "
-                f"(max_inflight={cfg.max_inflight}, max_queue={cfg.max_queue}); retry later"
-            )
-        return None
+    async def _metrics_text(self, request: web.Request) -> web.Response:
+        ex = self.executor
+        gauges = Gauges(
+            waiting=self._waiting,
+            running=self._running,
+            requests=len(ex.request_ids),
+            kv_bytes=ex.kv_bytes(),
+            param_bytes=ex.param_bytes,
+        )
+        text = self._metrics.render(self.config.label, gauges)
+        return web.Response(text=text, content_type="text/plain")
 
     async def _forward(self, request: web.Request) -> web.Response:
-        refused = self._admission_error()  # before reading the body
-        if refused is not None:
-            return _error(*refused)
-        self._waiting += 1
         try:
+            self._admit()  # before reading the body
+            self._waiting += 1
             try:
                 msg = await read_message(
                     request.content, request.content_length, self.config.limits
                 )
             except WireFormatError as exc:
-                return self._reject_wire(exc)
-        finally:
-            self._waiting -= 1
-        status, error, result = await self.forward_message(msg, admitted=True)
-        if error is not None:
-            return _error(status, error)
-        meta, parts = result
+                raise self._refuse_exc(exc) from None
+            finally:
+                self._waiting -= 1
+            reply = await self.forward_message(msg, admitted=True)
+        except StageRejectedError as exc:
+            return _error(exc)
         return web.Response(
-            body=WirePayload(parts),
+            body=WirePayload(reply.parts),
             headers={
-                "X-Service-Time-S": f"{meta['service_s']:.9f}",
-                "X-Queue-Time-S": f"{meta['queue_s']:.9f}",
+                "X-Service-Time-S": f"{reply.meta['service_s']:.9f}",
+                "X-Queue-Time-S": f"{reply.meta['queue_s']:.9f}",
             },
         )
 
-    async def forward_message(
-        self, msg: Any, *, admitted: bool = False
-    ) -> tuple[int, str | None, Any]:
-        """Run one decoded /forward message: (status, error message or None, (meta, parts)).
+    # ------------------------------------------------------------------ refusals
+    def _refuse(self, status: int, code: ErrorCode, message: str) -> StageRejectedError:
+        """The error to answer with, counted in the metrics."""
+        self._metrics.count_refusal(status, code)
+        return StageRejectedError(self.config.label, status, code, message)
+
+    def _refuse_exc(self, exc: BaseException) -> StageRejectedError:
+        status, code = status_and_code(exc)
+        message = str(exc)
+        if code == ErrorCode.MODEL_ERROR:
+            message = f"stage {self.config.label} failed: {exc!r}"
+        return self._refuse(status, code, message)
+
+    def _shutting_down(self) -> StageRejectedError:
+        label = self.config.label
+        return self._refuse(503, ErrorCode.SHUTTING_DOWN, f"stage {label} is shutting down")
+
+    def _admit(self) -> None:
+        """Raise the refusal when no step may be admitted now (stopping, or queue full)."""
+        cfg = self.config
+        if self._closing:
+            raise self._shutting_down()
+        if self._running >= cfg.max_inflight and self._waiting >= cfg.max_queue:
+            raise self._refuse(
+                429,
+                ErrorCode.BUSY,
+                f"stage {cfg.label} is busy: {self._running} running, {self._waiting} waiting "
+                f"(max_inflight={cfg.max_inflight}, max_queue={cfg.max_queue}); retry later",
+            )
+
+    # ------------------------------------------------------------------ one step
+    async def forward_message(self, msg: WireMessage, *, admitted: bool = False) -> ForwardReply:
+        """Run one decoded /forward message; raises :class:`StageRejectedError` when refused.
 
         Shared by the HTTP route and the tensor port. `admitted`: capacity already checked.
         """
-        from testbed.model.executor import (
-            CacheFullError,
-            CacheStateError,
-            ExecutorInputError,
-            UnknownRequestError,
-        )
-
-        cfg = self.config
         if not admitted:
-            refused = self._admission_error()
-            if refused is not None:
-                return refused[0], refused[1], None
+            self._admit()
         self._metrics.bytes_in += msg.nbytes
         self._waiting += 1
         waiting = True
+        ex = self.executor
         try:
             try:
-                rid, kind, start_pos, want_logits, x = self._parse_forward(msg)
-                self.executor.check_input(kind, x, start_pos, rid)
+                req = parse_forward(msg)
+                ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
                 t_ready = time.perf_counter()
-                lock = self._req_locks.setdefault(rid, asyncio.Lock())
+                lock = self._req_locks.setdefault(req.request_id, asyncio.Lock())
                 async with lock, self._slots:
                     self._waiting -= 1
                     waiting = False
@@ -386,202 +392,44 @@ class StageServer:
                     queue_s = time.perf_counter() - t_ready
                     try:
                         loop = asyncio.get_running_loop()
-                        out, meta, parts = await loop.run_in_executor(
-                            self._pool, self._compute, rid, kind, x, start_pos, want_logits, queue_s
+                        reply, compute_s = await loop.run_in_executor(
+                            self._pool, self._compute, req, queue_s
                         )
                     finally:
                         self._running -= 1
-            except UnknownRequestError as exc:
-                return self._count(404, str(exc))
-            except CacheStateError as exc:
-                return self._count(409, str(exc))
-            except (ExecutorInputError, ValueError) as exc:
-                return self._count(400, str(exc))
-            except CacheFullError as exc:
-                self._metrics.rejected["cache_full"] += 1
-                return 503, str(exc), None
-            except Exception as exc:  # a model failure: report it, keep serving
-                return self._count(500, f"stage {cfg.label} failed: {exc!r}")
-            if not self.executor.has_request(rid):
-                self._req_locks.pop(rid, None)
-            m = self._metrics
-            m.busy_s += out.compute_s
-            m.tokens[kind] += int(x.shape[1])
-            m.steps[kind].observe(out.compute_s)
-            m.bytes_out += sum(p.nbytes for p in parts)
-            return 200, None, (meta, parts)
+            except Exception as exc:  # a refusal or a model failure: report it, keep serving
+                raise self._refuse_exc(exc) from None
+            if not ex.has_request(req.request_id):
+                self._req_locks.pop(req.request_id, None)
+            self._metrics.count_step(
+                req.kind,
+                int(req.input.shape[1]),
+                compute_s,
+                sum(p.nbytes for p in reply.parts),
+            )
+            return reply
         finally:
             if waiting:
                 self._waiting -= 1
 
-    def _count(self, status: int, message: str) -> tuple[int, str, None]:
-        self._metrics.errors[status] += 1
-        return status, message, None
-
-    def _compute(
-        self, rid: str, kind: str, x: Any, start_pos: int, want_logits: bool, queue_s: float
-    ) -> tuple[Any, dict[str, Any], list[memoryview]]:
-        out = self.executor.step(rid, kind, x, start_pos)
+    def _compute(self, req: ForwardRequest, queue_s: float) -> tuple[ForwardReply, float]:
+        """On a worker thread: the step, and its answer encoded for the wire."""
+        ex = self.executor
+        out = ex.step(req.request_id, req.kind, req.input, req.start_pos)
         tensors = {}
         if out.hidden is not None:
             tensors["hidden"] = out.hidden
-        if want_logits and out.logits is not None:
+        if req.want_logits and out.logits is not None:
             tensors["logits"] = out.logits
         meta = {
-            "request_id": rid,
-            "kind": kind,
-            "start_pos": start_pos,
+            "request_id": req.request_id,
+            "kind": req.kind,
+            "start_pos": req.start_pos,
             "length": out.length,
             "token_id": out.token_id,
             "service_s": out.compute_s,
             "queue_s": queue_s,
-            "stage": [self.executor.start, self.executor.end],
+            "stage": [ex.start, ex.end],
             "status": 200,
         }
-        return out, meta, encode_parts(meta, tensors)
-
-    def _parse_forward(self, msg: Any) -> tuple[str, str, int, bool, Any]:
-        meta = msg.meta
-        unknown = set(meta) - {"request_id", "kind", "start_pos", "want_logits", "op"}
-        if unknown:
-            raise ValueError(f"unknown meta keys {sorted(unknown)}")
-        rid = meta.get("request_id")
-        if not isinstance(rid, str) or not 0 < len(rid) <= _MAX_REQUEST_ID:
-            raise ValueError(f"meta.request_id must be a string of 1..{_MAX_REQUEST_ID} chars")
-        kind = meta.get("kind")
-        if kind not in ("prefill", "decode"):
-            raise ValueError(f"meta.kind must be 'prefill' or 'decode', got {kind!r}")
-        start_pos = meta.get("start_pos")
-        if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
-            raise ValueError(f"meta.start_pos must be an integer >= 0, got {start_pos!r}")
-        want_logits = meta.get("want_logits", False)
-        if not isinstance(want_logits, bool):
-            raise ValueError("meta.want_logits must be true or false")
-        if set(msg.tensors) != {"input"}:
-            raise ValueError(
-                f"expected exactly one tensor named 'input', got {sorted(msg.tensors)}"
-            )
-        return rid, kind, start_pos, want_logits, msg.tensors["input"]
-
-    async def _metrics_text(self, request: web.Request) -> web.Response:
-        m = self._metrics
-        ex = self.executor
-        lbl = f'stage="{self.config.label}"'
-        lines = [
-            "# HELP testbed_stage_queue_length Steps waiting for a worker.",
-            "# TYPE testbed_stage_queue_length gauge",
-            f"testbed_stage_queue_length{{{lbl}}} {self._waiting}",
-            "# HELP testbed_stage_inflight Steps being computed.",
-            "# TYPE testbed_stage_inflight gauge",
-            f"testbed_stage_inflight{{{lbl}}} {self._running}",
-            "# HELP testbed_stage_requests Request KV caches held.",
-            "# TYPE testbed_stage_requests gauge",
-            f"testbed_stage_requests{{{lbl}}} {len(ex.request_ids)}",
-            "# HELP testbed_stage_kv_bytes Bytes held by KV caches.",
-            "# TYPE testbed_stage_kv_bytes gauge",
-            f"testbed_stage_kv_bytes{{{lbl}}} {ex.kv_bytes()}",
-            "# HELP testbed_stage_param_bytes Bytes of weights held.",
-            "# TYPE testbed_stage_param_bytes gauge",
-            f"testbed_stage_param_bytes{{{lbl}}} {ex.param_bytes}",
-            "# HELP testbed_stage_busy_seconds_total Seconds spent computing steps.",
-            "# TYPE testbed_stage_busy_seconds_total counter",
-            f"testbed_stage_busy_seconds_total{{{lbl}}} {m.busy_s:.9f}",
-            "# HELP testbed_stage_tokens_total Tokens processed, by step kind.",
-            "# TYPE testbed_stage_tokens_total counter",
-        ]
-        for kind in ("prefill", "decode"):
-            lines.append(f'testbed_stage_tokens_total{{{lbl},kind="{kind}"}} {m.tokens[kind]}')
-        lines += [
-            "# HELP testbed_stage_step_seconds Compute time per step, by kind.",
-            "# TYPE testbed_stage_step_seconds histogram",
-        ]
-        for kind in ("prefill", "decode"):
-            h = m.steps[kind]
-            for edge, count in zip(_BUCKETS_S, h.counts, strict=True):
-                lines.append(
-                    f'testbed_stage_step_seconds_bucket{{{lbl},kind="{kind}",le="{edge}"}} {count}'
-                )
-            lines.append(
-                f'testbed_stage_step_seconds_bucket{{{lbl},kind="{kind}",le="+Inf"}} {h.total}'
-            )
-            lines.append(f'testbed_stage_step_seconds_sum{{{lbl},kind="{kind}"}} {h.sum_s:.9f}')
-            lines.append(f'testbed_stage_step_seconds_count{{{lbl},kind="{kind}"}} {h.total}')
-        lines += [
-            "# HELP testbed_stage_rejected_total Steps refused for capacity, by reason.",
-            "# TYPE testbed_stage_rejected_total counter",
-        ]
-        for reason in ("queue_full", "cache_full"):
-            lines.append(
-                f'testbed_stage_rejected_total{{{lbl},reason="{reason}"}} {m.rejected[reason]}'
-            )
-        lines += [
-            "# HELP testbed_stage_errors_total Requests answered with an error, by status.",
-            "# TYPE testbed_stage_errors_total counter",
-        ]
-        for status in sorted(m.errors):
-            lines.append(
-                f'testbed_stage_errors_total{{{lbl},status="{status}"}} {m.errors[status]}'
-            )
-        lines += [
-            "# HELP testbed_stage_evicted_total Idle request caches dropped after the TTL.",
-            "# TYPE testbed_stage_evicted_total counter",
-            f"testbed_stage_evicted_total{{{lbl}}} {m.evicted}",
-            "# HELP testbed_stage_bytes_total Wire bytes received and sent.",
-            "# TYPE testbed_stage_bytes_total counter",
-            f'testbed_stage_bytes_total{{{lbl},direction="in"}} {m.bytes_in}',
-            f'testbed_stage_bytes_total{{{lbl},direction="out"}} {m.bytes_out}',
-        ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-async def serve(
-    config: StageConfig, *, announce: bool = True, exit_with_parent: bool = False
-) -> None:
-    """Run a stage server until SIGTERM/SIGINT (the `testbed stage serve` command).
-
-    Once listening it prints one JSON line on stdout: {"event": "listening", "url", "port",
-    "pid", ...}; launchers read it to learn the bound port (use port 0 for a free one).
-    `exit_with_parent`: also stop when the process that started this one dies.
-    """
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
-    server = StageServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
-
-    async def watch_parent() -> None:
-        while os.getppid() == parent:  # noqa: ASYNC110 - nothing to wait on but polling
-            await asyncio.sleep(0.5)
-        stop.set()
-
-    watcher = asyncio.create_task(watch_parent()) if exit_with_parent else None
-    await server.start()
-    try:
-        if announce:
-            ex = server.executor
-            line = {
-                "event": "listening",
-                "url": server.url,
-                "host": config.host,
-                "port": server.port,
-                "tensor_port": server.tensor_port,
-                "pid": os.getpid(),
-                "name": config.label,
-                "blocks": [ex.start, ex.end],
-                "device": str(ex.device),
-            }
-            sys.stdout.write(json.dumps(line) + "\n")
-            sys.stdout.flush()
-        await stop.wait()
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-        await server.aclose()
+        return ForwardReply(meta, encode_parts(meta, tensors)), out.compute_s

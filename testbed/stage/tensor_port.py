@@ -10,12 +10,16 @@ Protocol, per connection, strictly request -> response:
 
 - request: a wire message (:mod:`testbed.stage.wire`) whose meta has ``op`` = ``"forward"``
   (then the /forward meta keys) or ``"sink"`` (read and discard, for transfer checks);
-- response: a wire message whose meta has ``status`` (200, or the HTTP-like error code) and,
-  for errors, ``error``; a forward's response meta and tensors are those of ``/forward``.
+- response: a wire message whose meta has ``status`` (200, or the HTTP-like error status) and,
+  for errors, ``error`` and ``code`` (:class:`testbed.stage.errors.ErrorCode`, as in the HTTP
+  error body); a forward's response meta and tensors are those of ``/forward``.
 
 A malformed frame gets an error response and the connection is closed (its framing is lost);
 a well-framed bad request gets a 4xx response and the connection stays usable. The HTTP API
 stays the reference path; clients use this port when the stage's /info announces it.
+
+The port knows the stage server only through :class:`TensorPortHandler` (this module does not
+import the server; the server starts the port with :func:`start_tensor_port`).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
+from testbed.stage.forward import ForwardReply
 from testbed.stage.wire import (
     PREFIX_BYTES,
     WireFormatError,
@@ -137,12 +143,29 @@ class _FrameProtocol(asyncio.BufferedProtocol):
             raise ConnectionResetError("connection closed while sending")
 
 
-class TensorServerProtocol(_FrameProtocol):
-    """Server side: one request at a time per connection, answered by a StageServer."""
+class TensorPortHandler(Protocol):
+    """What the tensor port needs from a stage server."""
 
-    def __init__(self, server: Any, limits: WireLimits):
+    async def forward_message(self, msg: WireMessage) -> ForwardReply:
+        """Run a /forward message; raise :class:`StageRejectedError` to refuse it."""
+        ...
+
+    def note_bytes_in(self, nbytes: int) -> None:
+        """A sink message of ``nbytes`` arrived."""
+        ...
+
+    def note_refused(self, status: int, code: ErrorCode | None) -> None:
+        """A framing error was answered (the connection closes after it)."""
+        ...
+
+
+class TensorServerProtocol(_FrameProtocol):
+    """Server side: one request at a time per connection, answered by a handler."""
+
+    def __init__(self, handler: TensorPortHandler, limits: WireLimits, conns: set[Any]):
         super().__init__(limits)
-        self.server = server
+        self.handler = handler
+        self._conns = conns  # the port's open connections (closed with it)
         self._task: asyncio.Task[None] | None = None
 
     def _on_message(self, msg: WireMessage) -> None:
@@ -154,16 +177,16 @@ class TensorServerProtocol(_FrameProtocol):
         op = msg.meta.get("op", "forward")
         try:
             if op == "sink":
-                self.server._metrics.bytes_in += msg.nbytes
+                self.handler.note_bytes_in(msg.nbytes)
                 parts = encode_parts({"status": 200, "bytes": msg.nbytes})
             elif op == "forward":
-                status, error, result = await self.server.forward_message(msg)
-                if error is not None:
-                    parts = encode_parts({"status": status, "error": error})
-                else:
-                    parts = result[1]
+                try:
+                    parts = (await self.handler.forward_message(msg)).parts
+                except StageRejectedError as exc:
+                    parts = encode_parts(exc.body())
             else:
-                parts = encode_parts({"status": 400, "error": f"unknown op {op!r}"})
+                error = {"status": 400, "error": f"unknown op {op!r}", "code": ErrorCode.BAD_INPUT}
+                parts = encode_parts(error)
             await self.send(parts)
         except ConnectionError:
             return
@@ -174,13 +197,13 @@ class TensorServerProtocol(_FrameProtocol):
     def _frame_error(self, exc: WireFormatError) -> None:
         # The framing is lost: answer, half-close, drop whatever else arrives, then close.
         # (Closing with unread input would reset the connection before the answer is read.)
-        status = 413 if exc.too_large else 400
-        self.server._metrics.errors[status] += 1
+        status, code = status_and_code(exc)
+        self.handler.note_refused(status, code)
         self._state = _DISCARD
         tr = self.transport
         if tr is None:
             return
-        for part in encode_parts({"status": status, "error": str(exc)}):
+        for part in encode_parts({"status": status, "error": str(exc), "code": code}):
             tr.write(part)
         if tr.can_write_eof():
             tr.write_eof()
@@ -191,11 +214,11 @@ class TensorServerProtocol(_FrameProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.server._tensor_conns.add(self)
+        self._conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.server._tensor_conns.discard(self)
+        self._conns.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -253,6 +276,39 @@ async def open_connection(host: str, port: int, limits: WireLimits) -> TensorCli
     return proto
 
 
-async def start_server(server: Any, host: str, port: int, limits: WireLimits) -> asyncio.Server:
+class TensorPortServer:
+    """A listening tensor port and its open connections."""
+
+    def __init__(self, server: asyncio.Server, conns: set[TensorServerProtocol]):
+        self._server = server
+        self._conns = conns
+
+    @property
+    def port(self) -> int:
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        """Stop listening (open connections stay; :meth:`aclose` ends them too)."""
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    async def aclose(self) -> None:
+        self._server.close()
+        for conn in list(self._conns):
+            if conn.transport is not None:
+                conn.transport.close()
+        await self._server.wait_closed()
+
+
+async def start_tensor_port(
+    handler: TensorPortHandler, host: str, port: int, limits: WireLimits
+) -> TensorPortServer:
+    """Listen on ``host:port`` (0 = any free port) and answer with ``handler``."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: TensorServerProtocol(server, limits), host, port)
+    conns: set[TensorServerProtocol] = set()
+    server = await loop.create_server(
+        lambda: TensorServerProtocol(handler, limits, conns), host, port
+    )
+    return TensorPortServer(server, conns)

@@ -193,6 +193,26 @@ async def test_a_stage_rejection_fails_the_request_with_its_reason() -> None:
     assert status[2][0] == "failed" and "HTTP 400" in (status[2][1] or "")
     assert all(status[i][0] == "completed" for i in (0, 1, 3))
     assert broker.ledger.in_flight() == 0
+    assert res.node_events == ()  # a bad request is not a bad node
+
+
+async def test_a_stage_answering_shutting_down_is_marked_down_by_its_code() -> None:
+    """edge-1 stops admitting (503 shutting_down, as while it stops): the code, not the text,
+    marks it down and its requests move to edge-2."""
+    _, _, plan = _setup()
+    reqs = _requests(20, gap_s=0.01, prompt=6, out=4)
+
+    async def drain_edge1(broker: Broker) -> None:
+        while broker.ledger.book("edge-1").routed_total < 3:  # noqa: ASYNC110 - polls a counter
+            await asyncio.sleep(0.002)
+        stages.servers["edge-1"].stop_admitting()
+
+    async with echo_stages(_ranges(plan), num_blocks=4, compute_s=0.002) as stages:
+        res, _ = await _replay(stages, reqs, during=drain_edge1)
+    assert all(r.status == "completed" for r in res.records), [r.reason for r in res.records]
+    assert [e.node for e in res.node_events] == ["edge-1"]
+    assert "shutting down" in res.node_events[0].reason
+    _check_consistent(res, reqs)
 
 
 # Stopping a stage server mid-run (our stand-in for a crash) can leave sockets it had just

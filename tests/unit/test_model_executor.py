@@ -190,3 +190,50 @@ def test_sliding_window_and_eager_masks_match_generate(tiny_model, tmp_path, att
         for a, b in itertools.pairwise([0, 2, n])
     ]
     assert chain_generate(executors, PROMPT, 12, eos=eos) == want
+
+
+def test_the_loop_may_read_while_worker_threads_step(tiny_model):
+    """The threading contract: steps on several worker threads while another thread reads
+    kv_bytes / request_ids / idle_requests; no read fails and the cache-slot cap holds."""
+    import threading
+    import time
+
+    ex = LayerRangeExecutor(tiny_model("phi3"), 0, 4, max_requests=2)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    steps = [0]
+
+    def worker(w: int) -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                rid = f"{w}-{i}"
+                i += 1
+                try:
+                    ex.step(rid, "prefill", torch.tensor([[1, 2, 3]]), 0)
+                except CacheFullError:
+                    continue
+                ex.step(rid, "decode", torch.tensor([[4]]), 3)
+                steps[0] += 1
+                ex.release(rid)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    held = []
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            ex.kv_bytes()
+            ex.idle_requests(0.0)
+            held.append(len(ex.request_ids))
+    except BaseException as exc:
+        failures.append(exc)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not failures, failures
+    assert steps[0] > 0 and max(held) <= 2

@@ -1,0 +1,61 @@
+"""The /forward payload: the step a wire message asks for, and the answer's parts.
+
+Shared by the HTTP route and the tensor port (:mod:`testbed.stage.tensor_port`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from testbed.model.contract import ExecutorInputError
+from testbed.stage.wire import WireMessage
+
+MAX_REQUEST_ID = 128
+_META_KEYS = {"request_id", "kind", "start_pos", "want_logits", "op"}
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """One decoded /forward step."""
+
+    request_id: str
+    kind: str  # "prefill" | "decode"
+    start_pos: int
+    want_logits: bool
+    input: torch.Tensor  # token ids int64[1, q] (first stage) or hidden states float[1, q, H]
+
+
+@dataclass(frozen=True)
+class ForwardReply:
+    """A step's answer: its meta and the wire buffers to send (meta + tensors, encoded)."""
+
+    meta: dict[str, Any]
+    parts: list[memoryview]
+
+
+def parse_forward(msg: WireMessage) -> ForwardRequest:
+    """The step a message asks for; :class:`ExecutorInputError` (400) when the meta is bad."""
+    meta = msg.meta
+    unknown = set(meta) - _META_KEYS
+    if unknown:
+        raise ExecutorInputError(f"unknown meta keys {sorted(unknown)}")
+    rid = meta.get("request_id")
+    if not isinstance(rid, str) or not 0 < len(rid) <= MAX_REQUEST_ID:
+        raise ExecutorInputError(f"meta.request_id must be a string of 1..{MAX_REQUEST_ID} chars")
+    kind = meta.get("kind")
+    if kind not in ("prefill", "decode"):
+        raise ExecutorInputError(f"meta.kind must be 'prefill' or 'decode', got {kind!r}")
+    start_pos = meta.get("start_pos")
+    if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+        raise ExecutorInputError(f"meta.start_pos must be an integer >= 0, got {start_pos!r}")
+    want_logits = meta.get("want_logits", False)
+    if not isinstance(want_logits, bool):
+        raise ExecutorInputError("meta.want_logits must be true or false")
+    if set(msg.tensors) != {"input"}:
+        raise ExecutorInputError(
+            f"expected exactly one tensor named 'input', got {sorted(msg.tensors)}"
+        )
+    return ForwardRequest(rid, kind, start_pos, want_logits, msg.tensors["input"])
