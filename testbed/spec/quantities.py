@@ -65,19 +65,19 @@ RateBps = Annotated[  # bits/s: 1 kbit/s .. 10 Tbit/s
     float, quantity(units.parse_rate_bps, "rate", "100Mbit", 1e3, 1e13, units.fmt_rate)
 ]
 Seconds = Annotated[  # 1 ns .. 1 day
-    float, quantity(units.parse_duration_s, "duration", "20ms", 1e-9, 86400.0, units.fmt_seconds)
+    float, quantity(units.parse_duration_s, "duration", "20ms", 1e-9, 86400.0, _g("s"))
 ]
 LinkSeconds = Annotated[  # a link's delay or jitter: 1 us (netem's resolution) .. 60 s
     float, quantity(units.parse_duration_s, "link delay", "20ms", 1e-6, 60.0, units.fmt_seconds)
 ]
 LongSeconds = Annotated[  # how long a run lasts: 1 ms .. 30 days
     float,
-    quantity(units.parse_duration_s, "duration", "10min", 1e-3, 30 * 86400.0, units.fmt_seconds),
+    quantity(units.parse_duration_s, "duration", "10min", 1e-3, 30 * 86400.0, _g("s")),
 ]
 TraceSeconds = Annotated[  # a field named *_s: a bare number is seconds; up to ~3 years
     float,
     quantity(
-        units.parse_duration_s, "time", "10min", 0.0, 1e8, units.fmt_seconds, unit_required=False
+        units.parse_duration_s, "time", "10min", 0.0, 1e8, _g("s"), unit_required=False
     ),
 ]
 Bytes = Annotated[  # 1 MiB .. 1 PiB
