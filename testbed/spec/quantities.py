@@ -76,9 +76,7 @@ LongSeconds = Annotated[  # how long a run lasts: 1 ms .. 30 days
 ]
 TraceSeconds = Annotated[  # a field named *_s: a bare number is seconds; up to ~3 years
     float,
-    quantity(
-        units.parse_duration_s, "time", "10min", 0.0, 1e8, _g("s"), unit_required=False
-    ),
+    quantity(units.parse_duration_s, "time", "10min", 0.0, 1e8, _g("s"), unit_required=False),
 ]
 Bytes = Annotated[  # 1 MiB .. 1 PiB
     int, quantity(units.parse_size_bytes, "size", "16GiB", 2**20, 2**50, units.fmt_bytes)

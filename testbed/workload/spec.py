@@ -255,8 +255,6 @@ WorkloadSpec = Annotated[
     AzureSpec | BurstGPTSpec | MooncakeSpec | SyntheticSpec, Field(discriminator="kind")
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(WorkloadSpec)
-KINDS = ("azure", "burstgpt", "mooncake", "synthetic")
-DISTS = ("fixed", "uniform", "normal", "lognormal", "empirical")
 
 
 _ROOTS: list[type[BaseModel]] = [AzureSpec, BurstGPTSpec, MooncakeSpec, SyntheticSpec]
