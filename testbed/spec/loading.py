@@ -322,11 +322,13 @@ def validate(
     prefix: tuple[Any, ...] = (),
     *,
     roots: list[type[BaseModel]] | None = None,
+    from_file: bool = True,
 ) -> M:
     """Validate ``data`` (from a file) as ``model`` (a pydantic model, or a TypeAdapter with the
     ``roots`` models it may produce); errors become one ConfigError naming the file, the field
-    path, the bad value and the fix."""
-    ctx = {**FILE_CONTEXT, "source": source}
+    path, the bad value and the fix. ``from_file=False`` (a dict built in Python) lets
+    quantities be bare numbers in their base unit."""
+    ctx = {**(FILE_CONTEXT if from_file else {}), "source": source}
     try:
         if isinstance(model, TypeAdapter):
             return model.validate_python(data, context=ctx)

@@ -223,6 +223,8 @@ def load_topology(path: str | Path) -> Topology:
 
 
 def topology_from_dict(data: dict[str, Any], source: str = "<topology>") -> Topology:
+    """A topology built in Python: quantities may be numbers in their base unit (bits/s,
+    seconds, bytes); every other check is the file's."""
     if not isinstance(data, dict):
         raise ConfigError("a topology must be a mapping", source=source)
-    return validate(Topology, data, source)
+    return validate(Topology, data, source, from_file=False)

@@ -374,3 +374,21 @@ def test_valid_corpus_base_files_pass(tmp_path: Path, capsys: Any, monkeypatch: 
     fast = _setp(_setp(_topo(), "links[0].bandwidth", "10MBps"), "links[0].jitter", 0)
     _write(tmp_path, {"fast.yaml": _yaml(fast)})
     assert _run(capsys, ["check", "fast.yaml"])[0] == 0
+
+
+def test_trace_prompts_over_the_context_are_clipped_with_a_warning(
+    tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A Mooncake trace whose prompts exceed the model's window used to fail every request
+    with HTTP 409 at replay time; `check` now says how many are clipped, and they fit."""
+    rows = [
+        {"timestamp": i * 100, "input_length": n, "output_length": 8, "hash_ids": []}
+        for i, n in enumerate([100, 5000, 30000, 200])
+    ]
+    trace = "".join(json.dumps(r) + "\n" for r in rows)
+    scn = _setp(_scenario(), "workload", {"kind": "mooncake", "path": "t.jsonl"})
+    _write(tmp_path, {"topo.yaml": _yaml(_topo()), "scn.yaml": _yaml(scn), "t.jsonl": trace})
+    monkeypatch.chdir(tmp_path)
+    code, err, _ = _run(capsys, ["check", "scn.yaml"])
+    assert code == 0, err
+    assert "2 of 4 requests clipped to the model's context window of 2048 tokens" in caplog.text

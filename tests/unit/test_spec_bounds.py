@@ -172,3 +172,37 @@ def test_shipped_files_have_no_duplicate_keys():
     for p in [*root.glob("topologies/*.yaml"), *root.glob("scenarios/*.yaml")]:
         read_mapping(p, "spec")
         yaml.safe_load(p.read_text())
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"[1, 2]", ["mapping"]),
+        (b'{"model_type": "phi3", "x": "\xff"}', ["UTF-8"]),
+        (b'{"model_type": "phi3", "num_hidden_layers": "4"}', ["num_hidden_layers"]),
+        (b'{"model_type": "phi3", "num_hidden_layers": 100000000}', ["num_hidden_layers"]),
+    ],
+)
+def test_model_info_reads_config_json_as_the_planner_does(tmp_path: Path, content, words):
+    """`stage serve` and the executor read config.json through model/info.py (torch-free)."""
+    from testbed.model.info import read_model_info
+
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        read_model_info(tmp_path)
+    assert "config.json" in str(info.value)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_model_info_eos_ids_are_strict(tmp_path: Path):
+    import json
+
+    from testbed.model.info import read_model_info
+    from testbed.spec.model_profile import PRESETS
+
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["tiny"], "eos_token_id": [2]}))
+    assert read_model_info(tmp_path).eos_token_ids == (2,)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "2"}')
+    with pytest.raises(ConfigError, match="eos_token_id"):
+        read_model_info(tmp_path)
