@@ -51,9 +51,6 @@ class _Loader(_Base):
         return super().construct_mapping(node, deep=deep)
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
-
-
 class _DuplicateKey(Exception):
     def __init__(self, key: str, line: int, first: int):
         super().__init__(key)
