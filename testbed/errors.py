@@ -61,3 +61,15 @@ class WorkloadError(TestbedError, ValueError):
     """A trace file is malformed beyond what can be skipped. Exit code 2."""
 
     exit_code = 2
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, in time and memory bounded by ``limit``
+    whatever the value (a huge list or string is never formatted whole): for error messages."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

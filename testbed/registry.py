@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -91,6 +92,14 @@ class Registry(Generic[T]):
                     source=source,
                     field=field,
                 )
+        for key, value in params.items():
+            problem = _type_problem(cls, key, value)
+            if problem:
+                raise ConfigError(
+                    f"{self.kind} {name!r}: parameter {key!r}: {problem}",
+                    source=source,
+                    field=field,
+                )
         try:
             return cls(**params)
         except (TypeError, ValueError) as exc:
@@ -110,3 +119,35 @@ class Registry(Generic[T]):
                 ps.append({"name": f.name, "default": default})
             out.append({"name": name, "doc": doc, "params": ps})
         return out
+
+
+def _type_problem(cls: type, key: str, value: Any) -> str | None:
+    """Why ``value`` does not fit the declared type of parameter ``key`` (strictly: no "maybe"
+    for a bool, no "5" for an int, no NaN or inf for a float), or None."""
+    import math
+    import typing
+
+    from testbed.errors import brief
+
+    hint = typing.get_type_hints(cls).get(key)
+    allowed = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    for t in allowed:
+        if t is type(None) and value is None:
+            return None
+        if t is bool and isinstance(value, bool):
+            return None
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return None if math.isfinite(value) else f"{brief(value)} is not a finite number"
+        if t is str and isinstance(value, str):
+            return None
+        if t not in (bool, int, float, str, type(None)):
+            return None  # a type this check does not know: left to the class
+    words = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    wanted = " or ".join(words.get(t, "null") for t in allowed)
+    return f"{brief(value)} is not {wanted}; write {wanted} (no quotes around numbers or booleans)"

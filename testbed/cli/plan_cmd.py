@@ -16,8 +16,14 @@ from testbed.cost.planner import make_plan
 from testbed.partition import PARTITIONERS
 from testbed.schedule import SCHEDULERS
 from testbed.spec.devices import CATALOG
-from testbed.spec.model_profile import PRESETS, load_measured_profile, load_model_profile
-from testbed.spec.plan import Plan, RequestShape
+from testbed.spec.model_profile import (
+    PRESETS,
+    check_fits_context,
+    load_measured_profile,
+    load_model_profile,
+)
+from testbed.spec.plan import MAX_CONCURRENCY, Plan, RequestShape
+from testbed.spec.quantities import MAX_TOKENS
 from testbed.spec.topology import load_topology
 from testbed.units import fmt_bytes, fmt_seconds
 
@@ -95,10 +101,11 @@ def plan(
         list[str] | None, typer.Option("--param", "-p", help="partitioner parameter KEY=VALUE")
     ] = None,
     dtype: Annotated[str, typer.Option(help="weights/KV dtype")] = "float16",
-    prompt_tokens: Annotated[int, typer.Option(min=1)] = 512,
-    output_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    prompt_tokens: Annotated[int, typer.Option(min=1, max=MAX_TOKENS)] = 512,
+    output_tokens: Annotated[int, typer.Option(min=1, max=MAX_TOKENS)] = 128,
     concurrency: Annotated[
-        int, typer.Option(min=1, help="requests whose KV cache each stage holds")
+        int,
+        typer.Option(min=1, max=MAX_CONCURRENCY, help="requests whose KV cache each stage holds"),
     ] = 4,
     profile: Annotated[
         Path | None, typer.Option(help="measured profile JSON from `testbed profile`")
@@ -108,6 +115,8 @@ def plan(
     """Plan the split of MODEL over TOPOLOGY's tiers and print it per tier."""
     topo = load_topology(topology)
     prof = load_model_profile(model, dtype=dtype)
+    context = prof.arch.max_position_embeddings
+    check_fits_context(prompt_tokens, output_tokens, context, source=None, field="--prompt-tokens")
     measured = load_measured_profile(profile) if profile else None
     part = PARTITIONERS.create(partitioner, parse_params(param), field="--param")
     result = make_plan(

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,18 @@ class Summary:
         return asdict(self)
 
 
+def failure_kind(reason: str | None, request_id: int) -> str:
+    """``reason`` without the request's own id, so identical failures group in the summary:
+    the stage request id (``'<run>-<id>-<retry>'``) becomes ``<request>``, ``request 17``
+    becomes ``request <id>``. The per-request records keep the full text."""
+    if not reason:
+        return "unknown"
+    rid = re.escape(str(request_id))
+    text = re.sub(rf"'[^'\s]*-{rid}-\d+'", "<request>", reason)
+    text = re.sub(rf"(?<![\w-])[\w.]+-{rid}-\d+\b", "<request>", text)
+    return re.sub(rf"\b(request(?: id)?) {rid}\b", r"\1 <id>", text)
+
+
 def merged_busy_s(intervals: Iterable[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals (overlaps counted once)."""
     total = 0.0
@@ -140,7 +153,7 @@ def summarize(
     wall = run_wall_s(records) if wall_s is None else wall_s
     done = [r for r in records if r.status == "completed"]
     failed = [r for r in records if r.status != "completed"]
-    reasons = Counter(r.reason or "unknown" for r in failed)
+    reasons = Counter(failure_kind(r.reason, r.request_id) for r in failed)
     out_tokens = sum(len(r.token_times_s) for r in done)
     in_tokens = sum(r.prompt_tokens for r in done)
     per = (lambda x: x / wall) if wall > 0 else (lambda x: 0.0)

@@ -13,29 +13,30 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from testbed.spec.quantities import Bytes, BytesPerS, Flops
+from testbed.errors import brief
+from testbed.spec.quantities import Bytes, BytesPerS, FiniteFloat, Flops, Seconds, StrictInt
 
 GiB = 2**30
 
 
 class DeviceProfile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     kind: Literal["gpu", "cpu"]
     label: str = ""  # human name, e.g. "NVIDIA RTX 3090"
     peak_flops: Flops = Field(gt=0)  # FLOP/s of the whole device at the model's dtype
     mem_bandwidth: BytesPerS = Field(gt=0)  # bytes/s
     mem: Bytes = Field(gt=0)  # bytes usable for weights + KV cache
-    cores: int | None = Field(default=None, gt=0)  # CPU devices: physical cores peak_flops is for
-    cpus: float | None = Field(
-        default=None, gt=0
+    cores: StrictInt | None = Field(default=None, gt=0, le=4096)  # CPU: cores peak_flops is for
+    cpus: FiniteFloat | None = Field(
+        default=None, ge=0.01, le=4096
     )  # container CPU quota (cores); CPU compute scales with it
     mem_limit: Bytes | None = Field(
         default=None, gt=0
     )  # container memory limit (default: mem + 1GiB)
-    compute_efficiency: float = Field(default=0.5, gt=0, le=1)  # achieved / peak FLOP/s
-    bandwidth_efficiency: float = Field(default=0.7, gt=0, le=1)  # achieved / peak bytes/s
-    step_overhead: float = Field(default=0.0, ge=0)  # seconds of fixed cost per block per step
+    compute_efficiency: FiniteFloat = Field(default=0.5, ge=0.001, le=1)  # achieved / peak FLOP/s
+    bandwidth_efficiency: FiniteFloat = Field(default=0.7, ge=0.001, le=1)  # achieved / peak B/s
+    step_overhead: Seconds = Field(default=0.0, ge=0)  # fixed cost per block per step ("50us")
 
     @property
     def effective_flops(self) -> float:
@@ -98,6 +99,15 @@ def catalog_names() -> list[str]:
     return sorted(CATALOG)
 
 
+def _with_units(fields: dict[str, Any]) -> dict[str, Any]:
+    """Catalog numbers written with their units, as a file must write them (lossless: repr)."""
+    out = dict(fields)
+    for key, unit in (("peak_flops", "FLOPS"), ("mem_bandwidth", "B/s"), ("mem", "B")):
+        if isinstance(out.get(key), int | float):
+            out[key] = f"{out[key]!r}{unit}"
+    return out
+
+
 def resolve_device(value: Any) -> Any:
     """Turn ``"rtx-3090"`` or ``{base: "rtx-3090", mem: "20GiB"}`` into full profile fields.
 
@@ -105,6 +115,11 @@ def resolve_device(value: Any) -> Any:
     """
     if isinstance(value, DeviceProfile):
         return value
+    if isinstance(value, dict) and "base" in value and not isinstance(value["base"], str):
+        raise ValueError(
+            f"base must be a catalog device name, got {brief(value['base'])}; "
+            f"catalog: {', '.join(catalog_names())}"
+        )
     if isinstance(value, str):
         if value not in CATALOG:
             import difflib
@@ -115,13 +130,14 @@ def resolve_device(value: Any) -> Any:
                 f"unknown device {value!r}; {hint}catalog: {', '.join(catalog_names())}, "
                 "or write a full profile (kind, peak_flops, mem_bandwidth, mem)"
             )
-        return dict(CATALOG[value])
+        return _with_units(CATALOG[value])
     if isinstance(value, dict) and "base" in value:
         base = value["base"]
         merged = dict(resolve_device(base))
         merged.update({k: v for k, v in value.items() if k != "base"})
-        if "cpus" not in value and merged.get("kind") == "cpu" and "cores" in value:
-            merged["cpus"] = float(value["cores"])
+        cores = value.get("cores")
+        if "cpus" not in value and merged.get("kind") == "cpu" and isinstance(cores, int):
+            merged["cpus"] = float(cores)
         return merged
     return value
 

@@ -9,14 +9,14 @@ replace the estimate with times measured on real hardware.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from testbed.errors import ConfigError
+from testbed.errors import ConfigError, brief
 from testbed.spec.loading import read_mapping, validate
+from testbed.spec.quantities import StrictBool, StrictInt
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8": 1}
 Dtype = Literal["float32", "float16", "bfloat16", "int8", "float8"]
@@ -40,7 +40,7 @@ class ModelArch(BaseModel):
     vocab_size: int = Field(gt=0)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # qwen2 has biases on q, k, v
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 2048
 
     # -- per block ---------------------------------------------------------------------------
     @property
@@ -147,43 +147,106 @@ class ModelProfile(BaseModel):
         return tokens * self.activation_bytes_per_token() * 2
 
 
-def arch_from_hf_config(cfg: dict[str, Any], name: str, source: str = "config.json") -> ModelArch:
-    """Read the fields that matter from a HF config dict; errors name the missing field."""
-    model_type = str(cfg.get("model_type", ""))
-    if model_type not in SUPPORTED_ARCHS:
+# Upper limits on a config.json's numbers, well above any published model (a 405B model has
+# 126 blocks, hidden 16384, vocabularies reach ~256k): a larger number is a typo or an attack.
+MAX_BLOCKS = 1024
+MAX_HIDDEN = 65_536
+MAX_HEADS = 1024
+MAX_VOCAB = 2**22
+MAX_CONTEXT = 2**24
+
+
+class HFConfig(BaseModel):
+    """The cost-relevant fields of a Hugging Face ``config.json`` (the others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model_type: str
+    num_hidden_layers: StrictInt = Field(ge=1, le=MAX_BLOCKS)
+    hidden_size: StrictInt = Field(ge=1, le=MAX_HIDDEN)
+    intermediate_size: StrictInt = Field(ge=1, le=16 * MAX_HIDDEN)
+    num_attention_heads: StrictInt = Field(ge=1, le=MAX_HEADS)
+    num_key_value_heads: StrictInt | None = Field(default=None, ge=1, le=MAX_HEADS)
+    head_dim: StrictInt | None = Field(default=None, ge=1, le=MAX_HIDDEN)
+    vocab_size: StrictInt = Field(ge=1, le=MAX_VOCAB)
+    tie_word_embeddings: StrictBool | None = False
+    attention_bias: StrictBool | None = False
+    max_position_embeddings: StrictInt = Field(default=2048, ge=1, le=MAX_CONTEXT)
+
+    @model_validator(mode="after")
+    def _heads(self) -> HFConfig:
+        h, n = self.hidden_size, self.num_attention_heads
+        if self.head_dim is None:
+            if n > h:
+                raise ValueError(
+                    f"num_attention_heads ({n}) is larger than hidden_size ({h}); "
+                    "each head needs hidden_size / num_attention_heads >= 1 dimensions"
+                )
+            if h % n:
+                raise ValueError(
+                    f"hidden_size ({h}) is not divisible by num_attention_heads ({n}); "
+                    "fix one of them or give head_dim"
+                )
+        kv = self.num_key_value_heads
+        if kv is not None and (kv > n or n % kv):
+            raise ValueError(
+                f"num_key_value_heads ({kv}) must divide num_attention_heads ({n}); "
+                "grouped-query attention shares each KV head among a whole number of heads"
+            )
+        return self
+
+
+def arch_from_hf_config(cfg: Any, name: str, source: str = "config.json") -> ModelArch:
+    """Read the fields that matter from a HF config dict; errors name the field and the fix."""
+    if not isinstance(cfg, dict):
         raise ConfigError(
-            f"model_type {model_type!r} is not supported; supported decoder-only architectures: "
-            f"{', '.join(SUPPORTED_ARCHS)}",
+            f"a model config must be a JSON object, got {type(cfg).__name__}", source=source
+        )
+    model_type = cfg.get("model_type", "")
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHS:
+        raise ConfigError(
+            f"model_type {brief(model_type)} is not supported; supported decoder-only "
+            f"architectures: {', '.join(SUPPORTED_ARCHS)}",
             source=source,
             field="model_type",
         )
-
-    def need(key: str) -> int:
-        if key not in cfg:
-            raise ConfigError("required field is missing", source=source, field=key)
-        v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"must be a positive integer, got {v!r}", source=source, field=key)
-        return v
-
-    heads = need("num_attention_heads")
-    hidden = need("hidden_size")
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
+    c = validate(HFConfig, cfg, source)
+    heads = c.num_attention_heads
     return ModelArch(
         name=name,
         model_type=model_type,
-        num_blocks=need("num_hidden_layers"),
-        hidden_size=hidden,
-        intermediate_size=need("intermediate_size"),
+        num_blocks=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
         num_heads=heads,
-        num_kv_heads=int(kv),
-        head_dim=int(head_dim),
-        vocab_size=need("vocab_size"),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        num_kv_heads=c.num_key_value_heads or heads,
+        head_dim=c.head_dim or c.hidden_size // heads,
+        vocab_size=c.vocab_size,
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        qkv_bias=model_type == "qwen2" or bool(c.attention_bias),
+        max_position_embeddings=c.max_position_embeddings,
     )
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """A model's ``config.json`` as a dict: bounded, UTF-8, a JSON object (errors exit 2)."""
+    return read_mapping(path, "model config")
+
+
+def check_fits_context(
+    prompt_tokens: int, output_tokens: int, context_tokens: int, *, source: str | None, field: str
+) -> None:
+    """A request of P prompt and O output tokens occupies P + O - 1 positions of the model's
+    context (the last token generated is never fed back); refuse one that cannot fit."""
+    need = prompt_tokens + output_tokens - 1
+    if need > context_tokens:
+        raise ConfigError(
+            f"{prompt_tokens} prompt + {output_tokens} output tokens need {need} positions but the "
+            f"model's context window is {context_tokens} tokens; lower them so that "
+            f"prompt + output - 1 <= {context_tokens}",
+            source=source,
+            field=field,
+        )
 
 
 # Presets: the published configs' cost-relevant numbers (no weights needed to plan).
@@ -271,20 +334,17 @@ def load_model_profile(
             f"presets: {', '.join(sorted(PRESETS))}",
             field="model",
         )
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read model config: {exc}", source=str(cfg_path)) from None
+    cfg = read_hf_config(cfg_path)
     name = cfg_path.parent.name if cfg_path.name == "config.json" else cfg_path.stem
     return ModelProfile(arch=arch_from_hf_config(cfg, name, str(cfg_path)), dtype=dtype)  # type: ignore[arg-type]
 
 
 # -- measured profiles (written by `testbed profile`) ------------------------------------------
 class PhaseTimes(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    prefill_s: float = Field(ge=0)  # the whole prompt (prompt_tokens) through this part
-    decode_s: float = Field(ge=0)  # one token at context_tokens
+    prefill_s: float = Field(ge=0, le=86400)  # the whole prompt (prompt_tokens) through this part
+    decode_s: float = Field(ge=0, le=86400)  # one token at context_tokens
 
 
 class MeasuredDevice(BaseModel):
@@ -292,7 +352,7 @@ class MeasuredDevice(BaseModel):
 
     kind: Literal["cpu", "gpu"]
     name: str
-    threads: int = Field(ge=1)
+    threads: StrictInt = Field(ge=1, le=4096)
 
 
 class MeasuredProfile(BaseModel):
@@ -304,12 +364,12 @@ class MeasuredProfile(BaseModel):
     version: Literal[1] = 1
     model: str
     architecture: str
-    num_blocks: int = Field(gt=0)
+    num_blocks: StrictInt = Field(gt=0, le=MAX_BLOCKS)
     dtype: str
     device: MeasuredDevice
-    prompt_tokens: int = Field(gt=0)
-    context_tokens: int = Field(ge=0)
-    blocks: tuple[PhaseTimes, ...]
+    prompt_tokens: StrictInt = Field(gt=0, le=MAX_CONTEXT)
+    context_tokens: StrictInt = Field(ge=0, le=MAX_CONTEXT)
+    blocks: tuple[PhaseTimes, ...] = Field(max_length=MAX_BLOCKS)
     embed: PhaseTimes
     head: PhaseTimes
     host: str = ""

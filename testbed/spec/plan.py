@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from testbed.spec.quantities import MAX_TOKENS, StrictInt
 
 
 class StagePlan(BaseModel):
@@ -37,14 +39,18 @@ class StagePlan(BaseModel):
         return self.compute_s + self.transfer_s
 
 
+MAX_CONCURRENCY = 65_536
+
+
 class RequestShape(BaseModel):
     """The reference request a plan is optimised for."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt_tokens: int = 512
-    output_tokens: int = 128
-    concurrency: int = 4  # requests whose KV caches each stage must hold at once
+    prompt_tokens: StrictInt = Field(default=512, ge=1, le=MAX_TOKENS)
+    output_tokens: StrictInt = Field(default=128, ge=1, le=MAX_TOKENS)
+    # requests whose KV caches each stage must hold at once
+    concurrency: StrictInt = Field(default=4, ge=1, le=MAX_CONCURRENCY)
 
 
 class Plan(BaseModel):

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from testbed.errors import ConfigError
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
-from testbed.spec.quantities import Seconds
+from testbed.spec.quantities import LongSeconds, Seconds, StrictInt
+from testbed.workload.knobs import MAX_REQUESTS
 
 
 class PolicyRef(BaseModel):
@@ -46,7 +47,9 @@ def _policy(v: Any) -> Any:
 
 
 class SLO(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     ttft_s: Seconds | None = Field(default=None, alias="ttft")
     tpot_s: Seconds | None = Field(default=None, alias="tpot")
@@ -54,7 +57,9 @@ class SLO(BaseModel):
 
 
 class Scenario(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,60}$")
     description: str = ""
@@ -67,9 +72,9 @@ class Scenario(BaseModel):
     planning: RequestShape = RequestShape(prompt_tokens=128, output_tokens=32, concurrency=4)
     profile: Path | None = None  # measured profile JSON (`testbed profile`)
     workload: dict[str, Any]
-    duration_s: Seconds | None = Field(default=None, alias="duration", gt=0)
-    requests: int | None = Field(default=None, gt=0)
-    seed: int = 0
+    duration_s: LongSeconds | None = Field(default=None, alias="duration", gt=0)
+    requests: StrictInt | None = Field(default=None, gt=0, le=MAX_REQUESTS)
+    seed: StrictInt = Field(default=0, ge=0, lt=2**63)
     slo: SLO = SLO()
     runtime: Literal["local", "docker"] = "local"
     output: Path = Path("results")
@@ -123,7 +128,7 @@ def load_scenario(path: str | Path) -> LoadedScenario:
     model, workload spec. Errors name the file, the field and the fix (exit code 2)."""
     from testbed.partition import PARTITIONERS
     from testbed.schedule import SCHEDULERS
-    from testbed.spec.model_profile import load_model_profile
+    from testbed.spec.model_profile import check_fits_context, load_model_profile
     from testbed.spec.topology import load_topology
     from testbed.workload.spec import parse_workload_spec
 
@@ -149,21 +154,63 @@ def load_scenario(path: str | Path) -> LoadedScenario:
         )
     load_topology(topo_path)
     try:
-        load_model_profile(spec.model, dtype=spec.dtype, base_dir=base)
+        profile = load_model_profile(spec.model, dtype=spec.dtype, base_dir=base)
     except ConfigError as exc:
         raise ConfigError(str(exc), source=src, field="model") from None
-    if (
-        spec.model_dir is not None
-        and not (base / spec.model_dir / "config.json").exists()
-        and not (spec.model_dir / "config.json").exists()
-    ):
-        raise ConfigError(
-            f"{str(spec.model_dir)!r} has no config.json; point it at a Hugging Face model folder "
-            "(or make one with `testbed model make-tiny DIR`)",
-            source=src,
-            field="model_dir",
+    context = profile.arch.max_position_embeddings
+    if spec.model_dir is not None:
+        cfg = next(
+            (
+                d / "config.json"
+                for d in (base / spec.model_dir, spec.model_dir)
+                if (d / "config.json").is_file()
+            ),
+            None,
         )
+        if cfg is None:
+            raise ConfigError(
+                f"{str(spec.model_dir)!r} has no config.json; point it at a Hugging Face model "
+                "folder (or make one with `testbed model make-tiny DIR`)",
+                source=src,
+                field="model_dir",
+            )
+        executed = load_model_profile(cfg, dtype=spec.dtype)  # the weights that will run
+        context = min(context, executed.arch.max_position_embeddings)
+    p_, o_ = spec.planning.prompt_tokens, spec.planning.output_tokens
+    check_fits_context(p_, o_, context, source=src, field="planning")
     workload = parse_workload_spec(spec.workload, source=src)
+    _check_workload_fits(workload, context, src)
     return LoadedScenario(
-        spec=spec, path=p.resolve(), topology_path=topo_path.resolve(), workload=workload
+        spec=spec,
+        path=p.resolve(),
+        topology_path=topo_path.resolve(),
+        workload=workload.with_context(context),  # longer trace requests: clipped, with a warning
     )
+
+
+def _check_workload_fits(workload: Any, context: int, src: str) -> None:
+    """Lengths the file states outright (caps, fixed or bounded synthetic lengths) must fit the
+    model's context window; a trace's own longer requests are clipped with a warning instead."""
+    from testbed.spec.model_profile import check_fits_context
+
+    def most(length: Any) -> int | None:
+        if length is None:
+            return None
+        for attr in ("value", "high"):
+            if getattr(length, attr, None) is not None:
+                return int(getattr(length, attr))
+        return None
+
+    p_cap = workload.max_prompt_tokens
+    o_cap = workload.max_output_tokens
+    p_field, o_field = "workload.max_prompt_tokens", "workload.max_output_tokens"
+    if getattr(workload, "kind", "") == "synthetic":
+        p_len, o_len = most(workload.prompt_tokens), most(workload.output_tokens)
+        if p_cap is None and p_len is not None:
+            p_cap, p_field = p_len, "workload.prompt_tokens"
+        if o_cap is None and o_len is not None:
+            o_cap, o_field = o_len, "workload.output_tokens"
+    if o_cap is not None:
+        check_fits_context(1, o_cap, context, source=src, field=o_field)
+    if p_cap is not None:
+        check_fits_context(p_cap, 1 if o_cap is None else o_cap, context, source=src, field=p_field)

@@ -15,27 +15,32 @@ links:                       # between consecutive tiers
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from testbed.errors import ConfigError
+from testbed.errors import ConfigError, brief
 from testbed.spec.devices import DeviceProfile, resolve_device
 from testbed.spec.loading import read_mapping, validate
-from testbed.spec.quantities import Percent, RateBps, Seconds
+from testbed.spec.quantities import LinkSeconds, Percent, RateBps
 
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,40}$"
+MAX_NODES = 10_000  # in one topology, after ``count`` is expanded
+MAX_TIERS = 64
 
 
 class LinkSpec(BaseModel):
     """A shaped link (one direction's parameters; both directions get the same)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     bandwidth_bps: RateBps = Field(alias="bandwidth", gt=0)
-    delay_s: Seconds = Field(default=0.0, alias="delay")  # one-way
-    jitter_s: Seconds = Field(default=0.0, alias="jitter")  # uniform in delay +- jitter
+    delay_s: LinkSeconds = Field(default=0.0, alias="delay")  # one-way
+    jitter_s: LinkSeconds = Field(default=0.0, alias="jitter")  # uniform in delay +- jitter
     loss_pct: Percent = Field(default=0.0, alias="loss")  # per packet, percent
 
     @model_validator(mode="after")
@@ -80,12 +85,11 @@ class Tier(BaseModel):
         """``count: k`` on a node entry makes k nodes named NAME-1..NAME-k."""
         if not isinstance(v, list):
             return v
+        _node_count([(f"nodes[{k}]", e) for k, e in enumerate(v)])  # before any node is made
         out: list[Any] = []
         for entry in v:
             if isinstance(entry, dict) and "count" in entry:
                 count = entry["count"]
-                if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                    raise ValueError(f"count must be a whole number >= 1, got {count!r}")
                 base = {k: x for k, x in entry.items() if k != "count"}
                 for i in range(1, count + 1):
                     out.append({**base, "name": f"{base.get('name', 'node')}-{i}"})
@@ -94,26 +98,60 @@ class Tier(BaseModel):
         return out
 
 
+def _node_count(entries: list[tuple[str, Any]], total: int = 0) -> int:
+    """Nodes the ``(path, entry)`` pairs make (``count`` included) on top of ``total``,
+    refused above :data:`MAX_NODES` before any node is made; a bad count is left to the tier."""
+    for path, entry in entries:
+        count = entry.get("count", 1) if isinstance(entry, dict) else 1
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{path}.count: must be a whole number >= 1, got {brief(count)}")
+        total += count
+        if total > MAX_NODES:
+            raise ValueError(
+                f"{path}.count: {brief(count)} makes the topology more than {MAX_NODES:,} nodes, "
+                f"the limit; lower count"
+            )
+    return total
+
+
+def _repeated(names: list[str]) -> str:
+    dup = sorted(n for n, k in Counter(names).items() if k > 1)
+    return ", ".join(dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+
+
 class Topology(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=_NAME)
     description: str = ""
-    tiers: tuple[Tier, ...] = Field(min_length=1)
-    links: tuple[InterTierLink, ...] = ()
+    tiers: tuple[Tier, ...] = Field(min_length=1, max_length=MAX_TIERS)
+    links: tuple[InterTierLink, ...] = Field(default=(), max_length=MAX_TIERS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        """Count the nodes of every tier before any is built (``count: 100000000``)."""
+        tiers = data.get("tiers") if isinstance(data, dict) else None
+        if isinstance(tiers, list) and len(tiers) <= MAX_TIERS:
+            _node_count(
+                [
+                    (f"tiers[{j}].nodes[{k}]", e)
+                    for j, t in enumerate(tiers)
+                    if isinstance(t, dict) and isinstance(t.get("nodes"), list)
+                    for k, e in enumerate(t["nodes"])
+                ]
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
         tier_names = [t.name for t in self.tiers]
-        dup = {n for n in tier_names if tier_names.count(n) > 1}
+        dup = _repeated(tier_names)
         if dup:
-            raise ValueError(f"tier names must be unique; repeated: {', '.join(sorted(dup))}")
-        node_names = [n.name for t in self.tiers for n in t.nodes]
-        dup = {n for n in node_names if node_names.count(n) > 1}
+            raise ValueError(f"tier names must be unique; repeated: {dup}")
+        dup = _repeated([n.name for t in self.tiers for n in t.nodes])
         if dup:
-            raise ValueError(
-                f"node names must be unique across tiers; repeated: {', '.join(sorted(dup))}"
-            )
+            raise ValueError(f"node names must be unique across tiers; repeated: {dup}")
         index = {n: i for i, n in enumerate(tier_names)}
         seen: set[tuple[int, int]] = set()
         for k, link in enumerate(self.links):
@@ -185,6 +223,8 @@ def load_topology(path: str | Path) -> Topology:
 
 
 def topology_from_dict(data: dict[str, Any], source: str = "<topology>") -> Topology:
+    """A topology built in Python: quantities may be numbers in their base unit (bits/s,
+    seconds, bytes); every other check is the file's."""
     if not isinstance(data, dict):
         raise ConfigError("a topology must be a mapping", source=source)
-    return validate(Topology, data, source)
+    return validate(Topology, data, source, from_file=False)

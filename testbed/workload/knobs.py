@@ -1,7 +1,7 @@
 """Apply the workload knobs to a stream of trace rows, uniformly for every format.
 
 Order: window on trace time (seconds from the file's first row, unscaled) -> request limit
--> clip token counts (min 1) -> rebase arrivals on the first kept request -> scale
+-> clip token counts (min 1) -> fit the model's context window -> rebase arrivals on the first kept request -> scale
 (``time_scale`` multiplies inter-arrival times, ``rate_scale`` divides them).
 Reading stops at the first row past the window's end or once the limit is reached, so a
 window at the start of a multi-million-row trace is fast; all traces are time-ordered, and a
@@ -19,6 +19,7 @@ from testbed.errors import WorkloadError
 from testbed.workload.request import TraceRequest, TraceRow, WorkloadStats
 
 MOONCAKE_BLOCK_TOKENS = 512  # tokens per Mooncake hash_ids block
+MAX_REQUESTS = 1_000_000  # in one workload (memory stays in the hundreds of MB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class Knobs:
     max_prompt_tokens: int | None = None
     max_output_tokens: int | None = None
     max_requests: int | None = None
+    context_tokens: int | None = None  # clip so that prompt + output - 1 fits (the model's window)
 
     def __post_init__(self) -> None:
         for name in ("time_scale", "rate_scale"):
@@ -42,7 +44,7 @@ class Knobs:
             math.isfinite(self.duration_s) and self.duration_s > 0
         ):
             raise WorkloadError(f"window duration_s={self.duration_s!r} must be > 0")
-        for name in ("max_prompt_tokens", "max_output_tokens", "max_requests"):
+        for name in ("max_prompt_tokens", "max_output_tokens", "max_requests", "context_tokens"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise WorkloadError(f"{name}={v!r} must be >= 1")
@@ -64,6 +66,8 @@ def apply_knobs(
     start_s = knobs.start_s
     end_s = knobs.start_s + knobs.duration_s if knobs.duration_s is not None else math.inf
     limit = knobs.max_requests if knobs.max_requests is not None else -1
+    if limit > MAX_REQUESTS:
+        raise WorkloadError(f"max_requests={limit} is above the limit of {MAX_REQUESTS:,}")
     n_read = n_before = n_disorder = 0
     stopped_early = False
     for row in rows:
@@ -82,6 +86,11 @@ def apply_knobs(
         if t >= end_s:
             stopped_early = True
             break
+        if len(kept) == MAX_REQUESTS:
+            raise WorkloadError(
+                f"the window holds more than {MAX_REQUESTS:,} requests, the limit of one "
+                "workload; set max_requests or a shorter window"
+            )
         kept.append((t, len(kept), row))
         if len(kept) == limit:
             stopped_early = True
@@ -94,7 +103,8 @@ def apply_knobs(
     factor = knobs.factor
     p_cap = knobs.max_prompt_tokens if knobs.max_prompt_tokens is not None else math.inf
     o_cap = knobs.max_output_tokens if knobs.max_output_tokens is not None else math.inf
-    p_total = o_total = n_p_cut = n_o_cut = n_min = 0
+    ctx = knobs.context_tokens
+    p_total = o_total = n_p_cut = n_o_cut = n_min = n_ctx = 0
     for i, (t, _, row) in enumerate(kept):
         p = row.prompt_tokens
         o = row.output_tokens
@@ -113,6 +123,12 @@ def apply_knobs(
         elif o < 1:
             o = 1
             n_min += 1
+        if ctx is not None and p + o - 1 > ctx:  # the model cannot hold it: fit it in
+            n_ctx += 1
+            o = min(o, ctx)
+            p = ctx - o + 1
+            if hashes:
+                hashes = hashes[: -(-p // MOONCAKE_BLOCK_TOKENS)]
         requests.append(TraceRequest(i, (t - base) * factor, p, o, row.source_row, hashes))
         p_total += p
         o_total += o
@@ -125,6 +141,7 @@ def apply_knobs(
         prompt_clipped=n_p_cut,
         output_clipped=n_o_cut,
         raised_to_min=n_min,
+        context_clipped=n_ctx,
         out_of_order=n_disorder,
         stopped_early=stopped_early,
         requests=len(requests),

@@ -44,6 +44,7 @@ class WorkloadStats:
     prompt_clipped: int = 0  # prompts cut to max_prompt_tokens
     output_clipped: int = 0  # outputs cut to max_output_tokens
     raised_to_min: int = 0  # prompt or output of 0 tokens raised to 1
+    context_clipped: int = 0  # requests cut so prompt + output - 1 fits the model's context
     out_of_order: int = 0  # rows earlier than some row read before them (sorted back, stable)
     stopped_early: bool = False  # reading stopped at the window's end or the request limit
     requests: int = 0

@@ -15,45 +15,36 @@ Relative paths resolve against the scenario file's folder (``base_dir``).
 
 from __future__ import annotations
 
-import difflib
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    PositiveFloat,
-    PositiveInt,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 
 from testbed.errors import ConfigError, WorkloadError
-from testbed.units import parse_duration_s
-from testbed.workload.knobs import Knobs, apply_knobs
+from testbed.spec.loading import validate
+from testbed.spec.quantities import MAX_TOKENS, FiniteFloat, StrictInt, TraceSeconds
+from testbed.workload.knobs import MAX_REQUESTS, Knobs, apply_knobs
 from testbed.workload.readers import read_azure, read_burstgpt, read_mooncake
 from testbed.workload.request import TraceRow, Workload
 from testbed.workload.synthetic import gamma_arrivals, synthetic_rows
 
+log = logging.getLogger(__name__)
 
-def _duration(v: Any) -> Any:
-    return (
-        parse_duration_s(v) if isinstance(v, str | int | float) and not isinstance(v, bool) else v
-    )
-
-
-Duration = Annotated[NonNegativeFloat, BeforeValidator(_duration)]  # seconds; "10min" accepted
+Duration = TraceSeconds  # seconds; a bare number is seconds (the field names end in _s), "10min"
+# token counts and lengths: whole numbers 1 .. MAX_TOKENS, no "5" for 5
+TokenCount = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)]
+TokenMean = Annotated[FiniteFloat, Field(gt=0, le=MAX_TOKENS)]
+Spread = Annotated[FiniteFloat, Field(ge=0, le=MAX_TOKENS)]
+Scale = Annotated[FiniteFloat, Field(ge=1e-3, le=1e3)]  # time_scale / rate_scale
+MAX_RATE_RPS = 1e6
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Window(_Model):
@@ -68,12 +59,21 @@ class Window(_Model):
 
 
 class _Knobs(_Model):
-    time_scale: PositiveFloat = 1.0  # multiplies inter-arrival times
-    rate_scale: PositiveFloat = 1.0  # divides inter-arrival times (2 = twice the request rate)
+    time_scale: Scale = 1.0  # multiplies inter-arrival times (1e-3 .. 1e3)
+    rate_scale: Scale = 1.0  # divides inter-arrival times (2 = twice the request rate)
     window: Window | None = None
-    max_prompt_tokens: PositiveInt | None = None  # longer prompts are clipped
-    max_output_tokens: PositiveInt | None = None  # longer outputs are clipped
-    max_requests: PositiveInt | None = None  # the first N requests of the window
+    max_prompt_tokens: TokenCount | None = None  # longer prompts are clipped
+    max_output_tokens: TokenCount | None = None  # longer outputs are clipped
+    max_requests: Annotated[StrictInt, Field(ge=1, le=MAX_REQUESTS)] | None = None  # first N
+    # the model's context window, set by the scenario (not by the file): a longer request is
+    # clipped to fit it, and the clipping is counted and reported
+    _context_tokens: int | None = None
+
+    def with_context(self, context_tokens: int) -> Any:
+        """A copy that clips requests to ``context_tokens`` positions (prompt + output - 1)."""
+        copy = self.model_copy()
+        copy._context_tokens = context_tokens
+        return copy
 
     def knobs(self) -> Knobs:
         w = self.window or Window()
@@ -85,6 +85,7 @@ class _Knobs(_Model):
             max_prompt_tokens=self.max_prompt_tokens,
             max_output_tokens=self.max_output_tokens,
             max_requests=self.max_requests,
+            context_tokens=self._context_tokens,
         )
 
 
@@ -116,7 +117,7 @@ class MooncakeSpec(_Knobs):
 
 class FixedLength(_Model):
     dist: Literal["fixed"]
-    value: PositiveInt
+    value: TokenCount
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.full(n, self.value, dtype=np.int64)
@@ -126,8 +127,8 @@ class UniformLength(_Model):
     """Whole numbers from low to high, both included."""
 
     dist: Literal["uniform"]
-    low: PositiveInt
-    high: PositiveInt
+    low: TokenCount
+    high: TokenCount
 
     @model_validator(mode="after")
     def _order(self) -> UniformLength:
@@ -140,8 +141,8 @@ class UniformLength(_Model):
 
 
 class _Clipped(_Model):
-    low: PositiveInt = 1  # draws are rounded and clipped to [low, high]
-    high: PositiveInt | None = None
+    low: TokenCount = 1  # draws are rounded and clipped to [low, high] (high: MAX_TOKENS)
+    high: TokenCount | None = None
 
     @model_validator(mode="after")
     def _order(self) -> _Clipped:
@@ -150,15 +151,14 @@ class _Clipped(_Model):
         return self
 
     def _clip(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(x), self.low, self.high if self.high is not None else np.inf).astype(
-            np.int64
-        )
+        high = self.high if self.high is not None else MAX_TOKENS
+        return np.clip(np.rint(x), self.low, high).astype(np.int64)
 
 
 class NormalLength(_Clipped):
     dist: Literal["normal"]
-    mean: PositiveFloat
-    std: NonNegativeFloat
+    mean: TokenMean
+    std: Spread
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self._clip(rng.normal(self.mean, self.std, size=n))
@@ -168,8 +168,8 @@ class LogNormalLength(_Clipped):
     """Log-normal with the given mean (tokens) and shape sigma (of the underlying normal)."""
 
     dist: Literal["lognormal"]
-    mean: PositiveFloat
-    sigma: NonNegativeFloat
+    mean: TokenMean
+    sigma: Annotated[FiniteFloat, Field(ge=0, le=10)]  # of the underlying normal
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         mu = float(np.log(self.mean)) - self.sigma**2 / 2
@@ -213,11 +213,11 @@ class SyntheticSpec(_Knobs):
     """Gamma arrivals (rate_rps, burstiness k; k = 1 is Poisson) with synthetic lengths."""
 
     kind: Literal["synthetic"]
-    rate_rps: PositiveFloat
-    burstiness: PositiveFloat = 1.0
-    num_requests: PositiveInt | None = None
+    rate_rps: Annotated[FiniteFloat, Field(ge=1e-6, le=MAX_RATE_RPS)]
+    burstiness: Annotated[FiniteFloat, Field(ge=1e-3, le=1e3)] = 1.0
+    num_requests: Annotated[StrictInt, Field(ge=1, le=MAX_REQUESTS)] | None = None
     duration_s: Duration | None = None  # arrivals before this time (synthetic clock)
-    seed: int | None = None  # None: the scenario's seed
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None  # None: the scenario's
     prompt_tokens: LengthSpec | None = None  # a number = fixed length
     output_tokens: LengthSpec | None = None
     lengths_from: TraceLengths | None = None  # instead of prompt_tokens/output_tokens
@@ -230,6 +230,14 @@ class SyntheticSpec(_Knobs):
             )
         if self.duration_s == 0:
             raise ValueError("duration_s must be > 0")
+        if self.duration_s is not None and self.num_requests is None:
+            expected = self.rate_rps * self.duration_s
+            if expected > MAX_REQUESTS / 2:
+                raise ValueError(
+                    f"rate_rps x duration_s = {expected:.3g} requests; the limit is "
+                    f"{MAX_REQUESTS:,} requests per workload: set num_requests, a lower rate_rps "
+                    "or a shorter duration_s"
+                )
         if self.lengths_from is not None:
             if self.prompt_tokens is not None or self.output_tokens is not None:
                 raise ValueError(
@@ -247,78 +255,17 @@ WorkloadSpec = Annotated[
     AzureSpec | BurstGPTSpec | MooncakeSpec | SyntheticSpec, Field(discriminator="kind")
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(WorkloadSpec)
-KINDS = ("azure", "burstgpt", "mooncake", "synthetic")
-DISTS = ("fixed", "uniform", "normal", "lognormal", "empirical")
 
 
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the model that holds the last element of ``loc`` (for 'did you mean')."""
-    models: dict[str, type[BaseModel]] = {
-        "azure": AzureSpec,
-        "burstgpt": BurstGPTSpec,
-        "mooncake": MooncakeSpec,
-        "synthetic": SyntheticSpec,
-        "window": Window,
-        "lengths_from": TraceLengths,
-        "fixed": FixedLength,
-        "uniform": UniformLength,
-        "normal": NormalLength,
-        "lognormal": LogNormalLength,
-        "empirical": EmpiricalLength,
-    }
-    found: type[BaseModel] | None = None
-    for part in loc[:-1]:
-        found = models.get(str(part), found)
-    return list(found.model_fields) if found is not None else []
-
-
-def format_validation_error(e: ValidationError, prefix: str = "workload") -> str:
-    """One line per problem: field path, what is wrong, the value, and a hint."""
-    lines = []
-    for err in e.errors():
-        loc = tuple(err["loc"])
-        # drop the discriminator tags pydantic puts in the path (kind / dist names)
-        shown = [
-            str(p)
-            for p in loc
-            if p not in KINDS and p not in DISTS and not str(p).startswith("function-")
-        ]
-        where = ".".join([prefix, *shown]) if shown else prefix
-        msg = err["msg"].removeprefix("Value error, ")
-        kind = err["type"]
-        disc = str(err.get("ctx", {}).get("discriminator", ""))
-        if kind == "union_tag_not_found":
-            choices = KINDS if "kind" in disc else DISTS
-            msg = f"missing {disc.strip(chr(39))!r}; use one of {', '.join(choices)}"
-        elif kind == "union_tag_invalid":
-            choices = KINDS if "kind" in disc else DISTS
-            msg = f"{disc.strip(chr(39))} must be one of {', '.join(choices)} (got {err['ctx'].get('tag')!r})"
-        elif kind == "extra_forbidden":
-            name = str(loc[-1])
-            close = difflib.get_close_matches(name, _fields_at(loc), n=1)
-            msg = f"unknown field {name!r}" + (
-                f"; did you mean {close[0]!r}?" if close else "; remove it"
-            )
-            where = ".".join([prefix, *shown[:-1]]) if shown[:-1] else prefix
-        elif (
-            kind != "missing"
-            and "input" in err
-            and not isinstance(err["input"], dict)
-            and repr(err["input"]) not in msg
-        ):
-            msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{where}: {msg}")
-    return "; ".join(lines)
+_ROOTS: list[type[BaseModel]] = [AzureSpec, BurstGPTSpec, MooncakeSpec, SyntheticSpec]
 
 
 def parse_workload_spec(
     data: Any, *, source: str | None = None
 ) -> AzureSpec | BurstGPTSpec | MooncakeSpec | SyntheticSpec:
-    """Validate a ``workload:`` mapping; errors become one :class:`ConfigError`."""
-    try:
-        return _ADAPTER.validate_python(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e), source=source) from None
+    """Validate a ``workload:`` mapping; errors become one :class:`ConfigError` (the shared
+    formatter of :mod:`testbed.spec.loading`, paths under ``workload.``)."""
+    return validate(_ADAPTER, data, source or "", ("workload",), roots=_ROOTS)
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -407,6 +354,15 @@ def load_workload(
         rows = _rows(spec.kind, path, counts, spec)
         desc["path"] = str(path)
     requests, stats = apply_knobs(rows, knobs, counts)
+    if stats.context_clipped:
+        log.warning(
+            "workload: %d of %d requests clipped to the model's context window of %d tokens "
+            "(prompt + output - 1 <= %d); set max_prompt_tokens/max_output_tokens to choose how",
+            stats.context_clipped,
+            stats.requests,
+            knobs.context_tokens,
+            knobs.context_tokens,
+        )
     if not requests:
         raise WorkloadError(
             f"the {spec.kind} workload has no request left after the window/filters "

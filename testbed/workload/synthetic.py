@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from testbed.errors import WorkloadError
+from testbed.workload.knobs import MAX_REQUESTS
 from testbed.workload.request import TraceRow
 
 _CHUNK = 4096
@@ -38,6 +39,8 @@ def gamma_arrivals(
     or of every request arriving before ``duration_s``, whichever bound comes first."""
     if num_requests is None and duration_s is None:
         raise WorkloadError("a synthetic workload needs num_requests or duration_s (or both)")
+    if num_requests is not None and num_requests > MAX_REQUESTS:
+        raise WorkloadError(f"num_requests={num_requests} is above the limit of {MAX_REQUESTS:,}")
     if num_requests is not None and duration_s is None:
         gaps = gamma_gaps(rng, rate_rps, burstiness, max(num_requests - 1, 0))
         return np.concatenate(([0.0], np.cumsum(gaps)))[:num_requests]
@@ -46,6 +49,11 @@ def gamma_arrivals(
     last = 0.0
     count = 1
     while last < duration_s and (num_requests is None or count < num_requests):
+        if count > MAX_REQUESTS:
+            raise WorkloadError(
+                f"more than {MAX_REQUESTS:,} arrivals before duration_s={duration_s:g}s at "
+                f"rate_rps={rate_rps:g}; set num_requests or shorten duration_s"
+            )
         t = last + np.cumsum(gamma_gaps(rng, rate_rps, burstiness, _CHUNK))
         times.append(t)
         last = float(t[-1])

@@ -49,7 +49,10 @@ def test_hf_config_folder(tmp_path):
     ("cfg", "words"),
     [
         ({"model_type": "bert"}, ["model_type", "not supported"]),
-        ({**PRESETS["tiny"], "hidden_size": -1}, ["hidden_size", "positive integer"]),
+        (
+            {**PRESETS["tiny"], "hidden_size": -1},
+            ["hidden_size", "greater than or equal to 1", "-1"],
+        ),
         (
             {k: v for k, v in PRESETS["tiny"].items() if k != "num_hidden_layers"},
             ["num_hidden_layers", "missing"],

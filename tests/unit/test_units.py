@@ -54,9 +54,53 @@ def test_compute_and_bandwidth():
         (units.parse_size_bytes, "lots", "16GiB"),
         (units.parse_percent, "150%", "between 0% and 100%"),
         (units.parse_rate_bps, True, "not a rate"),
-        (units.parse_duration_s, float("nan"), "must be >= 0"),
+        (units.parse_duration_s, float("nan"), "must be finite and >= 0"),
+        (units.parse_rate_bps, float("inf"), "must be finite"),
+        (units.parse_size_bytes, "512Mb", "in bits"),
+        (units.parse_size_bytes, "1Gbit", "in bits"),
     ],
 )
 def test_bad_units_say_how_to_fix(fn, bad, hint):
     with pytest.raises(units.UnitError, match=hint):
         fn(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "bps"),
+    [
+        # lower-case b: bits
+        ("10Mbps", 10e6),
+        ("10Mb/s", 10e6),
+        ("10Mbit", 10e6),
+        ("10mbit", 10e6),
+        ("1Gbps", 1e9),
+        # upper-case B: bytes (x 8)
+        ("10MBps", 80e6),
+        ("10MB/s", 80e6),
+        ("1GBps", 8e9),
+        ("1KiB/s", 8 * 1024),
+        ("2kBps", 16e3),
+    ],
+)
+def test_rate_bits_and_bytes_are_told_apart(text, bps):
+    """'10MBps' is ten megabytes per second (80 Mbit/s), not ten megabits (issue 10)."""
+    assert units.parse_rate_bps(text) == pytest.approx(bps)
+
+
+def test_memory_bandwidth_bits_and_bytes():
+    assert units.parse_bandwidth_Bps("100GB/s") == pytest.approx(100e9)
+    assert units.parse_bandwidth_Bps("100GBps") == pytest.approx(100e9)
+    assert units.parse_bandwidth_Bps("800Gb/s") == pytest.approx(100e9)  # bits / 8
+
+
+def test_sizes_are_bytes():
+    assert units.parse_size_bytes("512MB") == 512_000_000
+    assert units.parse_size_bytes("1kB") == 1000
+    with pytest.raises(units.UnitError, match=r"write e\.g\. 512MB"):
+        units.parse_size_bytes("512Mb")
+
+
+def test_huge_bad_values_are_shown_short():
+    with pytest.raises(units.UnitError) as info:
+        units.parse_rate_bps("x" * 1_000_000)
+    assert len(str(info.value)) < 200

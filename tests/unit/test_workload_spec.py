@@ -33,9 +33,9 @@ from testbed.workload.spec import AzureSpec, SyntheticSpec
         ),
         (
             {"kind": "azure", "path": "x", "rate_scale": 0},
-            "workload.rate_scale: Input should be greater than 0",
+            "workload.rate_scale: Input should be greater than or equal to 0.001",
         ),
-        ({"kind": "azure"}, "workload.path: Field required"),
+        ({"kind": "azure"}, "workload.path: required field is missing; add it"),
         (
             {"kind": "azure", "path": "x", "window": {"duration_s": "0s"}},
             "workload.window: duration_s must be > 0",
