@@ -24,7 +24,9 @@ def _trace(name: str) -> Path:
         if d and (Path(d) / name).is_file():
             return Path(d) / name
     if os.environ.get("CI"):
-        pytest.fail(f"trace {name} not found in {_CANDIDATES}; CI must have shared/traces beside the repo")
+        pytest.fail(
+            f"trace {name} not found in {_CANDIDATES}; CI must have shared/traces beside the repo"
+        )
     pytest.skip(f"trace {name} not found in {_CANDIDATES} (set TESTBED_TRACES_DIR)")
 
 
