@@ -237,8 +237,7 @@ async def serve_echo(
         await stop.wait()
     finally:
         watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await asyncio.wait([watcher])  # its own cancellation, not ours: ours still propagates
         await srv.aclose()
 
 

@@ -82,6 +82,19 @@ def test_local_up_generate_down(tmp_path):
         assert (
             nodes[1].hook is not None and nodes[1].hook.messages >= 5
         )  # prefill + 4 decode hops into c1, all shaped
+        # `up` has exited and handed the run over: the nodes outlive it, and `clean` leaves a
+        # live run alone
+        assert tb["owner"] is None
+        cl = subprocess.run(
+            [sys.executable, "-c", CLI, "clean"],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=60,
+        )
+        assert cl.returncode == 0, cl.stderr
+        assert (tmp_path / "state" / f"{tb['run_id']}.json").exists(), cl.stdout
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids), cl.stdout
     finally:
         down = subprocess.run(
             [sys.executable, "-c", CLI, "down", tb["run_id"]],
