@@ -270,3 +270,39 @@ def test_max_requests_below_one_is_a_usage_error(tmp_path):
         )
         assert res.returncode == 2, res.stderr
         assert "--max-requests" in res.stderr
+
+
+def test_the_one_stage_serve_command_line():
+    from testbed.runtime.base import CLI_CODE, cli_launcher, stage_serve_argv
+
+    argv = stage_serve_argv(
+        cli_launcher("python3"), "/model", (2, 5), host="0.0.0.0", port=8000, name="fog-1"
+    )
+    assert argv == [
+        "python3",
+        "-c",
+        CLI_CODE,
+        "stage",
+        "serve",
+        "--model-dir",
+        "/model",
+        "--blocks",
+        "2:5",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--name",
+        "fog-1",
+    ]
+    leashed = stage_serve_argv(
+        ["py", "-m", "testbed.runtime.owner", "S", "cli"],
+        "/m",
+        (0, 1),
+        host="h",
+        port=0,
+        name="n",
+        extra=["--exit-with-parent"],
+    )
+    assert leashed[:5] == ["py", "-m", "testbed.runtime.owner", "S", "cli"]
+    assert leashed[5:7] == ["stage", "serve"] and leashed[-1] == "--exit-with-parent"
