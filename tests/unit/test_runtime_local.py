@@ -105,7 +105,13 @@ def test_local_up_generate_down(tmp_path):
             check=False,
         )
     assert down.returncode == 0, down.stderr
-    for pid in pids:
-        assert (
-            not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-        )
+    assert not [pid for pid in pids if _running(pid)], "down left a process"
+
+
+def _running(pid: int) -> bool:
+    """Not gone and not a zombie (dead, waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
