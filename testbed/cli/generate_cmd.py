@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from testbed.cli.common import run_async
 from testbed.cli.main import app
 from testbed.errors import ConfigError
 
@@ -50,15 +50,9 @@ async def _run(
     device: str | None,
     threads: int | None,
 ) -> tuple[Any, list[str], list[dict[str, Any]]]:
-    import signal
-
     from testbed.runtime.local import LocalStages
     from testbed.stage.pipeline import PipelineClient
 
-    # SIGTERM cancels like Ctrl-C does, so the stage processes are stopped on the way out
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with LocalStages(model_dir, cuts, device=device, threads=threads) as stages:
         async with PipelineClient(stages.urls) as pipe:
             infos = [await pipe.client(u).info() for u in stages.urls]
@@ -89,9 +83,13 @@ def generate_cmd(
 ) -> None:
     """Start stage servers, generate greedily through them, print the text, stop them."""
     from testbed.model.info import read_model_info
+    from testbed.runtime.interface import RUNTIMES
+    from testbed.runtime.kinds.local import LocalRuntime
 
-    if runtime != "local":
-        raise ConfigError(f"runtime {runtime!r} is not supported here; use --runtime local")
+    if RUNTIMES.get(runtime) is not LocalRuntime:  # stages of its own, started here
+        raise ConfigError(
+            f"runtime {runtime!r} is not supported here; use --runtime local", field="--runtime"
+        )
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     info = read_model_info(model_dir)
@@ -107,13 +105,10 @@ def generate_cmd(
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     if not prompt_ids:
         raise ConfigError("the prompt tokenizes to nothing; give some text", field="--prompt")
-    try:
-        result, urls, infos = asyncio.run(
-            _run(model_dir, cuts, prompt_ids, max_new_tokens, device, threads)
-        )
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.stderr.write("interrupted: the stage processes were stopped\n")
-        raise SystemExit(130) from None
+    result, urls, infos = run_async(
+        _run(model_dir, cuts, prompt_ids, max_new_tokens, device, threads),
+        what="interrupted: the stage processes were stopped",
+    )
     text = str(tokenizer.decode(list(result.generated_ids), skip_special_tokens=True))
     if as_json:
         record = {

@@ -2,56 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from testbed.cli.common import console
+from testbed.cli.common import console, run_async
 from testbed.cli.main import app
+from testbed.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from testbed.metrics.summary import Summary
+
+MAX_REQUESTS_HELP = "replay only the first N requests (N >= 1)"
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, with SIGTERM cancelling the run like Ctrl-C does, so a testbed that was
-    brought up here is always brought down."""
+def _check_runtime(name: str | None) -> None:
+    if name is not None:
+        from testbed.runtime.interface import RUNTIMES
 
-    async def main() -> T:
-        task = asyncio.ensure_future(coro)
-        loop = asyncio.get_running_loop()
-        owner = os.getpid()
-
-        # Not loop.add_signal_handler: its wakeup fd is inherited by forked children (pyroute2
-        # forks a helper per network namespace and stops it with SIGTERM), and the child's
-        # signal would then cancel this run. A plain handler acts only in this process.
-        def on_term(signum: int, _frame: object) -> None:
-            if os.getpid() != owner:
-                os._exit(128 + signum)
-            loop.call_soon_threadsafe(task.cancel)
-
-        previous = signal.signal(signal.SIGTERM, on_term)
         try:
-            return await task
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    try:
-        return asyncio.run(main())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        console.print("[yellow]interrupted[/]")
-        raise SystemExit(130) from None
+            RUNTIMES.get(name)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), field="--runtime") from None
 
 
-def _summary_and_paths(run: object) -> None:
+def _summary_and_paths_of(summary: Summary, label: str) -> None:
     from testbed.metrics.compare import summary_table
 
-    s = run.summary.to_dict()  # type: ignore[attr-defined]
-    console.print(summary_table(s, title=f"{run.label}: summary"))  # type: ignore[attr-defined]
+    s = summary.to_dict()
+    console.print(summary_table(s, title=f"{label}: summary"))
     failed = s.get("failed_by_reason") or {}
     for reason, n in failed.items():
         console.print(f"[red]{n} failed[/]: {reason}")
@@ -72,13 +52,16 @@ def replay_cmd(
         ),
     ] = None,
     runtime: Annotated[
-        str | None, typer.Option("--runtime", help="local | docker (default: the scenario's)")
+        str | None,
+        typer.Option(
+            "--runtime", help="a registered runtime: local | docker (default: the scenario's)"
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", help="results root (default: the scenario's)")
     ] = None,
     requests: Annotated[
-        int | None, typer.Option("--requests", min=1, help="replay only the first N requests")
+        int | None, typer.Option("--max-requests", "--requests", min=1, help=MAX_REQUESTS_HELP)
     ] = None,
     policy: Annotated[
         str | None,
@@ -87,10 +70,10 @@ def replay_cmd(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ) -> None:
     """Replay the scenario's workload through the testbed and write a results folder."""
-    from testbed.broker.replay import ReplayOptions, check_runtime, replay_scenario
+    from testbed.experiment.replay import ReplayOptions, replay_scenario
     from testbed.spec.scenario import load_scenario
 
-    check_runtime(runtime)
+    _check_runtime(runtime)
     loaded = load_scenario(scenario)
     opts = ReplayOptions(
         run_id=run_id,
@@ -100,8 +83,8 @@ def replay_cmd(
         requests=requests,
         progress=not no_progress,
     )
-    run = _run(replay_scenario(loaded, opts, console, pair=policy))
-    _summary_and_paths(run)
+    run = run_async(replay_scenario(loaded, opts, console, pair=policy))
+    _summary_and_paths_of(run.summary, run.label)
     console.print(f"results: [bold]{run.out_dir}[/]")
 
 
@@ -117,13 +100,16 @@ def compare_cmd(
         ),
     ] = None,
     runtime: Annotated[
-        str | None, typer.Option("--runtime", help="local | docker (default: the scenario's)")
+        str | None,
+        typer.Option(
+            "--runtime", help="a registered runtime: local | docker (default: the scenario's)"
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", help="results root (default: the scenario's)")
     ] = None,
     requests: Annotated[
-        int | None, typer.Option("--requests", min=1, help="replay only the first N requests")
+        int | None, typer.Option("--max-requests", "--requests", min=1, help=MAX_REQUESTS_HELP)
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="in simulated time")] = False,
@@ -135,11 +121,12 @@ def compare_cmd(
 
         ps = [p.strip() for p in (policies or "").split(",") if p.strip()]
         return simulate_compare(scenario, ps, output.resolve() if output else None, requests)
-    from testbed.broker.replay import ReplayOptions, check_runtime, compare_scenario
+    from testbed.experiment.compare import compare_scenario
+    from testbed.experiment.replay import ReplayOptions
     from testbed.metrics.compare import compare_rows, rich_table
     from testbed.spec.scenario import load_scenario
 
-    check_runtime(runtime)
+    _check_runtime(runtime)
     loaded = load_scenario(scenario)
     pairs = (
         [p.strip() for p in policies.split(",") if p.strip()]
@@ -153,7 +140,7 @@ def compare_cmd(
         requests=requests,
         progress=not no_progress,
     )
-    res = _run(compare_scenario(loaded, pairs, opts, console))
+    res = run_async(compare_scenario(loaded, pairs, opts, console))
     labels = [r.label for r in res.runs]
     rows = compare_rows([(r.label, r.summary.to_dict()) for r in res.runs])
     console.print(rich_table(labels, rows, title=f"{loaded.spec.name}: comparison"))
@@ -162,3 +149,19 @@ def compare_cmd(
     console.print(
         f"results: [bold]{res.out_dir}[/] (comparison.md, comparison.png, one folder per pair)"
     )
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a results folder `testbed replay` wrote")],
+    plots: Annotated[bool, typer.Option(help="draw the PNG plots")] = True,
+) -> None:
+    """Rebuild summary.json, the tables and the plots of a run from its requests.jsonl (e.g.
+    after the replay was killed: every request that completed is in it)."""
+    from testbed.experiment.report import rebuild
+
+    res = rebuild(run_dir, plots=plots)
+    _summary_and_paths_of(res.summary, run_dir.name)
+    if res.skipped_lines:
+        console.print(f"[yellow]skipped {res.skipped_lines} unreadable line(s)[/] (cut by a kill)")
+    console.print(f"rebuilt from {res.records} records: [bold]{run_dir}[/]")

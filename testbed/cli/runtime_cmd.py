@@ -4,46 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from testbed.cli.common import console, err_console, parse_params, print_json
+from testbed.cli.common import console, err_console, parse_params, print_json, run_async
 from testbed.cli.main import app
-from testbed.errors import ConfigError, RuntimeBackendError
+from testbed.errors import ConfigError
 from testbed.units import fmt_bytes, fmt_rate, fmt_seconds
+
+if TYPE_CHECKING:
+    from testbed.runtime.base import RunningTestbed
+    from testbed.runtime.interface import Runtime
 
 image_app = typer.Typer(help="Build the node container image.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 
 
-def _resolve_model(model: str) -> Path:
-    """A local HF folder, or `tiny`: the generated CI model, made once into the cache."""
-    p = Path(model)
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise ConfigError(
-                f"{p} has no config.json; give a Hugging Face model folder", field="--model"
-            )
-        return p.resolve()
-    if model == "tiny":
-        from testbed.model.tiny import make_tiny_model
-        from testbed.runtime.image import cache_dir
-
-        dest = cache_dir() / "models" / "tiny-phi3"
-        if not (dest / "config.json").exists():
-            make_tiny_model(dest)
-        return dest
-    raise ConfigError(
-        f"{model!r} is not a model folder; stages load real weights: give a local Hugging Face folder "
-        "or `tiny` (made with `testbed model make-tiny`)",
-        field="--model",
-    )
-
-
-def nodes_table(tb: Any, health: dict[str, str] | None = None) -> Table:
+def nodes_table(tb: RunningTestbed, health: dict[str, str] | None = None) -> Table:
     t = Table(title=f"testbed {tb.run_id} ({tb.runtime}, shaping: {tb.backend}, {tb.status})")
     cols = ["node", "tier", "address", "blocks", "device", "CPUs", "memory limit"]
     for col in [*cols, *(["health"] if health is not None else [])]:
@@ -64,11 +45,17 @@ def nodes_table(tb: Any, health: dict[str, str] | None = None) -> Table:
     return t
 
 
-def links_table(tb: Any) -> Table:
+def links_table(tb: RunningTestbed, *, now: float | None = None) -> Table:
+    """Configured vs measured links, with when they were measured (``now``: for "... ago")."""
+    import time
+
+    now = time.time() if now is None else now
     t = Table(title="links: configured vs measured (hop from the host into the node)")
-    for col in ("node", "link", "RTT conf.", "RTT meas.", "rate conf.", "rate meas.", "ok"):
+    cols = ("node", "link", "RTT conf.", "RTT meas.", "rate conf.", "rate meas.", "ok", "measured")
+    for col in cols:
         t.add_column(col)
     for c in tb.checks:
+        when = "-" if c.measured_at is None else f"{fmt_seconds(max(0.0, now - c.measured_at))} ago"
         t.add_row(
             c.node,
             c.link,
@@ -77,6 +64,7 @@ def links_table(tb: Any) -> Table:
             fmt_rate(c.configured_rate_bps) if c.configured_rate_bps else "-",
             fmt_rate(c.measured_rate_bps) if c.measured_rate_bps is not None else "-",
             "[green]yes[/]" if c.ok else f"[yellow]NO[/] {c.note}",
+            when,
         )
     return t
 
@@ -86,66 +74,39 @@ async def _up(
     model: str,
     partitioner: str,
     params: dict[str, Any],
-    runtime: str,
-    image_mode: str,
+    runtime: Runtime,
     backend: str | None,
     strict: bool,
     measure: bool,
     seed: int,
     health_timeout_s: float,
-) -> Any:
+) -> RunningTestbed:
     from testbed.cost.model import CostModel
     from testbed.cost.planner import make_plan
+    from testbed.experiment.models import model_folder
     from testbed.partition.base import PARTITIONERS
-    from testbed.runtime.control import choose_backend, up_docker
-    from testbed.runtime.measure import measure_links
+    from testbed.runtime.control import bring_up, check_backend, detach
+    from testbed.runtime.interface import UpRequest
     from testbed.spec.model_profile import load_model_profile
     from testbed.spec.topology import load_topology
 
+    check_backend(backend)
     topo = load_topology(topology)
-    model_dir = await asyncio.to_thread(_resolve_model, model)
+    model_dir = await asyncio.to_thread(model_folder, model)
     prof = load_model_profile(str(model_dir))
     part = PARTITIONERS.create(partitioner, params, field="--param")
     plan = make_plan(topo, CostModel(prof, None), part)
-    chosen = await choose_backend(runtime, backend)
-    if runtime == "docker":
-        tb = await up_docker(
-            topo,
-            str(topology),
-            plan,
-            model_dir,
-            backend=chosen,
-            image_mode=image_mode,  # type: ignore[arg-type]
-            seed=seed,
-            health_timeout_s=health_timeout_s,
-        )
-    elif runtime == "local":
-        from testbed.runtime.localrun import up_local
-
-        tb = await up_local(
-            topo, str(topology), plan, model_dir, seed=seed, health_timeout_s=health_timeout_s
-        )
-    else:
-        raise ConfigError(f"unknown runtime {runtime!r}; use docker or local", field="--runtime")
-    if measure:
-        try:
-            tb.checks = await measure_links(tb)
-        except BaseException:
-            from testbed.runtime.control import down_sync
-
-            await asyncio.to_thread(down_sync, tb.run_id)
-            raise
-        await asyncio.to_thread(tb.save)
-        bad = [c for c in tb.checks if not c.ok]
-        if bad and strict:
-            from testbed.runtime.control import down_sync
-
-            await asyncio.to_thread(down_sync, tb.run_id)
-            raise RuntimeBackendError(
-                "links off their configuration (--strict): "
-                + "; ".join(f"{c.node} ({c.link}): {c.note}" for c in bad)
-                + "; testbed taken down"
-            )
+    req = UpRequest(
+        topo,
+        str(topology),
+        plan,
+        model_dir,
+        seed=seed,
+        health_timeout_s=health_timeout_s,
+        backend=backend,  # type: ignore[arg-type]  # checked above
+    )
+    tb = await bring_up(runtime, req, measure=measure, strict=strict)
+    await detach(tb)  # up: the testbed outlives this command
     return tb
 
 
@@ -158,11 +119,15 @@ def up(
         list[str] | None, typer.Option("--param", "-p", help="partitioner KEY=VALUE")
     ] = None,
     runtime: Annotated[
-        str, typer.Option(help="docker (containers) or local (processes)")
+        str, typer.Option(help="a registered runtime: docker (containers) or local (processes)")
     ] = "docker",
     image_mode: Annotated[
-        str, typer.Option(help="auto (dockerfile if python:3.11-slim can be pulled, else offline), offline (Debian base made with debootstrap) or dockerfile")
-    ] = "auto",
+        str | None,
+        typer.Option(
+            help="docker: auto (default: dockerfile if python:3.11-slim can be pulled, else "
+            "offline), offline (Debian base made with debootstrap) or dockerfile"
+        ),
+    ] = None,
     backend: Annotated[
         str | None,
         typer.Option(help="force the shaping backend (kernel, kernel-rate+app-delay, app)"),
@@ -178,14 +143,17 @@ def up(
     ] = False,
 ) -> None:
     """Start one node per topology node with its planned blocks, shape the links, measure them."""
-    tb = asyncio.run(
+    from testbed.runtime.interface import RUNTIMES
+
+    options = {} if image_mode is None else {"image_mode": image_mode}
+    chosen = RUNTIMES.create(runtime, options, field="--runtime/--image-mode")
+    tb = run_async(
         _up(
             topology,
             model,
             partitioner,
             parse_params(param),
-            runtime,
-            image_mode,
+            chosen,
             backend,
             strict,
             measure,
@@ -213,33 +181,25 @@ def status(
     measure: Annotated[bool, typer.Option(help="measure the links again")] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Show the running testbed: nodes, health, links measured vs configured."""
+    """Show the running testbed: nodes, health, links measured vs configured (as measured at
+    `up`, with their age; --measure measures them again now)."""
     from testbed.runtime.base import list_states, load_running
 
     if run is None and not list_states():
         console.print("no testbed is running")
         return
 
-    async def go() -> tuple[Any, dict[str, str]]:
-        import aiohttp
+    async def go() -> tuple[RunningTestbed, dict[str, str]]:
+        from testbed.runtime.measure import health_report, measure_links
 
-        from testbed.runtime.measure import measure_links
-
-        tb = load_running(run)
-        health: dict[str, str] = {}
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as s:
-            for n in tb.nodes.values():
-                try:
-                    async with s.get(n.url + "/health") as r:
-                        health[n.name] = "healthy" if r.status == 200 else f"HTTP {r.status}"
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    health[n.name] = f"down ({type(exc).__name__})"
+        tb = await asyncio.to_thread(load_running, run)
+        health = await health_report(tb)
         if measure:
             tb.checks = await measure_links(tb)
             await asyncio.to_thread(tb.save)
         return tb, health
 
-    tb, health = asyncio.run(go())
+    tb, health = run_async(go())
     if json_out:
         print_json(tb.to_json() | {"health": health})
         return
@@ -259,11 +219,33 @@ def down(
 
 
 @app.command()
-def clean() -> None:
-    """Remove anything labelled by the testbed that a crash left behind. Safe to repeat."""
+def clean(
+    runs: Annotated[
+        list[str] | None, typer.Argument(help="also remove these runs, live or not")
+    ] = None,
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="remove every testbed run, container, network and namespace on this machine, "
+            "live ones and other users' included",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask before --all")] = False,
+) -> None:
+    """Remove what no live testbed owns: runs whose owner process died before cleaning up, runs
+    whose nodes are all gone, and the RUNS named. Safe to repeat."""
     from testbed.runtime.control import clean_sync
 
-    for line in clean_sync():
+    if everything and not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                "clean --all removes live testbeds too; confirm with --yes", field="--all"
+            )
+        typer.confirm(
+            "remove every testbed object on this machine, live runs included?", abort=True
+        )
+    for line in clean_sync(everything=everything, runs=tuple(runs or ())):
         console.print(line)
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import typer
 
+from testbed.cli.common import run_async
 from testbed.cli.main import app
 from testbed.errors import ConfigError
 
@@ -49,7 +49,7 @@ def serve_cmd(
         int, typer.Option(help="Steps allowed to wait beyond those (then 429).")
     ] = 32,
     max_requests: Annotated[
-        int, typer.Option(help="Request KV caches held at once (then 503).")
+        int, typer.Option(min=1, help="Request KV caches held at once (then 503).")
     ] = 256,
     request_ttl: Annotated[
         float, typer.Option("--request-ttl-s", help="Drop caches idle this long.")
@@ -99,7 +99,6 @@ def serve_cmd(
         request_ttl_s=request_ttl,
         tensor_port=None if tensor_port < 0 else tensor_port,
     )
-    try:
-        asyncio.run(serve(config, exit_with_parent=exit_with_parent))
-    except KeyboardInterrupt:
-        pass
+    # the server stops cleanly on SIGTERM/SIGINT by itself (exit 0); run_async covers the
+    # time before it installs its handlers
+    run_async(serve(config, exit_with_parent=exit_with_parent), what="stage server stopped")

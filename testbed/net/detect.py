@@ -27,10 +27,11 @@ class QdiscSupport:
     method: str  # "netns probe" or "module list (no root: a guess)"
     detail: str = ""  # error text of failed probes
 
-    def backend(self, runtime: str) -> ShapingBackend:
-        """Backend for a runtime: local processes shape in the app; containers in the kernel."""
-        if runtime == "local":
-            return "app"
+    def backend(self, runtime: str = "docker") -> ShapingBackend:
+        """The best backend for nodes in network namespaces of their own (containers): the
+        kernel where it has the qdiscs. A runtime without namespaces (local) shapes in the app
+        and says so itself (``Runtime.backend``); ``runtime`` is kept for callers' clarity."""
+        del runtime
         if self.netem and (self.htb or self.tbf):
             return "kernel"
         if self.htb or self.tbf:

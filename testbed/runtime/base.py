@@ -11,18 +11,22 @@ state file (``$TESTBED_STATE_DIR`` or ``~/.local/state/testbed/<run>.json``) by
 from __future__ import annotations
 
 import json
-import os
+import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from testbed.errors import RuntimeBackendError
+from testbed.errors import ConfigError, RuntimeBackendError
 from testbed.net.appshaper import AppShaper, HopShape
 from testbed.net.shaping import DirShape, ShapingBackend
+from testbed.paths import state_dir
 
-RuntimeName = Literal["docker", "local"]
+__all__ = ["state_dir"]  # re-exported: callers import it from here
+
+RuntimeName = str  # a name in testbed.runtime.interface.RUNTIMES ("local", "docker", ...)
 LABEL_RUN = "testbed.run"
 LABEL_NODE = "testbed.node"
 LABEL_TIER = "testbed.tier"
@@ -32,21 +36,63 @@ CLI_CODE = "from testbed.cli.main import main; main()"
 PROBE_PORT = 9101
 
 
-def state_dir() -> Path:
-    env = os.environ.get("TESTBED_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "testbed"
+RUN_ID_RE = re.compile(r"^tb[0-9a-f]{8}$")
 
 
 def new_run_id() -> str:
     return "tb" + secrets.token_hex(4)
 
 
+def check_run_id(run_id: str) -> str:
+    """A run id names files under the state folder: only ``tb`` + 8 hex digits is one."""
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise ConfigError(
+            f"{run_id!r} is not a run id (tb + 8 hex digits, e.g. tb1a2b3c4d); "
+            "see `testbed status` for the running ones",
+            field="RUN",
+        )
+    return run_id
+
+
+def cli_launcher(python: str) -> list[str]:
+    """How to run the testbed CLI with ``python`` (a node's interpreter)."""
+    return [python, "-c", CLI_CODE]
+
+
+def stage_serve_argv(
+    launcher: Sequence[str],
+    model_dir: str,
+    blocks: tuple[int, int],
+    *,
+    host: str,
+    port: int,
+    name: str,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The one ``testbed stage serve`` command line (local processes, containers, tests);
+    ``launcher`` runs the CLI (:func:`cli_launcher`, or the leash of a local node)."""
+    start, end = blocks
+    return [
+        *launcher,
+        "stage",
+        "serve",
+        "--model-dir",
+        model_dir,
+        "--blocks",
+        f"{start}:{end}",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--name",
+        name,
+        *extra,
+    ]
+
+
 @dataclass(frozen=True)
 class LinkCheck:
-    """A link's configured vs measured values after `up` (or `status --measure`)."""
+    """A link's configured vs measured values after `up` (or `status --measure`), at ``at``."""
 
     node: str
     link: str  # "edge->fog"
@@ -56,6 +102,7 @@ class LinkCheck:
     measured_rate_bps: float | None
     ok: bool
     note: str = ""
+    measured_at: float | None = None  # time.time() of the measurement (None: files before it)
 
 
 @dataclass
@@ -103,6 +150,10 @@ class RunningTestbed:
     status: str = "starting"  # starting | up | failed
     notes: list[str] = field(default_factory=list)
     extra_pids: list[int] = field(default_factory=list)  # local helper processes (probe)
+    # the process that owns the run until it is handed over (`testbed up` hands it over once
+    # the testbed is up; `replay --up` owns it to the end): (pid, start time in clock ticks).
+    # None: detached, the user stops it with `testbed down`.
+    owner: tuple[int, int] | None = None
 
     def pids(self) -> list[int]:
         """Every local process of the run (stage servers and helpers)."""
@@ -157,7 +208,9 @@ class RunningTestbed:
                 )
             nodes[name] = NodeEndpoint(**(d | {"hop": hop}))
         checks = [LinkCheck(**c) for c in data.get("checks", [])]
-        tb = RunningTestbed(**(data | {"nodes": nodes, "checks": checks}))
+        owner = data.get("owner")
+        owner = (int(owner[0]), int(owner[1])) if owner else None
+        tb = RunningTestbed(**(data | {"nodes": nodes, "checks": checks, "owner": owner}))
         for i, n in enumerate(sorted(tb.nodes)):
             tb.nodes[n].make_hook(tb.seed * 1000 + i)
         return tb
@@ -178,7 +231,7 @@ def load_running(run_id: str | None = None) -> RunningTestbed:
             )
         path = states[-1]
     else:
-        path = state_dir() / f"{run_id}.json"
+        path = state_dir() / f"{check_run_id(run_id)}.json"
         if not path.exists():
             raise RuntimeBackendError(
                 f"no testbed run {run_id!r} (no {path}); see `testbed status`"

@@ -1,161 +1,193 @@
-"""Up, down, clean, and changes while running, for both runtimes (the CLI and scenarios call these)."""
+"""Up, down, clean, and changes while running, for every runtime (the CLI and experiments call
+these; the runtime itself is chosen by name from :data:`RUNTIMES`, never by comparing names)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from testbed.errors import ConfigError, RuntimeBackendError
-from testbed.net.appshaper import HopShape
-from testbed.net.detect import PROBE_NETNS_PREFIX, probe_qdiscs
+from testbed.net.detect import PROBE_NETNS_PREFIX
 from testbed.net.links import node_shaping_for_link
-from testbed.net.shaping import BACKENDS, ShapingBackend
-from testbed.runtime.base import LABEL_RUN, RunningTestbed, list_states, load_running, state_dir
+from testbed.net.shaping import BACKENDS
+from testbed.runtime import owner as ownership
+from testbed.runtime.base import (
+    RunningTestbed,
+    check_run_id,
+    list_states,
+    load_running,
+    state_dir,
+)
+from testbed.runtime.interface import RUNTIMES, Runtime, UpRequest, runtime_of
 
 if TYPE_CHECKING:
-    from testbed.runtime.image import ImageMode
-    from testbed.spec.plan import Plan
-    from testbed.spec.topology import LinkSpec, Topology
+    from testbed.spec.topology import LinkSpec
 
 NETNS_PREFIX = "testbed-"  # network namespaces the testbed (or its tests) create
 NETNS_DIR = Path("/var/run/netns")
 
 
-async def choose_backend(runtime: str, requested: str | None = None) -> ShapingBackend:
-    if requested is not None:
-        if requested not in BACKENDS:
-            raise ConfigError(
-                f"unknown shaping backend {requested!r}; use one of {', '.join(BACKENDS)}"
-            )
-        return cast(ShapingBackend, requested)
-    support = await probe_qdiscs()
-    return support.backend(runtime)
+def check_backend(requested: str | None) -> None:
+    if requested is not None and requested not in BACKENDS:
+        raise ConfigError(
+            f"unknown shaping backend {requested!r}; use one of {', '.join(BACKENDS)}",
+            field="--backend",
+        )
 
 
-async def up_docker(
-    topology: Topology,
-    topology_path: str,
-    plan: Plan,
-    model_dir: Path,
-    *,
-    backend: ShapingBackend,
-    image_mode: ImageMode = "auto",
-    seed: int = 0,
-    health_timeout_s: float = 180.0,
+async def bring_up(
+    runtime: Runtime, req: UpRequest, *, measure: bool = False, strict: bool = False
 ) -> RunningTestbed:
-    from testbed.runtime.docker import DockerTestbed
+    """The one bring-up: choose the shaping backend, start the nodes, optionally measure every
+    link (``strict``: a link off its configuration takes the testbed down and raises).
+    The caller owns the run (it is recorded as its owner) until it calls :func:`detach`."""
+    from testbed.runtime.measure import measure_links
 
-    dt = DockerTestbed(
-        topology, topology_path, plan, model_dir, backend=backend, image_mode=image_mode, seed=seed
-    )
-    return await dt.up(health_timeout_s=health_timeout_s)
-
-
-def _pid_alive(pid: int) -> bool:
+    check_backend(req.backend)
+    backend = await runtime.backend(req.backend)
+    tb = await runtime.up(req, backend)
+    if not measure:
+        return tb
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        tb.checks = await measure_links(tb)
+        await asyncio.to_thread(tb.save)
+        bad = [c for c in tb.checks if not c.ok]
+        if bad and strict:
+            raise RuntimeBackendError(
+                "links off their configuration (--strict): "
+                + "; ".join(f"{c.node} ({c.link}): {c.note}" for c in bad)
+                + "; testbed taken down"
+            )
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(runtime.remove, tb.run_id, tb))
+        raise
+    return tb
 
 
-def _is_testbed_process(pid: int) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return False
-    return b"testbed" in cmd
+async def detach(tb: RunningTestbed) -> None:
+    """Hand the run over: it now outlives this process (stopped by `testbed down`)."""
+    tb.owner = None
+    await asyncio.to_thread(tb.save)
 
 
-def _kill_pids(pids: list[int], timeout_s: float = 5.0) -> int:
-    import time
-
-    killed = [p for p in pids if p and _pid_alive(p) and _is_testbed_process(p)]
-    for p in killed:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_pid_alive(p) for p in killed):
-        time.sleep(0.05)
-    for p in killed:
-        if _pid_alive(p):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-    return len(killed)
+def forget(run_id: str) -> None:
+    """Remove the run's state file and log folder (after its nodes are gone)."""
+    check_run_id(run_id)
+    with contextlib.suppress(OSError):
+        (state_dir() / f"{run_id}.json").unlink()
+    shutil.rmtree(state_dir() / f"{run_id}-logs", ignore_errors=True)
 
 
 def down_sync(run_id: str | None = None) -> str:
     """Stop and remove everything of a run (default: the latest). Safe to repeat."""
-    states = list_states()
     if run_id is None:
+        states = list_states()
         if not states:
             return "nothing to do: no testbed run recorded"
         run_id = states[-1].stem
-    path = next((p for p in states if p.stem == run_id), None)
-    pids: list[int] = []
-    runtime = "docker"
-    if path is not None:
-        with contextlib.suppress(RuntimeBackendError):
-            tb = load_running(run_id)
-            runtime = tb.runtime
-            pids = tb.pids()
-    n_ctr = n_net = 0
-    if runtime == "docker":
-        from testbed.runtime.docker import down_sync as docker_down
-
-        n_ctr, n_net = docker_down(run_id)
-    n_proc = _kill_pids(pids)
-    if path is not None:
-        with contextlib.suppress(OSError):
-            path.unlink()
-    shutil.rmtree(state_dir() / f"{run_id}-logs", ignore_errors=True)
-    return f"{run_id}: removed {n_ctr} containers, {n_net} networks, {n_proc} processes"
-
-
-def clean_sync() -> list[str]:
-    """Remove anything a crash left: labelled containers/networks, testbed netns, local
-    stage processes recorded in state files, the state files. Safe to repeat."""
-    done = []
-    pids: list[int] = []
-    for path in list_states():
-        with contextlib.suppress(RuntimeBackendError, OSError):
-            tb = load_running(path.stem)
-            pids += tb.pids()
-    n_proc = _kill_pids(pids)
-    if n_proc:
-        done.append(f"stopped {n_proc} local stage processes")
+    check_run_id(run_id)
     try:
-        from testbed.runtime.docker import client, remove_by_label
+        tb = load_running(run_id)
+    except RuntimeBackendError:
+        # no (readable) state file: whatever runtime may still hold objects labelled with it
+        msgs = []
+        for name in RUNTIMES.names():
+            try:
+                msgs.append(RUNTIMES.create(name).remove(run_id, None))
+            except RuntimeBackendError as exc:
+                msgs.append(f"{name} skipped: {exc}")
+        forget(run_id)
+        return "; ".join(msgs)
+    return runtime_of(tb).remove(run_id, tb)
 
-        n_ctr, n_net = remove_by_label(client(), LABEL_RUN)
-        if n_ctr or n_net:
-            done.append(f"removed {n_ctr} containers and {n_net} networks labelled {LABEL_RUN}")
-    except RuntimeBackendError as exc:
-        done.append(f"docker skipped: {exc}")
-    if NETNS_DIR.exists():
-        for entry in sorted(NETNS_DIR.iterdir()):
-            if entry.name.startswith((NETNS_PREFIX, PROBE_NETNS_PREFIX)):
-                try:
-                    from pyroute2 import netns
 
-                    netns.remove(entry.name)
-                    done.append(f"removed netns {entry.name}")
-                except OSError as exc:
-                    done.append(f"could not remove netns {entry.name}: {exc}")
+@dataclass(frozen=True)
+class RunState:
+    """What `clean` needs to know about one recorded run (gathered first, then judged)."""
+
+    run_id: str
+    readable: bool  # the state file parses
+    owner: tuple[int, int] | None  # None: detached
+    owner_alive: bool
+    present: bool  # the runtime still has some of its nodes
+
+
+def is_orphan(s: RunState) -> bool:
+    """A run nobody will clean up: its owner died before handing it over, or it was handed
+    over and its nodes are all gone (or its state file is unreadable)."""
+    if not s.readable:
+        return True
+    if s.owner is not None:
+        return not s.owner_alive
+    return not s.present
+
+
+def _state_of(path: Path) -> tuple[RunState, RunningTestbed | None]:
+    try:
+        tb = load_running(path.stem)
+    except (RuntimeBackendError, ConfigError):
+        return RunState(path.stem, False, None, False, False), None
+    alive = tb.owner is not None and ownership.alive(tb.owner)
+    present = tb.owner is not None or runtime_of(tb).present(tb)
+    return RunState(tb.run_id, True, tb.owner, alive, present), tb
+
+
+def clean_sync(*, everything: bool = False, runs: tuple[str, ...] = ()) -> list[str]:
+    """Remove what no live testbed owns: orphaned runs (owner gone, or handed over with no node
+    left), plus the ``runs`` named. ``everything``: every run recorded here, every object
+    labelled as the testbed's and every testbed network namespace, whoever owns them."""
+    for r in runs:
+        check_run_id(r)
+    done: list[str] = []
     for path in list_states():
-        with contextlib.suppress(OSError):
-            path.unlink()
-            shutil.rmtree(state_dir() / f"{path.stem}-logs", ignore_errors=True)
-            done.append(f"removed state {path.name}")
+        state, tb = _state_of(path)
+        if not (everything or path.stem in runs or is_orphan(state)):
+            continue
+        if tb is None:
+            forget(path.stem)
+            done.append(f"removed unreadable state {path.name}")
+            continue
+        try:
+            done.append(runtime_of(tb).remove(tb.run_id, tb))
+        except RuntimeBackendError as exc:
+            done.append(f"{tb.run_id}: {exc}")
+    for r in runs:
+        if not (state_dir() / f"{r}.json").exists() and not any(r in d for d in done):
+            done.append(down_sync(r))
+    if everything:
+        for name in RUNTIMES.names():
+            done += RUNTIMES.create(name).remove_all()
+    done += _clean_netns(everything)
     return done or ["nothing to clean"]
+
+
+def _clean_netns(everything: bool) -> list[str]:
+    """Probe namespaces of dead processes; with ``everything``, every testbed namespace."""
+    done: list[str] = []
+    if not NETNS_DIR.exists():
+        return done
+    for entry in sorted(NETNS_DIR.iterdir()):
+        name = entry.name
+        if not name.startswith((NETNS_PREFIX, PROBE_NETNS_PREFIX)):
+            continue
+        if not everything:
+            pid = name.removeprefix(PROBE_NETNS_PREFIX)
+            if not (name.startswith(PROBE_NETNS_PREFIX) and pid.isdigit()):
+                continue
+            if ownership.start_ticks(int(pid)) is not None:
+                continue
+        try:
+            from pyroute2 import netns
+
+            netns.remove(name)
+            done.append(f"removed netns {name}")
+        except OSError as exc:
+            done.append(f"could not remove netns {name}: {exc}")
+    return done
 
 
 async def set_link(tb: RunningTestbed, src_tier: str, dst_tier: str, link: LinkSpec) -> None:
@@ -174,12 +206,10 @@ async def set_link(tb: RunningTestbed, src_tier: str, dst_tier: str, link: LinkS
     ]
     if not targets:
         raise ConfigError(f"no running node is fed by a link {src_tier} -> {dst_tier}")
+    runtime = runtime_of(tb)
     for ep in targets:
         ns = node_shaping_for_link(ep.name, ep.tier, ep.tier_index, ep.link, link, tb.backend)
-        if tb.runtime == "docker":
-            from testbed.runtime.docker import set_link_docker
-
-            await set_link_docker(tb, ep.name, ns.downlink, ns.uplink)
+        await runtime.set_link(tb, ep.name, ns.downlink, ns.uplink)
         ep.hop = ns.hop
         if ep.hook is not None and ns.hop is not None:
             ep.hook.set_shape(ns.hop)
@@ -191,24 +221,14 @@ async def set_link(tb: RunningTestbed, src_tier: str, dst_tier: str, link: LinkS
 
 
 async def set_node_cpu(tb: RunningTestbed, node: str, cpus: float) -> None:
-    """Change a node's CPU quota while running (docker: cpu_quota over a 100 ms period)."""
+    """Change a node's CPU quota while running (where the runtime has quotas)."""
     if node not in tb.nodes:
         raise ConfigError(f"unknown node {node!r}; nodes: {', '.join(sorted(tb.nodes))}")
     if not cpus > 0:
         raise ConfigError(f"cpus must be > 0, got {cpus!r}")
-    if tb.runtime != "docker":
-        raise RuntimeBackendError(
-            "changing a node's CPU needs the docker runtime (local processes have no quota)"
-        )
-    from testbed.runtime.docker import set_cpu_docker
-
-    await set_cpu_docker(tb, node, cpus)
+    await runtime_of(tb).set_cpu(tb, node, cpus)
     tb.nodes[node] = replace(tb.nodes[node], cpus=cpus)
     await asyncio.to_thread(tb.save)
-
-
-def hop_of(tb: RunningTestbed, node: str) -> HopShape | None:
-    return tb.nodes[node].hop
 
 
 def summary_rows(tb: RunningTestbed) -> list[dict[str, Any]]:
@@ -224,3 +244,6 @@ def summary_rows(tb: RunningTestbed) -> list[dict[str, Any]]:
         }
         for n in sorted(tb.nodes.values(), key=lambda n: (n.tier_index, n.name))
     ]
+
+
+__all__ = ["bring_up", "clean_sync", "detach", "down_sync", "set_link", "set_node_cpu"]

@@ -26,8 +26,8 @@ from testbed.errors import RuntimeBackendError
 from testbed.net.links import plan_shaping
 from testbed.net.shaping import DirShape, Iface, ShapingBackend, egress_ops
 from testbed.net.tc import apply_ops, links_sync
+from testbed.runtime import owner
 from testbed.runtime.base import (
-    CLI_CODE,
     LABEL_NODE,
     LABEL_RUN,
     LABEL_TIER,
@@ -35,7 +35,9 @@ from testbed.runtime.base import (
     STAGE_PORT,
     NodeEndpoint,
     RunningTestbed,
+    cli_launcher,
     new_run_id,
+    stage_serve_argv,
 )
 from testbed.runtime.image import ImageMode, ensure_image
 
@@ -179,14 +181,16 @@ class DockerTestbed:
             str(self.model_dir),
             {},
             seed=self.seed,
+            owner=owner.me(),
         )
-        tb.save()  # first, so that `testbed clean` finds this run even if we die right now
+        # first, so that `testbed clean` finds this run even if we die right now
+        await asyncio.to_thread(tb.save)
         try:
             await self._up(tb, health_timeout_s)
         except BaseException:
             tb.status = "failed"
             with contextlib.suppress(Exception):
-                tb.save()
+                await asyncio.shield(asyncio.to_thread(tb.save))
             _log(f"up failed: removing everything of {self.run_id}")
             await asyncio.shield(asyncio.to_thread(down_sync, self.run_id))
             with contextlib.suppress(OSError):
@@ -210,7 +214,7 @@ class DockerTestbed:
             await asyncio.to_thread(self._create_network, c, name, subnet, tier.name)
             net_of_tier[tier.name] = (name, subnet)
             tb.networks.append(name)
-        tb.save()
+        await asyncio.to_thread(tb.save)
 
         ctrs: dict[str, Any] = {}
         for j, tier in enumerate(self.topology.tiers):
@@ -257,7 +261,7 @@ class DockerTestbed:
                     info.mounts,
                     gpu and dev.kind == "gpu",
                 )
-                tb.save()
+                await asyncio.to_thread(tb.save)
         for i, n in enumerate(sorted(tb.nodes)):
             tb.nodes[n].make_hook(self.seed * 1000 + i)
 
@@ -274,13 +278,13 @@ class DockerTestbed:
             await apply_ops(shaping_ops(host_if, inside, ns.downlink, ns.uplink, self.backend))
             ep.down_iface = {"ifindex": host_if.ifindex, "ifname": host_if.ifname}
             ep.up_iface = {"ifindex": inside.ifindex, "ifname": inside.ifname, "pid": pid}
-        tb.save()
+        await asyncio.to_thread(tb.save)
         _log(
             f"{len(tb.nodes)} containers up, links shaped ({self.backend}); waiting for stage servers"
         )
         await wait_healthy(tb, health_timeout_s)
         tb.status = "up"
-        tb.save()
+        await asyncio.to_thread(tb.save)
 
     def _create_network(self, c: Any, name: str, subnet: ipaddress.IPv4Network, tier: str) -> None:
         import docker
@@ -315,23 +319,14 @@ class DockerTestbed:
         volumes = {str(self.model_dir): {"bind": MODEL_IN_CONTAINER, "mode": "ro"}}
         for host, inside in mounts:
             volumes[host] = {"bind": inside, "mode": "ro"}
-        cmd = [
-            "python3",
-            "-c",
-            CLI_CODE,
-            "stage",
-            "serve",
-            "--model-dir",
+        cmd = stage_serve_argv(
+            cli_launcher("python3"),
             MODEL_IN_CONTAINER,
-            "--blocks",
-            f"{ep.start}:{ep.end}",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(STAGE_PORT),
-            "--name",
-            ep.name,
-        ]
+            (ep.start, ep.end),
+            host="0.0.0.0",
+            port=STAGE_PORT,
+            name=ep.name,
+        )
         kwargs: dict[str, Any] = {}
         if ep.cpus:
             kwargs["cpu_period"] = CPU_PERIOD_US

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from testbed.errors import RuntimeBackendError
+from testbed.paths import cache_dir
 
 ImageMode = Literal["auto", "offline", "dockerfile"]
 IMAGE_MODES: tuple[str, ...] = ("auto", "offline", "dockerfile")
@@ -74,15 +75,6 @@ class ImageInfo:
     built: bool  # False: reused as it was
     seconds: float
     mounts: tuple[tuple[str, str], ...]  # (host path, container path), read-only, for `offline`
-
-
-def cache_dir() -> Path:
-    """The testbed's one cache folder (rootfs tarball, generated models)."""
-    explicit = os.environ.get("TESTBED_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "testbed"
 
 
 def _log(msg: str) -> None:

@@ -24,11 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
 from testbed.errors import ConfigError, RuntimeBackendError, StageTimeoutError
-
-CLI_CODE = "from testbed.cli.main import main; main()"
+from testbed.runtime.base import cli_launcher, stage_serve_argv
 
 
 def block_ranges(num_blocks: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
@@ -123,31 +120,22 @@ class LocalStages:
         await self.aclose()
 
     def _argv(self, i: int, start: int, end: int) -> list[str]:
-        argv = [
-            sys.executable,
-            "-c",
-            CLI_CODE,
-            "stage",
-            "serve",
-            "--model-dir",
-            str(self.model_dir),
-            "--blocks",
-            f"{start}:{end}",
-            "--host",
-            self.host,
-            "--port",
-            "0",
-            "--name",
-            f"stage{i}",
-            "--exit-with-parent",
-        ]
+        extra = ["--exit-with-parent"]
         if self.device:
-            argv += ["--device", self.device]
+            extra += ["--device", self.device]
         if self.dtype:
-            argv += ["--dtype", self.dtype]
+            extra += ["--dtype", self.dtype]
         if self.threads:
-            argv += ["--threads", str(self.threads)]
-        return argv + self.serve_args
+            extra += ["--threads", str(self.threads)]
+        return stage_serve_argv(
+            cli_launcher(sys.executable),
+            str(self.model_dir),
+            (start, end),
+            host=self.host,
+            port=0,
+            name=f"stage{i}",
+            extra=[*extra, *self.serve_args],
+        )
 
     async def start(self) -> None:
         if self.stages:
@@ -196,20 +184,18 @@ class LocalStages:
                     f"its log:\n{stage.log_tail()}"
                 )
             await asyncio.sleep(0.05)
-        timeout = aiohttp.ClientTimeout(total=2.0)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                try:
-                    async with session.get(stage.url + "/health") as resp:
-                        if resp.status == 200:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                if stage.proc.returncode is not None or time.monotonic() > deadline:
-                    raise StageTimeoutError(
-                        f"{name} at {stage.url} is not healthy; its log:\n{stage.log_tail()}"
-                    )
-                await asyncio.sleep(0.05)
+        from testbed.runtime.measure import wait_urls_healthy
+
+        def gone(_: str) -> str | None:
+            code = stage.proc.returncode
+            return None if code is None else f"exited with code {code}"
+
+        try:
+            await wait_urls_healthy(
+                {name: stage.url}, max(0.0, deadline - time.monotonic()), gone=gone, interval_s=0.05
+            )
+        except (RuntimeBackendError, StageTimeoutError) as exc:
+            raise type(exc)(f"{exc}; its log:\n{stage.log_tail()}") from None
 
     async def kill_stage(self, index: int) -> None:
         """SIGKILL one stage (tests: a stage that dies mid-request)."""

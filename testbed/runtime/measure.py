@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,29 +21,60 @@ class Tolerance:
     rate_rel: float = 0.20  # measured throughput within +-20% of configured
 
 
-async def wait_healthy(tb: RunningTestbed, timeout_s: float = 120.0) -> None:
-    """GET /health on every stage node until all answer 200; a clear error names the laggards."""
+async def health_of(session: aiohttp.ClientSession, url: str) -> str | None:
+    """GET ``url``/health once: None when healthy, else why not ("HTTP 503", "ClientError")."""
+    try:
+        async with session.get(url + "/health") as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return type(exc).__name__
+
+
+async def health_report(tb: RunningTestbed, timeout_s: float = 3.0) -> dict[str, str]:
+    """One health check of every node: "healthy" or "down (reason)"."""
+    out: dict[str, str] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+        for n in tb.nodes.values():
+            why = await health_of(s, n.url)
+            out[n.name] = "healthy" if why is None else f"down ({why})"
+    return out
+
+
+async def wait_urls_healthy(
+    urls: Mapping[str, str],
+    timeout_s: float,
+    *,
+    gone: Callable[[str], str | None] | None = None,
+    interval_s: float = 0.25,
+) -> None:
+    """The one health wait: poll every ``name -> url`` until all answer 200. ``gone(name)``
+    says why a node can no longer come up (its process exited), which fails at once. The
+    error names the laggards and their last answer."""
     deadline = time.monotonic() + timeout_s
-    pending = {n.name for n in tb.stage_nodes()}
+    pending = set(urls)
     last_err: dict[str, str] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         while pending:
             for name in sorted(pending):
-                url = tb.nodes[name].url + "/health"
-                try:
-                    async with session.get(url) as resp:
-                        if resp.status == 200:
-                            pending.discard(name)
-                        else:
-                            last_err[name] = f"HTTP {resp.status}"
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    last_err[name] = type(exc).__name__
+                why = await health_of(session, urls[name])
+                if why is None:
+                    pending.discard(name)
+                    continue
+                last_err[name] = why
+                dead = gone(name) if gone is not None else None
+                if dead is not None:
+                    raise RuntimeBackendError(f"stage server {name} {dead} while starting")
             if not pending:
                 break
             if time.monotonic() > deadline:
                 detail = ", ".join(f"{n} ({last_err.get(n, '?')})" for n in sorted(pending))
                 raise StageTimeoutError(f"stage servers not healthy after {timeout_s:g}s: {detail}")
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(interval_s)
+
+
+async def wait_healthy(tb: RunningTestbed, timeout_s: float = 120.0) -> None:
+    """Wait until every stage node of ``tb`` answers /health."""
+    await wait_urls_healthy({n.name: n.url for n in tb.stage_nodes()}, timeout_s)
 
 
 def judge(
@@ -87,11 +119,31 @@ async def measure_links(
             )
         except RuntimeBackendError as exc:
             checks.append(
-                LinkCheck(node.name, node.link, cfg_rtt, cfg_rate, None, None, False, str(exc))
+                LinkCheck(
+                    node.name,
+                    node.link,
+                    cfg_rtt,
+                    cfg_rate,
+                    None,
+                    None,
+                    False,
+                    str(exc),
+                    measured_at=time.time(),
+                )
             )
             continue
         ok, note = judge(cfg_rtt, cfg_rate, m.rtt_s, m.throughput_bps, tol)
         checks.append(
-            LinkCheck(node.name, node.link, cfg_rtt, cfg_rate, m.rtt_s, m.throughput_bps, ok, note)
+            LinkCheck(
+                node.name,
+                node.link,
+                cfg_rtt,
+                cfg_rate,
+                m.rtt_s,
+                m.throughput_bps,
+                ok,
+                note,
+                measured_at=time.time(),
+            )
         )
     return checks

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from testbed.broker.replay import ReplayOptions, replay_scenario
+from testbed.experiment.replay import ReplayOptions, replay_scenario
 from testbed.spec.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[2]

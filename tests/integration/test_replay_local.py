@@ -17,15 +17,11 @@ from rich.console import Console
 
 from testbed.broker.broker import Broker, BrokerConfig
 from testbed.broker.layout import Layout, WorkPredictor
-from testbed.broker.replay import (
-    ReplayOptions,
-    bring_up,
-    compare_scenario,
-    make_transport,
-    prepare,
-    replay_once,
-    take_down,
-)
+from testbed.experiment.compare import compare_scenario
+from testbed.experiment.lifecycle import bring_up, take_down
+from testbed.experiment.prepare import prepare
+from testbed.experiment.replay import ReplayOptions, make_transport, replay_once
+from testbed.runtime.interface import RUNTIMES
 from testbed.spec.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +68,7 @@ def testbed(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("replay")
     loaded = load_scenario(_scenario(tmp))
     prep = prepare(loaded)
-    tb = asyncio.run(bring_up(prep, "local", health_timeout_s=180))
+    tb = asyncio.run(bring_up(prep, RUNTIMES.create("local"), health_timeout_s=180))
     try:
         yield tb, loaded, prep, tmp
     finally:
@@ -127,6 +123,7 @@ async def test_replay_of_a_trace_window_through_the_tiny_testbed(testbed: Any) -
     out = run.out_dir
     for name in (
         "requests.jsonl",
+        "run.json",
         "requests.csv",
         "summary.json",
         "config.json",

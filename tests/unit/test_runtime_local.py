@@ -82,6 +82,19 @@ def test_local_up_generate_down(tmp_path):
         assert (
             nodes[1].hook is not None and nodes[1].hook.messages >= 5
         )  # prefill + 4 decode hops into c1, all shaped
+        # `up` has exited and handed the run over: the nodes outlive it, and `clean` leaves a
+        # live run alone
+        assert tb["owner"] is None
+        cl = subprocess.run(
+            [sys.executable, "-c", CLI, "clean"],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=60,
+        )
+        assert cl.returncode == 0, cl.stderr
+        assert (tmp_path / "state" / f"{tb['run_id']}.json").exists(), cl.stdout
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids), cl.stdout
     finally:
         down = subprocess.run(
             [sys.executable, "-c", CLI, "down", tb["run_id"]],
@@ -92,7 +105,13 @@ def test_local_up_generate_down(tmp_path):
             check=False,
         )
     assert down.returncode == 0, down.stderr
-    for pid in pids:
-        assert (
-            not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-        )
+    assert not [pid for pid in pids if _running(pid)], "down left a process"
+
+
+def _running(pid: int) -> bool:
+    """Not gone and not a zombie (dead, waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -70,16 +70,13 @@ def test_missing_and_broken_state_are_clear_errors(state_dir):
     with pytest.raises(RuntimeBackendError, match="no testbed is running"):
         load_running()
     with pytest.raises(RuntimeBackendError, match="no testbed run"):
-        load_running("tbnothere")
-    (state_dir / "tbbroken.json").write_text("{not json")
+        load_running("tb00000000")
+    (state_dir / "tbbadbad00.json").write_text("{not json")
     with pytest.raises(RuntimeBackendError, match="unreadable"):
-        load_running("tbbroken")
+        load_running("tbbadbad00")
 
 
 def test_down_of_a_recorded_local_run_removes_its_state_and_repeats(monkeypatch):
-    import testbed.runtime.docker as dockermod
-
-    monkeypatch.setattr(dockermod, "down_sync", lambda run_id: (0, 0))
     tb = _tb()
     tb.save()
     assert "removed" in down_sync(tb.run_id)
@@ -87,7 +84,7 @@ def test_down_of_a_recorded_local_run_removes_its_state_and_repeats(monkeypatch)
     assert "nothing to do" in down_sync()
 
 
-def test_clean_without_docker_still_removes_states(monkeypatch):
+def test_clean_all_without_docker_still_removes_states(monkeypatch):
     import testbed.runtime.docker as dockermod
 
     def no_docker():
@@ -96,7 +93,7 @@ def test_clean_without_docker_still_removes_states(monkeypatch):
     monkeypatch.setattr(dockermod, "client", no_docker)
     monkeypatch.setattr("testbed.runtime.control.NETNS_DIR", Path("/nonexistent-netns-dir"))
     _tb().save()
-    lines = clean_sync()
+    lines = clean_sync(everything=True)
     assert any("docker skipped" in x for x in lines) and not list_states()
 
 

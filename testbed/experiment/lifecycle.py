@@ -1,0 +1,103 @@
+"""A testbed for a run: attach to the running one, or bring one up here (and down after)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from rich.console import Console
+
+from testbed.errors import ConfigError, RuntimeBackendError
+from testbed.experiment.prepare import Prepared
+from testbed.runtime.base import RunningTestbed
+from testbed.runtime.interface import Runtime, UpRequest
+from testbed.spec.plan import Plan
+
+
+async def bring_up(
+    prep: Prepared, runtime: Runtime, *, health_timeout_s: float = 300.0
+) -> RunningTestbed:
+    """Start stage servers for ``prep.plan`` with ``runtime`` (this process owns the run)."""
+    from testbed.runtime.control import bring_up as runtime_bring_up
+
+    req = UpRequest(
+        prep.topology,
+        str(prep.loaded.topology_path),
+        prep.plan,
+        prep.model_dir,
+        seed=prep.loaded.spec.seed,
+        health_timeout_s=health_timeout_s,
+    )
+    return await runtime_bring_up(runtime, req)
+
+
+async def take_down(run_id: str) -> str:
+    from testbed.runtime.control import down_sync
+
+    return await asyncio.to_thread(down_sync, run_id)
+
+
+def plan_matches(tb: RunningTestbed, plan: Plan) -> bool:
+    want = {n: (st.start, st.end) for st in plan.active_stages() for n in st.nodes}
+    have = {n.name: (n.start, n.end) for n in tb.stage_nodes()}
+    return want == have
+
+
+async def up_announced(
+    prep: Prepared, runtime: Runtime, console: Console, health_timeout_s: float
+) -> RunningTestbed:
+    """:func:`bring_up`, telling the user what and how long."""
+    console.print(
+        f"bringing up {prep.topology.name} ({runtime.name}) with the {prep.partitioner} plan "
+        f"(cuts {list(prep.plan.cuts)}) ..."
+    )
+    t = time.monotonic()
+    tb = await bring_up(prep, runtime, health_timeout_s=health_timeout_s)
+    console.print(f"testbed {tb.run_id} up in {time.monotonic() - t:.1f}s (shaping: {tb.backend})")
+    return tb
+
+
+@contextlib.asynccontextmanager
+async def testbed_for(
+    prep: Prepared,
+    *,
+    up: bool | None,
+    runtime: Runtime,
+    run_id: str | None,
+    console: Console,
+    health_timeout_s: float = 300.0,
+) -> AsyncIterator[tuple[RunningTestbed, bool]]:
+    """Yield (RunningTestbed, brought_up_here). ``up``: True = always bring one up;
+    False = only attach; None = attach to the running one, else bring one up."""
+    from testbed.runtime.base import load_running
+
+    tb = None
+    if up is not True:
+        try:
+            tb = await asyncio.to_thread(load_running, run_id)
+        except RuntimeBackendError as exc:
+            if up is False or run_id is not None:
+                raise RuntimeBackendError(
+                    f"{exc}; or let replay bring one up and down itself: --up"
+                ) from None
+        if tb is not None and tb.topology_name != prep.topology.name:
+            raise ConfigError(
+                f"the running testbed {tb.run_id} is topology {tb.topology_name!r}, the scenario "
+                f"wants {prep.topology.name!r}; `testbed down` it or replay with --up"
+            )
+        if tb is not None and not plan_matches(tb, prep.plan):
+            console.print(
+                f"[yellow]note[/]: testbed {tb.run_id} holds other block ranges than the "
+                f"{prep.partitioner} plan; replaying on the ranges it holds"
+            )
+    if tb is not None:
+        yield tb, False
+        return
+    tb = await up_announced(prep, runtime, console, health_timeout_s)
+    try:
+        yield tb, True
+    finally:
+        msg = await asyncio.shield(take_down(tb.run_id))
+        console.print(f"down: {msg}")

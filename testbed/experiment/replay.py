@@ -1,0 +1,282 @@
+"""`testbed replay`: one run of a scenario through a testbed into a results folder.
+
+Records are streamed to ``requests.jsonl`` as requests finish (one line, flushed, per
+record), next to a ``run.json`` written before the first request; a run killed midway keeps
+every completed record, and `testbed report RUN_DIR` rebuilds the summary, tables and plots
+from them. At the end the whole folder is written (:func:`write_run_report`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+
+from testbed.broker.broker import Broker, BrokerConfig, BrokerResult, NodeEvent
+from testbed.broker.http import HttpStageTransport
+from testbed.broker.layout import Layout, WorkPredictor
+from testbed.experiment.lifecycle import testbed_for
+from testbed.experiment.prepare import Prepared, load_parts, prepare, with_model_dir
+from testbed.experiment.provenance import run_metadata, testbed_description
+from testbed.metrics.records import RequestRecord
+from testbed.metrics.summary import SLO, Summary, summarize
+from testbed.paths import results_dir
+from testbed.runtime.base import RunningTestbed
+from testbed.runtime.interface import RUNTIMES
+from testbed.spec.scenario import LoadedScenario
+
+RUN_FILE = "run.json"  # written first: what `testbed report` needs besides the records
+RECORDS_FILE = "requests.jsonl"
+
+
+@dataclass(frozen=True)
+class ReplayRun:
+    label: str  # "bsdp+arts"
+    out_dir: Path
+    summary: Summary
+    result: BrokerResult
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def records(self) -> tuple[RequestRecord, ...]:
+        return self.result.records
+
+
+def make_transport(tb: RunningTestbed) -> HttpStageTransport:
+    urls = {n.name: n.url for n in tb.stage_nodes()}
+    hooks = {n: tb.hook_for(n) for n in urls}
+    return HttpStageTransport(urls, {n: h.before_send for n, h in hooks.items() if h is not None})
+
+
+class RecordStream:
+    """Append each finished request's record to ``requests.jsonl``, flushed at once, so a
+    killed run keeps what completed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8")
+
+    def write(self, rec: RequestRecord) -> None:
+        if self._file is not None:  # one short line: a page-cache write, not a disk wait
+            self._file.write(json.dumps(rec.to_dict(), allow_nan=False) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+async def run_broker(
+    prep: Prepared,
+    layout: Layout,
+    transport: Any,
+    *,
+    config: BrokerConfig | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+    on_node_event: Callable[[NodeEvent], None] | None = None,
+    on_record: Callable[[RequestRecord], None] | None = None,
+) -> BrokerResult:
+    """Replay ``prep.requests`` through ``layout`` with the scenario's scheduler."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(quiet=True)
+    predictor = WorkPredictor(layout, prep.cost)
+    counts = {"completed": 0, "failed": 0}
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not progress,
+    )
+    task = bar.add_task(f"replay {prep.pair}", total=len(prep.requests), status="")
+
+    def record(rec: RequestRecord) -> None:
+        if on_record is not None:
+            on_record(rec)
+        counts[rec.status] += 1
+        bar.update(task, advance=1, status=f"{counts['completed']} ok, {counts['failed']} failed")
+
+    def node_event(ev: NodeEvent) -> None:
+        console.print(f"[yellow]node {ev.node} down[/] at {ev.at_s:.2f}s: {ev.reason}")
+        if on_node_event is not None:
+            on_node_event(ev)
+
+    broker = Broker(
+        layout,
+        predictor,
+        prep.make_scheduler(),
+        transport,
+        prep.prompt_fn(),
+        config=config,
+        on_record=record,
+        on_node_event=node_event,
+    )
+    with bar:
+        async with broker:
+            return await broker.run(prep.requests, stop_after_s=prep.loaded.spec.duration_s)
+
+
+def run_folder(output: Path, scenario: str, pair: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = output / f"{stamp}-{scenario}-{pair}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def run_info(prep: Prepared, tb: RunningTestbed, layout: Layout) -> dict[str, Any]:
+    """``run.json``: enough to rebuild the summary from the records alone."""
+    slo = prep.loaded.spec.slo
+    return {
+        "label": prep.pair,
+        "scenario": prep.loaded.spec.name,
+        "scenario_path": str(prep.loaded.path),
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "e2e_s": slo.e2e_s},
+        "nodes": list(layout.node_names()),
+        "requests_planned": len(prep.requests),
+        "testbed": testbed_description(tb),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+async def replay_once(
+    prep: Prepared,
+    tb: RunningTestbed,
+    out_dir: Path,
+    *,
+    config: BrokerConfig | None = None,
+    console: Console,
+    progress: bool = True,
+    plots: bool = True,
+) -> ReplayRun:
+    """Replay against the running testbed ``tb`` and write the results folder."""
+    from testbed.metrics.report import write_run_report
+
+    layout = Layout.from_running(tb, prep.topology, prep.cost)
+    await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+    info = run_info(prep, tb, layout)
+    await asyncio.to_thread(
+        (out_dir / RUN_FILE).write_text, json.dumps(info, indent=2) + "\n", encoding="utf-8"
+    )
+    stream = RecordStream(out_dir / RECORDS_FILE)
+    await asyncio.to_thread(stream.open)
+    try:
+        result = await run_broker(
+            prep,
+            layout,
+            make_transport(tb),
+            config=config,
+            console=console,
+            progress=progress,
+            on_record=stream.write,
+        )
+    finally:
+        stream.close()
+    spec = prep.loaded.spec
+    summary = summarize(
+        result.records,
+        slo=SLO(spec.slo.ttft_s, spec.slo.tpot_s, spec.slo.e2e_s),
+        nodes=layout.node_names(),
+    )
+    meta = await run_metadata(prep, tb, layout, result, config or BrokerConfig())
+    extra = {
+        "run": {
+            "label": prep.pair,
+            "scenario": spec.name,
+            "partitioner": prep.partitioner,
+            "scheduler": prep.scheduler,
+            "testbed_run_id": tb.run_id,
+            "runtime": tb.runtime,
+            "shaping": tb.backend,
+            "routed": result.routed,
+            "node_events": [asdict(e) for e in result.node_events],
+            "not_admitted": result.not_admitted,
+        },
+        "workload": prep.workload.stats.to_dict(),
+    }
+    files = await asyncio.to_thread(
+        write_run_report,
+        out_dir,
+        result.records,
+        summary,
+        extra=extra,
+        run_name=prep.pair,
+        plots=plots,
+    )
+    cfg_path = out_dir / "config.json"
+    await asyncio.to_thread(
+        cfg_path.write_text, json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8"
+    )
+    files["config"] = cfg_path
+    files["run"] = out_dir / RUN_FILE
+    return ReplayRun(prep.pair, out_dir, summary, result, files)
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    run_id: str | None = None
+    up: bool | None = None  # True: bring one up; False: attach only; None: attach, else up
+    runtime: str | None = None  # a name in RUNTIMES; default: the scenario's
+    output: Path | None = None  # default: the scenario's
+    requests: int | None = None  # keep the first N requests (--max-requests)
+    progress: bool = True
+    plots: bool = True
+    health_timeout_s: float = 300.0
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+
+
+def output_dir(loaded: LoadedScenario, opts: ReplayOptions) -> Path:
+    """``--output``, else the scenario's ``output:``, else :func:`testbed.paths.results_dir`."""
+    if opts.output is not None:
+        return opts.output
+    if "output" in loaded.spec.model_fields_set:
+        return loaded.resolve(loaded.spec.output)
+    return results_dir()
+
+
+async def replay_scenario(
+    loaded: LoadedScenario, opts: ReplayOptions, console: Console, pair: str | None = None
+) -> ReplayRun:
+    """`testbed replay`: one run of the scenario (or of ``pair``)."""
+    runtime = RUNTIMES.create(opts.runtime or loaded.spec.runtime, field="--runtime")
+    parts = await asyncio.to_thread(load_parts, loaded)
+    prep = await asyncio.to_thread(prepare, parts, pair, opts.requests)
+    out = run_folder(output_dir(loaded, opts), loaded.spec.name, prep.pair)
+    async with testbed_for(
+        prep,
+        up=opts.up,
+        runtime=runtime,
+        run_id=opts.run_id,
+        console=console,
+        health_timeout_s=opts.health_timeout_s,
+    ) as (tb, brought_up):
+        if not brought_up and Path(tb.model_dir) != prep.model_dir:
+            prep = await asyncio.to_thread(with_model_dir, prep, Path(tb.model_dir))
+            console.print(f"note: the testbed serves {tb.model_dir}; prompts and costs follow it")
+        return await replay_once(
+            prep,
+            tb,
+            out,
+            config=opts.broker,
+            console=console,
+            progress=opts.progress,
+            plots=opts.plots,
+        )

@@ -1,0 +1,87 @@
+"""The runtime interface: what every way of running nodes (local processes, Docker, ...) offers.
+
+A runtime is one file under :mod:`testbed.runtime.kinds`: a dataclass whose fields are its
+options, registered by name with ``@RUNTIMES.register("name")`` (Mininet's node classes chosen
+by name). Callers pick one with ``RUNTIMES.create(name, options)`` and never compare names.
+A running testbed records its runtime's name; :func:`runtime_of` gives the object back.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from testbed.errors import RuntimeBackendError
+from testbed.registry import Registry
+
+if TYPE_CHECKING:
+    from testbed.net.shaping import DirShape, ShapingBackend
+    from testbed.runtime.base import RunningTestbed
+    from testbed.spec.plan import Plan
+    from testbed.spec.topology import Topology
+
+
+@dataclass(frozen=True)
+class UpRequest:
+    """What to bring up: a plan of a topology over a model's weights."""
+
+    topology: Topology
+    topology_path: str
+    plan: Plan
+    model_dir: Path
+    seed: int = 0  # seed of the app shaper's jitter and loss
+    health_timeout_s: float = 180.0
+    backend: ShapingBackend | None = None  # None: the best the host supports for this runtime
+
+
+class Runtime(ABC):
+    """Brings a plan up as nodes on shaped links and takes it down again."""
+
+    name: ClassVar[str]  # set by RUNTIMES.register
+
+    @abstractmethod
+    async def backend(self, requested: ShapingBackend | None) -> ShapingBackend:
+        """The shaping backend to use (``requested`` if given and possible)."""
+
+    @abstractmethod
+    async def up(self, req: UpRequest, backend: ShapingBackend) -> RunningTestbed:
+        """Start every planned node, shape its links, wait until all are healthy, save the
+        state file (before the first node starts, so `clean` finds a run that dies midway).
+        On failure or cancellation, remove what was started and raise."""
+
+    @abstractmethod
+    def remove(self, run_id: str, tb: RunningTestbed | None) -> str:
+        """Blocking: stop and remove the run's nodes (``tb`` is None when its state file is
+        gone). Safe to repeat. Returns what was removed, for the user."""
+
+    def remove_all(self) -> list[str]:
+        """Blocking: remove every object of this runtime labelled as the testbed's, whoever
+        owns it (`testbed clean --all`)."""
+        return []
+
+    def present(self, tb: RunningTestbed) -> bool:
+        """Blocking: does any node of ``tb`` still exist (a process, a container)?"""
+        return True
+
+    @abstractmethod
+    async def set_link(self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
+        """Apply the kernel part of a changed link into ``node`` (app parts are the hooks')."""
+
+    async def set_cpu(self, tb: RunningTestbed, node: str, cpus: float) -> None:
+        raise RuntimeBackendError(
+            f"changing a node's CPU needs a runtime with CPU quotas; {self.name} has none"
+        )
+
+    async def engine_version(self) -> str | None:
+        """Version of the engine under the nodes, for provenance (None: none or unknown)."""
+        return None
+
+
+RUNTIMES: Registry[Runtime] = Registry("runtime", "testbed.runtime.kinds")
+
+
+def runtime_of(tb: RunningTestbed) -> Runtime:
+    """The runtime that runs ``tb`` (default options: what was recorded is enough to act)."""
+    return RUNTIMES.create(tb.runtime, field="runtime")

@@ -1,0 +1,1 @@
+"""One file per runtime, registered by name in :data:`testbed.runtime.interface.RUNTIMES`."""
