@@ -175,11 +175,18 @@ def test_sigkill_up_then_clean_leaves_nothing(env):
         stderr=subprocess.PIPE,
         text=True,
     )
+    state = Path(environ["TESTBED_STATE_DIR"])
+    run_id = None
     try:
-        # kill it once it has created containers (halfway: before health/measurement finish)
+        # kill it once it has created containers (halfway: before health/measurement finish);
+        # only this test's run is looked at, other runs on the machine are not ours
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if c.containers.list(all=True, filters={"label": "testbed.run"}, sparse=True):
+            ids = [p.stem for p in state.glob("tb*.json")]
+            if ids and c.containers.list(
+                all=True, filters={"label": f"testbed.run={ids[0]}"}, sparse=True
+            ):
+                run_id = ids[0]
                 break
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.2)
@@ -191,10 +198,10 @@ def test_sigkill_up_then_clean_leaves_nothing(env):
         if proc.stderr is not None:
             proc.stderr.close()
     assert c.containers.list(
-        all=True, filters={"label": "testbed.run"}, sparse=True
+        all=True, filters={"label": f"testbed.run={run_id}"}, sparse=True
     )  # the crash left them
     res = _cli(environ, "clean")
     assert res.returncode == 0, res.stderr
-    _assert_nothing_left(c)
+    _assert_nothing_left(c, run_id)
     assert not list(Path(environ["TESTBED_STATE_DIR"]).glob("tb*.json"))
     assert _cli(environ, "clean").returncode == 0  # idempotent

@@ -59,5 +59,6 @@ def test_replay_through_containers(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert cfg["versions"]["docker_engine"]
     import docker
 
-    left = docker.from_env().containers.list(all=True, filters={"label": "testbed.run"})
+    label = f"testbed.run={cfg['testbed']['run_id']}"  # only ours: other runs may be live
+    left = docker.from_env().containers.list(all=True, filters={"label": label})
     assert left == [], [c.name for c in left]
