@@ -11,6 +11,12 @@ from testbed.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("phi3", "llama", "qwen2", "mistral")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+# Sanity bounds on config.json counts (far above any real model; checked before anything is
+# sized from them).
+MAX_BLOCKS = 4096
+MAX_HIDDEN = 1 << 17
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -40,9 +46,19 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
             source=str(root),
         )
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config.json is not valid JSON: {exc}", source=str(root)) from exc
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(
+            f"not valid UTF-8 JSON ({exc}); restore the model's config.json",
+            source=str(cfg_path),
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(cfg_path)) from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"must be a JSON object, got a {type(cfg).__name__}; restore the model's config.json",
+            source=str(cfg_path),
+        )
     model_type = str(cfg.get("model_type", ""))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
@@ -55,26 +71,44 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     gen_path = root / "generation_config.json"
     if gen_path.is_file():
         try:
-            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"not valid JSON: {exc}", source=str(gen_path)) from exc
-    eos_ids: tuple[int, ...]
-    if eos is None:
-        eos_ids = ()
-    elif isinstance(eos, list):
-        eos_ids = tuple(int(e) for e in eos)
-    else:
-        eos_ids = (int(eos),)
+            gen = json.loads(gen_path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"not valid UTF-8 JSON: {exc}", source=str(gen_path)) from None
+        if isinstance(gen, dict):
+            eos = gen.get("eos_token_id", eos)
+    eos_list = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos_list):
+        raise ConfigError(
+            f"{eos!r} is not a token id or a list of them",
+            source=str(cfg_path),
+            field="eos_token_id",
+        )
+    eos_ids = tuple(eos_list)
     archs = cfg.get("architectures") or [f"{model_type}ForCausalLM"]
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise ConfigError(
+            f"{archs!r} is not a list of names", source=str(cfg_path), field="architectures"
+        )
+
+    def count(key: str, limit: int, default: int | None = None) -> int:
+        value = cfg.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ConfigError(
+                f"{value!r} is not an integer in 1..{limit}; restore the model's config.json",
+                source=str(cfg_path),
+                field=key,
+            )
+        return value
+
     return ModelInfo(
         path=str(root.resolve()),
         name=root.resolve().name,
         model_type=model_type,
-        architecture=str(archs[0]),
-        num_blocks=int(cfg["num_hidden_layers"]),
-        hidden_size=int(cfg["hidden_size"]),
-        vocab_size=int(cfg["vocab_size"]),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        architecture=archs[0],
+        num_blocks=count("num_hidden_layers", MAX_BLOCKS),
+        hidden_size=count("hidden_size", MAX_HIDDEN),
+        vocab_size=count("vocab_size", MAX_VOCAB),
+        max_position_embeddings=count("max_position_embeddings", MAX_CONTEXT, 2048),
         checkpoint_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         eos_token_ids=eos_ids,
     )
