@@ -19,6 +19,9 @@ from testbed.stage.limits import InputLimits, PayloadBudget, Reservation
 from testbed.stage.wire import WireFormatError, WireLimits, WireMessage, read_message
 
 JSON_BODY_MAX_BYTES = 1 << 16  # /release and any other JSON route
+# aiohttp's per-connection read buffer (it buffers up to twice this before pausing a sender):
+# bytes an HTTP upload can hold outside the memory budget
+READ_BUFSIZE_BYTES = 1 << 18
 
 Refuse = Callable[[int, ErrorCode, str], StageRejectedError]
 

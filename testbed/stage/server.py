@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from testbed.errors import ConfigError
+from testbed.errors import ConfigError, TestbedError
 from testbed.model.contract import CacheFullError, StageExecutor
 from testbed.stage.client import WirePayload
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
-from testbed.stage.intake import JSON_BODY_MAX_BYTES, Intake
+from testbed.stage.intake import JSON_BODY_MAX_BYTES, READ_BUFSIZE_BYTES, Intake
 from testbed.stage.limits import InputLimits, Reservation
 from testbed.stage.metrics import Gauges, StageMetrics
 from testbed.stage.tasks import cancel_and_wait
@@ -197,17 +197,27 @@ class StageServer:
         if self._executor is None:
             from testbed.model.executor import LayerRangeExecutor
 
-            self._executor = await asyncio.get_running_loop().run_in_executor(
-                self._pool,
-                lambda: LayerRangeExecutor(
-                    cfg.model_dir,
-                    cfg.start,
-                    cfg.end,
-                    device=cfg.device,
-                    dtype=cfg.dtype,
-                    max_requests=cfg.max_requests,
-                ),
-            )
+            try:
+                self._executor = await asyncio.get_running_loop().run_in_executor(
+                    self._pool,
+                    lambda: LayerRangeExecutor(
+                        cfg.model_dir,
+                        cfg.start,
+                        cfg.end,
+                        device=cfg.device,
+                        dtype=cfg.dtype,
+                        max_requests=cfg.max_requests,
+                    ),
+                )
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                if isinstance(exc, TestbedError):
+                    raise
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise ConfigError(
+                    f"cannot load blocks {cfg.start}:{cfg.end}: {reason}; check its config.json "
+                    "and weights",
+                    source=cfg.model_dir,
+                ) from None
         self._intake = Intake(
             self.config.label,
             cfg.limits,
@@ -225,7 +235,7 @@ class StageServer:
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, read_bufsize=1 << 22
+            app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE_BYTES
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
