@@ -19,6 +19,7 @@ The reservation is released when the step that uses the payload has finished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ class Reservation:
 
 
 class PayloadBudget:
-    """Bytes of payload buffers in flight, capped; waiters are served first come, first served.
+    """Bytes of payload buffers in flight, capped; a waiter gets in as soon as it fits.
 
     Event-loop thread only.
     """
@@ -74,8 +75,12 @@ class PayloadBudget:
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     def try_reserve(self, nbytes: int) -> Reservation | None:
-        """A reservation when the bytes fit now (and nobody waits before us), else None."""
-        if not self._waiters and self.in_use_bytes + nbytes <= self.budget_bytes:
+        """A reservation when the bytes fit now, else None.
+
+        First fit, not strict FIFO: a small payload (a decode step) that fits goes ahead of a
+        big one still waiting, so stalled big uploads cannot delay decodes; a big one waits at
+        most ``budget_wait_s`` and is then refused (429), never starved silently."""
+        if self.in_use_bytes + nbytes <= self.budget_bytes:
             self.in_use_bytes += nbytes
             return Reservation(self, nbytes)
         return None
@@ -97,7 +102,8 @@ class PayloadBudget:
             if fut.done() and not fut.cancelled():  # granted just as we gave up: hand it back
                 self.give_back(nbytes)
             else:
-                self._waiters.remove(entry)
+                with contextlib.suppress(ValueError):  # _wake drops cancelled waiters too
+                    self._waiters.remove(entry)
                 self._wake()
             raise
         return Reservation(self, nbytes)
@@ -107,8 +113,12 @@ class PayloadBudget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_use_bytes + self._waiters[0][0] <= self.budget_bytes:
-            nbytes, fut = self._waiters.popleft()
-            if not fut.done():
+        """Grant every waiter that fits, in arrival order (first fit)."""
+        for entry in list(self._waiters):
+            nbytes, fut = entry
+            if fut.done():
+                self._waiters.remove(entry)
+            elif self.in_use_bytes + nbytes <= self.budget_bytes:
+                self._waiters.remove(entry)
                 self.in_use_bytes += nbytes
                 fut.set_result(None)

@@ -9,7 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,6 +25,7 @@ from testbed.stage.limits import InputLimits
 from testbed.stage.server import StageConfig, StageServer
 from testbed.stage.wire import MAGIC, decode, encode
 
+REPO = Path(__file__).resolve().parents[2]
 HIDDEN = 8  # the echo's hidden size: a middle stage takes float32[1, q, 8]
 
 
@@ -72,10 +78,14 @@ async def test_stalled_uploads_take_no_queue_place_and_are_dropped_after_the_tim
     inputs = InputLimits(read_timeout_s=0.5)
     async with echo_server(max_inflight=1, max_queue=1, inputs=inputs) as srv:
         body = fwd("s", "prefill", 0, torch.zeros(1, 100, HIDDEN))
-        stalled = [await partial_upload(srv.port, body[:500], announce=len(body)) for _ in range(10)]
+        stalled = [
+            await partial_upload(srv.port, body[:500], announce=len(body)) for _ in range(10)
+        ]
         await until(lambda: srv.intake.budget.in_use_bytes > 0)
         for i in range(5):  # good requests are served while 10 uploads stall
-            status, text = await post(srv.url, fwd(f"g{i}", "prefill", 0, torch.zeros(1, 3, HIDDEN)))
+            status, text = await post(
+                srv.url, fwd(f"g{i}", "prefill", 0, torch.zeros(1, 3, HIDDEN))
+            )
             assert status == 200, text
         for reader, writer in stalled:  # each stalled upload: dropped with a 408 and a reason
             answer = await http_answer(reader)
@@ -195,3 +205,156 @@ async def test_tensor_port_drops_a_stalled_sender_and_caps_connections():
         assert (await tcp_answer(r2)).meta["status"] == 200
         for w in (w1, w2, w3):
             w.close()
+
+
+# -------------------------------------------------------------------------------------- CLI
+def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "testbed", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.model
+def test_stage_serve_bad_setup_is_one_line_and_exit_2(tiny_model, tmp_path):
+    model = str(tiny_model("phi3"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("[1, 2]")
+    strings = tmp_path / "strings"
+    strings.mkdir()
+    cfg = json.loads((tiny_model("phi3") / "config.json").read_text())
+    (strings / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": "4"}))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        cases = [
+            (["--model-dir", str(bad)], "must be a JSON object"),
+            (["--model-dir", str(strings)], "num_hidden_layers: '4' is not an integer"),
+            (["--model-dir", model, "--port", str(port)], f"port {port} on 127.0.0.1 is already"),
+            (["--model-dir", model, "--host", "no-such-host.invalid"], "--host"),
+            (["--model-dir", model, "--host", "192.0.2.1"], "--host"),  # not ours
+            (["--model-dir", model, "--max-requests", "-1"], "max_requests: -1 must be >= 1"),
+            (["--model-dir", model, "--mem-budget", "lots"], "--mem-budget"),
+        ]
+        for args, match in cases:
+            got = run_cli("stage", "serve", "--blocks", "0:4", *args)
+            lines = got.stderr.strip().splitlines()
+            assert got.returncode == 2, (args, got.stderr)
+            assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
+    finally:
+        busy.close()
+
+
+# ------------------------------------------------------------------------------------- goal
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def announce(tokens: int) -> bytes:
+    """A tensor-port forward header announcing float32[1, tokens, 64], without its payload."""
+    header = json.dumps(
+        {
+            "meta": {"op": "forward", "request_id": "h", "kind": "prefill", "start_pos": 0},
+            "tensors": [{"name": "input", "dtype": "float32", "shape": [1, tokens, 64]}],
+        }
+    ).encode()
+    return struct.pack("<4sI", MAGIC, len(header)) + header
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+async def test_rss_stays_within_the_budget_under_a_hostile_mix_while_good_requests_are_served(
+    tiny_model,
+):
+    budget = 8 << 20
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "testbed", "stage", "serve", "--model-dir"],
+        str(tiny_model("phi3")),
+        *["--blocks", "1:4", "--mem-budget", str(budget), "--read-timeout-s", "1"],
+        *["--max-connections", "16", "--threads", "1"],
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 120))
+        url, port, tport, pid = ready["url"], ready["port"], ready["tensor_port"], ready["pid"]
+        hidden = torch.randn(1, 16, 64)
+
+        async def good(i: int) -> list[tuple[int, bytes]]:
+            rid = f"good{i}"
+            answers = [await post(url, fwd(rid, "prefill", 0, hidden))]
+            for pos in range(16, 20):
+                answers.append(await post(url, fwd(rid, "decode", pos, hidden[:, :1])))
+            answers.append(await post(url, json.dumps({"request_id": rid}).encode(), "/release"))
+            return [(status, b"" if status == 200 else text) for status, text in answers]
+
+        assert {status for status, _ in await good(-1)} == {200}  # warm up
+        base = rss_bytes(pid)
+        peak = base
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, rss_bytes(pid))
+                await asyncio.sleep(0.01)
+
+        big = fwd("s", "prefill", 0, torch.zeros(1, 4000, 64))  # ~1 MB: the stage's largest
+        writers: list[asyncio.StreamWriter] = []
+
+        async def hostile() -> None:
+            for _ in range(2):
+                for _ in range(10):  # stalled uploads (HTTP and tensor port)
+                    _, w = await partial_upload(port, big[: 64 << 10], announce=len(big))
+                    writers.append(w)
+                    _, w = await asyncio.open_connection("127.0.0.1", tport)
+                    w.write(big[: 64 << 10])
+                    writers.append(w)
+                for _ in range(5):  # announcements of 100 MB (over the stage's bound)
+                    _, w = await asyncio.open_connection("127.0.0.1", tport)
+                    w.write(announce(400_000))
+                    writers.append(w)
+                    _, w = await partial_upload(port, announce(400_000), announce=102_400_200)
+                    writers.append(w)
+                for _ in range(10):  # aborted uploads
+                    _, w = await partial_upload(port, big[: len(big) // 2], announce=len(big))
+                    w.close()
+                for _ in range(10):  # junk JSON and junk frames
+                    await post(url, b"[" * 60_000, "/release")
+                    await post(url, b"\xff" * 5000, "/release")
+                    await post(url, b"TBW1junk")
+                await asyncio.sleep(0.3)
+
+        sampler = asyncio.create_task(sample())
+        attack = asyncio.create_task(hostile())
+        results = await asyncio.gather(*(good(i) for i in range(20)))
+        await attack
+        await asyncio.sleep(1.5)  # stalled senders time out
+        sampling = False
+        await sampler
+        for w in writers:
+            w.close()
+        refused = [a for answers in results for a in answers if a[0] != 200]
+        assert not refused, refused
+        grown = peak - base
+        assert grown < budget + (40 << 20), f"RSS grew {grown >> 20} MiB (budget {budget >> 20})"
+        async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+        assert 'status="413"' in metrics and 'status="400"' in metrics
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 30)
