@@ -32,13 +32,8 @@ default 1), never on the event loop; at most ``max_queue`` more steps may wait f
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import os
-import socket
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,7 +46,9 @@ from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
 from testbed.stage.intake import JSON_BODY_MAX_BYTES, READ_BUFSIZE_BYTES, Intake
 from testbed.stage.limits import InputLimits, Reservation
+from testbed.stage.listen import bind_errors
 from testbed.stage.metrics import Gauges, StageMetrics
+from testbed.stage.slots import RecentRequests
 from testbed.stage.tasks import cancel_and_wait
 from testbed.stage.tensor_port import TensorPortServer, start_tensor_port
 from testbed.stage.wire import WireLimits, WireMessage, encode_parts
@@ -101,30 +98,6 @@ class StageConfig:
         return self.name or f"stage-{self.start}-{self.end}"
 
 
-@contextlib.contextmanager
-def _bind_errors(host: str, port: int, flag: str) -> Iterator[None]:
-    """A failed bind as a one-line :class:`ConfigError` naming the flag and the fix."""
-    try:
-        yield
-    except socket.gaierror as exc:
-        raise ConfigError(
-            f"{host!r} is not an address of this host ({exc.strerror}); "
-            "give an IP address or a resolvable name, e.g. --host 127.0.0.1",
-            field="--host",
-        ) from None
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(
-                f"port {port} on {host} is already in use; pick another or 0 (any free port)",
-                field=flag,
-            ) from None
-        raise ConfigError(
-            f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
-            "give an address of this host, e.g. --host 127.0.0.1",
-            field="--host",
-        ) from None
-
-
 def _error(exc: StageRejectedError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status)
 
@@ -157,7 +130,7 @@ class StageServer:
         self._waiting = 0
         self._running = 0
         self._req_locks: dict[str, asyncio.Lock] = {}
-        self._recent: OrderedDict[str, float] = OrderedDict()  # request id -> last step, LRU
+        self._recent = RecentRequests(config.evict_idle_s, 2 * config.max_requests)
         self._intake: Intake | None = None  # made in start(), once the executor is known
         self._metrics = StageMetrics()
         self._runner: web.AppRunner | None = None
@@ -239,13 +212,13 @@ class StageServer:
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
-        with _bind_errors(cfg.host, cfg.port, "--port"):
+        with bind_errors(cfg.host, cfg.port, "--port"):
             await site.start()
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         if cfg.tensor_port is not None:
-            with _bind_errors(cfg.host, cfg.tensor_port, "--tensor-port"):
+            with bind_errors(cfg.host, cfg.tensor_port, "--tensor-port"):
                 self._tensor_server = await start_tensor_port(
                     self, cfg.host, cfg.tensor_port, cfg.limits, cfg.inputs
                 )
@@ -286,7 +259,7 @@ class StageServer:
                 if not (lock and lock.locked()):
                     self.executor.release(rid)
                     self._req_locks.pop(rid, None)
-                    self._recent.pop(rid, None)
+                    self._recent.forget(rid)
                     self._metrics.evicted += 1
 
     # ------------------------------------------------------------------ the tensor port's view
@@ -362,7 +335,7 @@ class StageServer:
             self._req_locks.pop(rid, None)
         else:
             released = self.executor.release(rid)
-        self._recent.pop(rid, None)
+        self._recent.forget(rid)
         return web.json_response({"request_id": rid, "released": released})
 
     async def _sink(self, request: web.Request) -> web.Response:
@@ -426,31 +399,22 @@ class StageServer:
     # ------------------------------------------------------------------ cache slots
     def _check_input(self, req: ForwardRequest) -> None:
         """The executor's early check; a prefill that finds every cache slot taken first evicts
-        the least recently used cache idle longer than ``evict_idle_s``."""
+        one idle cache (:mod:`testbed.stage.slots`)."""
         ex = self.executor
         try:
             ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
         except CacheFullError:
-            if not self._evict_lru_idle():
+            if not self._evict_one_idle():
                 raise
             ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
-        self._recent[req.request_id] = time.monotonic()
-        self._recent.move_to_end(req.request_id)
-        if len(self._recent) > 2 * self.config.max_requests:  # forget ids without a cache
-            held = set(ex.request_ids)
-            for rid in [r for r in self._recent if r not in held]:
-                del self._recent[rid]
+        self._recent.touch(req.request_id, lambda: ex.request_ids)
 
-    def _evict_lru_idle(self) -> bool:
-        """Release the least recently used cache idle for ``evict_idle_s``; False when none."""
-        now = time.monotonic()
-        for rid, used in list(self._recent.items()):  # oldest first
-            if now - used < self.config.evict_idle_s:
-                return False
+    def _evict_one_idle(self) -> bool:
+        for rid in self._recent.victims():
             lock = self._req_locks.get(rid)
             if lock is not None and lock.locked():
                 continue
-            del self._recent[rid]
+            self._recent.forget(rid)
             if self.executor.release(rid):
                 self._req_locks.pop(rid, None)
                 self._metrics.evicted += 1
