@@ -161,10 +161,7 @@ def up(
         str, typer.Option(help="docker (containers) or local (processes)")
     ] = "docker",
     image_mode: Annotated[
-        str,
-        typer.Option(
-            help="auto (dockerfile if python:3.11-slim can be pulled, else offline), offline (Debian base made with debootstrap) or dockerfile"
-        ),
+        str, typer.Option(help="auto (dockerfile if python:3.11-slim can be pulled, else offline), offline (Debian base made with debootstrap) or dockerfile")
     ] = "auto",
     backend: Annotated[
         str | None,
