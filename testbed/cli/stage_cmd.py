@@ -57,6 +57,25 @@ def serve_cmd(
     tensor_port: Annotated[
         int, typer.Option(help="TCP tensor port (0 = any free port, -1 = off; see /info).")
     ] = 0,
+    evict_idle: Annotated[
+        float,
+        typer.Option(
+            "--evict-idle-s",
+            help="When every cache slot is taken, a prefill evicts the least recently used "
+            "cache idle this long.",
+        ),
+    ] = 5.0,
+    mem_budget: Annotated[
+        str,
+        typer.Option(help="Payload bytes in flight, all connections together (then wait/429)."),
+    ] = "100MiB",
+    read_timeout: Annotated[
+        float,
+        typer.Option("--read-timeout-s", help="Drop an upload that sends nothing this long."),
+    ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Tensor-port connections at once (more get busy).")
+    ] = 64,
     exit_with_parent: Annotated[
         bool, typer.Option(help="Exit when the launching process dies.")
     ] = False,
@@ -75,6 +94,16 @@ def serve_cmd(
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ConfigError(f"{dtype!r} is not one of {', '.join(DTYPE_CHOICES)}", field="--dtype")
     start, end = parse_blocks(blocks)
+    from testbed.stage.limits import InputLimits
+    from testbed.units import parse_size_bytes
+
+    try:
+        budget_bytes = parse_size_bytes(mem_budget)
+    except ValueError as exc:
+        raise ConfigError(str(exc), field="--mem-budget") from None
+    inputs = InputLimits(
+        mem_budget_bytes=budget_bytes, read_timeout_s=read_timeout, max_connections=max_connections
+    )
     info = read_model_info(model_dir)
     if end > info.num_blocks:
         raise ConfigError(
@@ -97,6 +126,8 @@ def serve_cmd(
         max_queue=max_queue,
         max_requests=max_requests,
         request_ttl_s=request_ttl,
+        evict_idle_s=evict_idle,
+        inputs=inputs,
         tensor_port=None if tensor_port < 0 else tensor_port,
     )
     # the server stops cleanly on SIGTERM/SIGINT by itself (exit 0); run_async covers the

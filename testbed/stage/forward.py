@@ -58,4 +58,10 @@ def parse_forward(msg: WireMessage) -> ForwardRequest:
         raise ExecutorInputError(
             f"expected exactly one tensor named 'input', got {sorted(msg.tensors)}"
         )
-    return ForwardRequest(rid, kind, start_pos, want_logits, msg.tensors["input"])
+    x = msg.tensors["input"]
+    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ExecutorInputError(
+            "the input hidden states hold NaN or Inf values (a stage before this one diverged, "
+            "or the sender is broken); nothing was computed"
+        )
+    return ForwardRequest(rid, kind, start_pos, want_logits, x)

@@ -32,7 +32,6 @@ default 1), never on the event loop; at most ``max_queue`` more steps may wait f
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,15 +39,19 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from testbed.errors import ConfigError
-from testbed.model.contract import StageExecutor
+from testbed.errors import ConfigError, TestbedError
+from testbed.model.contract import CacheFullError, StageExecutor
 from testbed.stage.client import WirePayload
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
+from testbed.stage.intake import JSON_BODY_MAX_BYTES, READ_BUFSIZE_BYTES, Intake
+from testbed.stage.limits import InputLimits, Reservation
+from testbed.stage.listen import bind_errors
 from testbed.stage.metrics import Gauges, StageMetrics
+from testbed.stage.slots import RecentRequests
 from testbed.stage.tasks import cancel_and_wait
 from testbed.stage.tensor_port import TensorPortServer, start_tensor_port
-from testbed.stage.wire import WireFormatError, WireLimits, WireMessage, encode_parts, read_message
+from testbed.stage.wire import WireLimits, WireMessage, encode_parts
 
 
 @dataclass(frozen=True)
@@ -68,16 +71,27 @@ class StageConfig:
     max_queue: int = 32  # steps allowed to wait for a worker beyond those
     max_requests: int = 256  # request caches held at once
     request_ttl_s: float = 600.0  # caches idle longer than this are dropped
+    # when every cache slot is taken, a prefill evicts the least recently used cache idle
+    # longer than this (a flood of abandoned prefills cannot lock the stage for the TTL)
+    evict_idle_s: float = 5.0
     tensor_port: int | None = 0  # the TCP tensor port (0 = any free port, None = off)
     limits: WireLimits = field(default_factory=WireLimits)
+    inputs: InputLimits = field(default_factory=InputLimits)  # memory budget, timeouts
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_queue < 0:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.request_ttl_s <= 0:
+        if self.max_requests < 1:
+            raise ConfigError(
+                f"{self.max_requests} must be >= 1 (request caches held at once)",
+                field="max_requests",
+            )
+        if not 0 < self.request_ttl_s < float("inf"):
             raise ConfigError(f"request_ttl_s must be > 0, got {self.request_ttl_s}")
+        if not 0 <= self.evict_idle_s < float("inf"):
+            raise ConfigError(f"evict_idle_s must be >= 0 seconds, got {self.evict_idle_s}")
 
     @property
     def label(self) -> str:
@@ -116,6 +130,8 @@ class StageServer:
         self._waiting = 0
         self._running = 0
         self._req_locks: dict[str, asyncio.Lock] = {}
+        self._recent = RecentRequests(config.evict_idle_s, 2 * config.max_requests)
+        self._intake: Intake | None = None  # made in start(), once the executor is known
         self._metrics = StageMetrics()
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -133,6 +149,12 @@ class StageServer:
         return self._executor
 
     @property
+    def intake(self) -> Intake:
+        if self._intake is None:
+            raise RuntimeError("server not started")
+        return self._intake
+
+    @property
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("server not started")
@@ -148,18 +170,37 @@ class StageServer:
         if self._executor is None:
             from testbed.model.executor import LayerRangeExecutor
 
-            self._executor = await asyncio.get_running_loop().run_in_executor(
-                self._pool,
-                lambda: LayerRangeExecutor(
-                    cfg.model_dir,
-                    cfg.start,
-                    cfg.end,
-                    device=cfg.device,
-                    dtype=cfg.dtype,
-                    max_requests=cfg.max_requests,
-                ),
-            )
-        app = web.Application(client_max_size=cfg.limits.max_body_bytes + (1 << 20))
+            try:
+                self._executor = await asyncio.get_running_loop().run_in_executor(
+                    self._pool,
+                    lambda: LayerRangeExecutor(
+                        cfg.model_dir,
+                        cfg.start,
+                        cfg.end,
+                        device=cfg.device,
+                        dtype=cfg.dtype,
+                        max_requests=cfg.max_requests,
+                    ),
+                )
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                if isinstance(exc, TestbedError):
+                    raise
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise ConfigError(
+                    f"cannot load blocks {cfg.start}:{cfg.end}: {reason}; check its config.json "
+                    "and weights",
+                    source=cfg.model_dir,
+                ) from None
+        self._intake = Intake(
+            self.config.label,
+            cfg.limits,
+            cfg.inputs,
+            Intake.caps_for(self.executor, cfg.limits, cfg.inputs),
+            refuse=self._refuse,
+            refuse_exc=self._refuse_exc,
+        )
+        # client_max_size bounds the JSON routes; wire bodies stream through read_message
+        app = web.Application(client_max_size=JSON_BODY_MAX_BYTES)
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
         app.router.add_get("/metrics", self._metrics_text)
@@ -167,18 +208,20 @@ class StageServer:
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, read_bufsize=1 << 22
+            app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE_BYTES
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
-        await site.start()
+        with bind_errors(cfg.host, cfg.port, "--port"):
+            await site.start()
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         if cfg.tensor_port is not None:
-            self._tensor_server = await start_tensor_port(
-                self, cfg.host, cfg.tensor_port, cfg.limits
-            )
+            with bind_errors(cfg.host, cfg.tensor_port, "--tensor-port"):
+                self._tensor_server = await start_tensor_port(
+                    self, cfg.host, cfg.tensor_port, cfg.limits, cfg.inputs
+                )
             self.tensor_port = self._tensor_server.port
         self._sweeper = asyncio.create_task(self._sweep_idle(), name=f"{cfg.label}-sweeper")
 
@@ -216,6 +259,7 @@ class StageServer:
                 if not (lock and lock.locked()):
                     self.executor.release(rid)
                     self._req_locks.pop(rid, None)
+                    self._recent.forget(rid)
                     self._metrics.evicted += 1
 
     # ------------------------------------------------------------------ the tensor port's view
@@ -276,8 +320,10 @@ class StageServer:
     async def _release(self, request: web.Request) -> web.Response:
         usage = 'release takes a JSON body {"request_id": "..."}'
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = await self.intake.read_json(request)
+        except StageRejectedError as exc:
+            return _error(exc)
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting
             return _error(self._refuse(400, ErrorCode.BAD_INPUT, usage))
         rid = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(rid, str) or not rid:
@@ -289,14 +335,16 @@ class StageServer:
             self._req_locks.pop(rid, None)
         else:
             released = self.executor.release(rid)
+        self._recent.forget(rid)
         return web.json_response({"request_id": rid, "released": released})
 
     async def _sink(self, request: web.Request) -> web.Response:
         t0 = time.perf_counter()
         try:
-            msg = await read_message(request.content, request.content_length, self.config.limits)
-        except WireFormatError as exc:
-            return _error(self._refuse_exc(exc))
+            msg, held = await self.intake.read_body(request, "sink")
+        except StageRejectedError as exc:
+            return _error(exc)
+        held.release()
         self._metrics.bytes_in += msg.nbytes
         return web.json_response(
             {"bytes": msg.nbytes, "tensors": len(msg.tensors), "read_s": time.perf_counter() - t0}
@@ -315,18 +363,15 @@ class StageServer:
         return web.Response(text=text, content_type="text/plain")
 
     async def _forward(self, request: web.Request) -> web.Response:
+        # A request counts as waiting only once its body is complete (admission in
+        # forward_message): a stalled upload holds budget bytes, never a queue place.
         try:
-            self._admit()  # before reading the body
-            self._waiting += 1
+            msg, held = await self.intake.read_body(request, "forward")
             try:
-                msg = await read_message(
-                    request.content, request.content_length, self.config.limits
-                )
-            except WireFormatError as exc:
-                raise self._refuse_exc(exc) from None
+                reply = await self.forward_message(msg)
             finally:
-                self._waiting -= 1
-            reply = await self.forward_message(msg, admitted=True)
+                del msg
+                held.release()
         except StageRejectedError as exc:
             return _error(exc)
         return web.Response(
@@ -336,6 +381,45 @@ class StageServer:
                 "X-Queue-Time-S": f"{reply.meta['queue_s']:.9f}",
             },
         )
+
+    # ------------------------------------------------------------------ the tensor port's intake
+    def reserve_now(self, op: str, nbytes: int) -> Reservation | None:
+        """Memory for a payload when it fits the budget now, else None (then await
+        :meth:`reserve_payload`); raises :class:`StageRejectedError` (413) when too large."""
+        if self._closing:
+            raise self._shutting_down()
+        return self.intake.reserve_now(op, nbytes)
+
+    async def reserve_payload(self, op: str, nbytes: int) -> Reservation:
+        """Memory for a payload, waiting for the budget (429 ``busy`` when it stays spent)."""
+        if self._closing:
+            raise self._shutting_down()
+        return await self.intake.reserve(op, nbytes)
+
+    # ------------------------------------------------------------------ cache slots
+    def _check_input(self, req: ForwardRequest) -> None:
+        """The executor's early check; a prefill that finds every cache slot taken first evicts
+        one idle cache (:mod:`testbed.stage.slots`)."""
+        ex = self.executor
+        try:
+            ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
+        except CacheFullError:
+            if not self._evict_one_idle():
+                raise
+            ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
+        self._recent.touch(req.request_id, lambda: ex.request_ids)
+
+    def _evict_one_idle(self) -> bool:
+        for rid in self._recent.victims():
+            lock = self._req_locks.get(rid)
+            if lock is not None and lock.locked():
+                continue
+            self._recent.forget(rid)
+            if self.executor.release(rid):
+                self._req_locks.pop(rid, None)
+                self._metrics.evicted += 1
+                return True
+        return False
 
     # ------------------------------------------------------------------ refusals
     def _refuse(self, status: int, code: ErrorCode, message: str) -> StageRejectedError:
@@ -382,7 +466,7 @@ class StageServer:
         try:
             try:
                 req = parse_forward(msg)
-                ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
+                self._check_input(req)
                 t_ready = time.perf_counter()
                 lock = self._req_locks.setdefault(req.request_id, asyncio.Lock())
                 async with lock, self._slots:

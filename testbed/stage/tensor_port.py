@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply
+from testbed.stage.limits import InputLimits, Reservation
 from testbed.stage.wire import (
     PREFIX_BYTES,
     WireFormatError,
@@ -43,7 +45,7 @@ from testbed.stage.wire import (
 )
 
 SEND_SLICE = 1 << 20
-_PREFIX, _HEADER, _PAYLOAD, _IDLE, _DISCARD = range(5)
+_PREFIX, _HEADER, _PAYLOAD, _IDLE, _DISCARD, _WAIT = range(6)  # _WAIT: for memory budget
 _LINGER_S = 2.0  # after a framing error: read and drop input this long, then close
 
 
@@ -56,6 +58,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._closed = False
+        self.last_rx = time.monotonic()  # when bytes last arrived (or an answer went out)
         self._reset()
 
     # -- reading ------------------------------------------------------------------------------
@@ -68,14 +71,20 @@ class _FrameProtocol(asyncio.BufferedProtocol):
         self._specs: list[Any] = []
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._state in (_IDLE, _DISCARD):  # not expecting data: take it into a scratch
+        if self._state in (_IDLE, _DISCARD, _WAIT):  # not expecting data: into a scratch
             self._buf, self._pos = bytearray(65536), 0
         return memoryview(self._buf)[self._pos :]
 
+    @property
+    def mid_message(self) -> bool:
+        """Part of a message has arrived and the rest is awaited from the peer."""
+        return self._state in (_HEADER, _PAYLOAD) or (self._state == _PREFIX and self._pos > 0)
+
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_rx = time.monotonic()
         if self._state == _DISCARD:
             return
-        if self._state == _IDLE:
+        if self._state in (_IDLE, _WAIT):
             self._frame_error(WireFormatError("data arrived before the previous answer"))
             return
         self._pos += nbytes
@@ -89,18 +98,30 @@ class _FrameProtocol(asyncio.BufferedProtocol):
                     return
             if self._state == _HEADER:
                 self._meta, self._specs, payload_len = parse_header(bytes(self._buf), self.limits)
-                self._state, self._buf, self._pos = _PAYLOAD, bytearray(payload_len), 0
                 self._total = PREFIX_BYTES + self._header_len + payload_len
-                if payload_len:
-                    return
-            msg = WireMessage(
-                meta=self._meta, tensors=build_tensors(self._specs, self._buf), nbytes=self._total
-            )
+                self._buf = bytearray(0)  # the header is parsed: drop it
+                if not self._begin_payload(payload_len) or payload_len:
+                    return  # waiting for memory or refused, or the payload is to come
+        except WireFormatError as exc:
+            self._frame_error(exc)
+            return
+        self._finish()
+
+    def _begin_payload(self, payload_len: int) -> bool:
+        """Make the payload's buffer; False when the message must wait or was refused (the
+        server side reserves memory first)."""
+        self._state, self._buf, self._pos = _PAYLOAD, bytearray(payload_len), 0
+        return True
+
+    def _finish(self) -> None:
+        """The whole message is in: hand it on."""
+        try:
+            tensors = build_tensors(self._specs, self._buf)
         except WireFormatError as exc:
             self._frame_error(exc)
             return
         self._state = _IDLE
-        self._on_message(msg)
+        self._on_message(WireMessage(meta=self._meta, tensors=tensors, nbytes=self._total))
 
     def _frame_error(self, exc: WireFormatError) -> None:
         raise NotImplementedError
@@ -154,6 +175,15 @@ class TensorPortHandler(Protocol):
         """A sink message of ``nbytes`` arrived."""
         ...
 
+    def reserve_now(self, op: str, nbytes: int) -> Reservation | None:
+        """Memory for a payload of ``op`` when it fits now, else None; raise
+        :class:`StageRejectedError` to refuse it (too large, shutting down)."""
+        ...
+
+    async def reserve_payload(self, op: str, nbytes: int) -> Reservation:
+        """Memory for a payload, waiting for it; raise :class:`StageRejectedError` to refuse."""
+        ...
+
     def note_refused(self, status: int, code: ErrorCode | None) -> None:
         """A framing error was answered (the connection closes after it)."""
         ...
@@ -162,11 +192,67 @@ class TensorPortHandler(Protocol):
 class TensorServerProtocol(_FrameProtocol):
     """Server side: one request at a time per connection, answered by a handler."""
 
-    def __init__(self, handler: TensorPortHandler, limits: WireLimits, conns: set[Any]):
+    def __init__(
+        self,
+        handler: TensorPortHandler,
+        limits: WireLimits,
+        conns: set[Any],
+        max_connections: int = 64,
+    ):
         super().__init__(limits)
         self.handler = handler
         self._conns = conns  # the port's open connections (closed with it)
+        self._max_connections = max_connections
         self._task: asyncio.Task[None] | None = None
+        self._held: Reservation | None = None  # the memory the payload being read holds
+
+    @property
+    def busy(self) -> bool:
+        """A message is being handled or waits for memory (not a stalled sender)."""
+        return self._task is not None and not self._task.done()
+
+    def _op(self) -> str:
+        op = self._meta.get("op", "forward")
+        return op if isinstance(op, str) else repr(op)
+
+    def _begin_payload(self, payload_len: int) -> bool:
+        try:
+            held = self.handler.reserve_now(self._op(), payload_len)
+        except StageRejectedError as exc:
+            self._answer_and_close(exc.body())
+            return False
+        if held is None:  # wait for memory without reading on (the sender's bytes stay queued)
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self._state = _WAIT
+            self._task = asyncio.get_running_loop().create_task(self._wait_memory(payload_len))
+            return False
+        self._held = held
+        return super()._begin_payload(payload_len)
+
+    async def _wait_memory(self, payload_len: int) -> None:
+        try:
+            held = await self.handler.reserve_payload(self._op(), payload_len)
+        except StageRejectedError as exc:
+            self._answer_and_close(exc.body())
+            return
+        if self._closed:
+            held.release()
+            return
+        self._held = held
+        super()._begin_payload(payload_len)
+        self._task = None
+        if payload_len:
+            assert self.transport is not None
+            self.last_rx = time.monotonic()
+            self.transport.resume_reading()
+        else:
+            self._finish()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
 
     def _on_message(self, msg: WireMessage) -> None:
         assert self.transport is not None
@@ -190,7 +276,11 @@ class TensorServerProtocol(_FrameProtocol):
             await self.send(parts)
         except ConnectionError:
             return
+        finally:
+            del msg
+            self._release_held()
         self._reset()
+        self.last_rx = time.monotonic()
         if self.transport is not None and not self._closed:
             self.transport.resume_reading()
 
@@ -199,14 +289,21 @@ class TensorServerProtocol(_FrameProtocol):
         # (Closing with unread input would reset the connection before the answer is read.)
         status, code = status_and_code(exc)
         self.handler.note_refused(status, code)
+        self._answer_and_close({"status": status, "error": str(exc), "code": code})
+
+    def _answer_and_close(self, body: dict[str, Any]) -> None:
+        """Send an error answer, half-close, drop whatever else arrives, then close."""
         self._state = _DISCARD
+        self._buf, self._pos = bytearray(0), 0
+        self._release_held()
         tr = self.transport
-        if tr is None:
+        if tr is None or self._closed:
             return
-        for part in encode_parts({"status": status, "error": str(exc), "code": code}):
+        for part in encode_parts(body):
             tr.write(part)
         if tr.can_write_eof():
             tr.write_eof()
+        tr.resume_reading()  # to drain (and drop) the rest
         asyncio.get_running_loop().call_later(_LINGER_S, tr.close)
 
     def eof_received(self) -> bool | None:
@@ -214,11 +311,24 @@ class TensorServerProtocol(_FrameProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if len(self._conns) >= self._max_connections:
+            self.handler.note_refused(429, ErrorCode.BUSY)
+            self._answer_and_close(
+                {
+                    "status": 429,
+                    "code": ErrorCode.BUSY,
+                    "error": f"the tensor port holds {len(self._conns)} connections "
+                    f"(max {self._max_connections}); retry later",
+                }
+            )
+            return
         self._conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._conns.discard(self)
+        self._buf = bytearray(0)  # a half-read payload goes with the connection
+        self._release_held()
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -279,9 +389,33 @@ async def open_connection(host: str, port: int, limits: WireLimits) -> TensorCli
 class TensorPortServer:
     """A listening tensor port and its open connections."""
 
-    def __init__(self, server: asyncio.Server, conns: set[TensorServerProtocol]):
+    def __init__(
+        self,
+        server: asyncio.Server,
+        conns: set[TensorServerProtocol],
+        inputs: InputLimits | None = None,
+    ):
         self._server = server
         self._conns = conns
+        self.inputs = inputs or InputLimits()
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Abort connections whose sender stalled mid-message (their buffers and memory go
+        with them) and close connections idle between messages."""
+        lim = self.inputs
+        period_s = min(max(min(lim.read_timeout_s, lim.idle_timeout_s) / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            for conn in list(self._conns):
+                quiet_s = now - conn.last_rx
+                if conn.transport is None or conn.busy:
+                    continue
+                if conn.mid_message and quiet_s > lim.read_timeout_s:
+                    conn.transport.abort()
+                elif not conn.mid_message and quiet_s > lim.idle_timeout_s:
+                    conn.transport.close()
 
     @property
     def port(self) -> int:
@@ -295,6 +429,9 @@ class TensorPortServer:
         await self._server.wait_closed()
 
     async def aclose(self) -> None:
+        from testbed.stage.tasks import cancel_and_wait
+
+        await cancel_and_wait(self._reaper)
         self._server.close()
         for conn in list(self._conns):
             if conn.transport is not None:
@@ -303,12 +440,18 @@ class TensorPortServer:
 
 
 async def start_tensor_port(
-    handler: TensorPortHandler, host: str, port: int, limits: WireLimits
+    handler: TensorPortHandler,
+    host: str,
+    port: int,
+    limits: WireLimits,
+    inputs: InputLimits | None = None,
 ) -> TensorPortServer:
-    """Listen on ``host:port`` (0 = any free port) and answer with ``handler``."""
+    """Listen on ``host:port`` (0 = any free port) and answer with ``handler``, under
+    ``inputs``' connection cap and timeouts."""
     loop = asyncio.get_running_loop()
+    inputs = inputs or InputLimits()
     conns: set[TensorServerProtocol] = set()
     server = await loop.create_server(
-        lambda: TensorServerProtocol(handler, limits, conns), host, port
+        lambda: TensorServerProtocol(handler, limits, conns, inputs.max_connections), host, port
     )
-    return TensorPortServer(server, conns)
+    return TensorPortServer(server, conns, inputs)

@@ -18,7 +18,7 @@ import json
 import math
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -140,6 +140,8 @@ def parse_header(raw: bytes, limits: WireLimits) -> tuple[dict[str, Any], list[_
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WireFormatError(f"header is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise WireFormatError("header JSON is nested too deeply") from None
     if not isinstance(header, dict) or set(header) - {"meta", "tensors"}:
         raise WireFormatError('header must be a JSON object with keys "meta" and "tensors"')
     meta = header.get("meta", {})
@@ -230,28 +232,41 @@ class _Stream(Protocol):
 
 
 async def read_message(
-    stream: _Stream, content_length: int | None = None, limits: WireLimits | None = None
+    stream: _Stream,
+    content_length: int | None = None,
+    limits: WireLimits | None = None,
+    *,
+    admit: Callable[[dict[str, Any], int], Awaitable[None]] | None = None,
+    read_timeout_s: float | None = None,
 ) -> WireMessage:
     """Read one message from an aiohttp stream, checking limits before reading the body.
 
     `content_length` (when the sender gave one) must match what the header announces.
+    `admit(meta, payload_len)` is awaited after the header is validated and before the payload
+    buffer is allocated (the stage reserves memory there, or raises to refuse the message).
+    `read_timeout_s`: each read must bring bytes within this many seconds (``TimeoutError``).
     """
     import asyncio
 
     limits = limits or WireLimits()
+
+    async def within(read: Awaitable[bytes]) -> bytes:
+        async with asyncio.timeout(read_timeout_s):
+            return await read
+
     if content_length is not None and content_length > (
         PREFIX_BYTES + limits.max_header_bytes + limits.max_body_bytes
     ):
         raise WireFormatError(f"body of {content_length} bytes is over the limits", too_large=True)
     try:
-        prefix = await stream.readexactly(PREFIX_BYTES)
+        prefix = await within(stream.readexactly(PREFIX_BYTES))
     except asyncio.IncompleteReadError as exc:
         raise WireFormatError(
             f"truncated message: {len(exc.partial)} bytes, need at least {PREFIX_BYTES}"
         ) from None
     header_len = parse_prefix(prefix, limits)
     try:
-        raw_header = await stream.readexactly(header_len)
+        raw_header = await within(stream.readexactly(header_len))
     except asyncio.IncompleteReadError as exc:
         raise WireFormatError(
             f"truncated message: header says {header_len} header bytes, "
@@ -264,18 +279,28 @@ async def read_message(
             f"body is {content_length} bytes but the header announces {total}"
             + (" (truncated body)" if content_length < total else "")
         )
+    if admit is not None:
+        await admit(meta, payload_len)
     payload = bytearray(payload_len)
     view = memoryview(payload)
-    pos = 0
-    while pos < payload_len:
-        chunk = await stream.readany()  # the stream's own buffers: no joining copy
-        if not chunk:
-            raise WireFormatError(f"truncated body: {pos} of {payload_len} payload bytes arrived")
-        take = min(len(chunk), payload_len - pos)
-        view[pos : pos + take] = memoryview(chunk)[:take]
-        pos += take
-        if take < len(chunk):
+    try:
+        pos = 0
+        while pos < payload_len:
+            chunk = await within(stream.readany())  # the stream's own buffers: no joining copy
+            if not chunk:
+                raise WireFormatError(
+                    f"truncated body: {pos} of {payload_len} payload bytes arrived"
+                )
+            take = min(len(chunk), payload_len - pos)
+            view[pos : pos + take] = memoryview(chunk)[:take]
+            pos += take
+            if take < len(chunk):
+                raise WireFormatError(f"body is longer than the {total} bytes the header announces")
+        if await within(stream.readany()):
             raise WireFormatError(f"body is longer than the {total} bytes the header announces")
-    if await stream.readany():
-        raise WireFormatError(f"body is longer than the {total} bytes the header announces")
+    except BaseException:
+        # the traceback keeps this frame alive: drop the buffer before the error travels
+        view.release()
+        del view, payload
+        raise
     return WireMessage(meta=meta, tensors=build_tensors(specs, payload), nbytes=total)

@@ -132,7 +132,13 @@ def test_owner_identity_survives_pid_reuse():
     assert not ownership.alive(_dead_owner())
 
 
-def test_clean_keeps_live_runs_and_removes_orphans(state_dir):
+def test_clean_keeps_live_runs_and_removes_orphans(state_dir, monkeypatch):
+    # `clean --all` also sweeps every testbed-labelled Docker object on the machine; a unit
+    # test must not touch other live runs there, so that sweep is recorded, not run
+    from testbed.runtime.kinds.docker import DockerRuntime
+
+    swept: list[str] = []
+    monkeypatch.setattr(DockerRuntime, "remove_all", lambda self: swept.append("docker") or [])
     live_owned, live_detached, orphan = _sleeper(), _sleeper(), _sleeper()
     try:
         _local_run("tb0000000a", live_owned.pid, ownership.me())
@@ -151,6 +157,7 @@ def test_clean_keeps_live_runs_and_removes_orphans(state_dir):
         # --all: everything
         clean_sync(everything=True)
         assert _gone(live_owned) and list_states() == []
+        assert swept == ["docker"]
     finally:
         for p in (live_owned, live_detached, orphan):
             if p.poll() is None:
