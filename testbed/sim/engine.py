@@ -69,6 +69,7 @@ class _Node:
     busy: int = 0
     busy_s: float = 0.0
     kv_used: int = 0
+    pending: int = 0  # ARRIVE events queued for this node and not yet processed
     fifo: deque[tuple[_Req, int]] = field(default_factory=deque)
     kv_wait: deque[tuple[_Req, int]] = field(default_factory=deque)
 
@@ -130,6 +131,11 @@ class Simulator:
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
+        # exact fast hooks of schedulers that offer them (ARTS): a decision from the ledger's
+        # arrays, and a step's completion without building the StageCompletion
+        self._route_ledger = getattr(scheduler, "route_ledger", None)
+        observer = getattr(scheduler, "step_observer", None)
+        self._observe = observer() if observer is not None else None
         self._dec = steps.decode_tables()
         for n in self.nodes.values():
             n.gid = steps.group(n.name)
@@ -153,7 +159,7 @@ class Simulator:
             if kind == _DONE:
                 self._done(obj, s, now)
             elif kind == _ARRIVE:
-                self._arrive(obj, s, now)
+                self._arrive_event(obj, s, now)
             elif kind == _TOKEN:
                 self._token(obj, now)
             else:
@@ -187,7 +193,10 @@ class Simulator:
             pred.work_s, pred.kv_bytes,
         )  # fmt: skip
         try:
-            route = tuple(self.scheduler.route(view, self.ledger.snapshot(now, pred.hop_s)))
+            if self._route_ledger is not None:
+                route = tuple(self._route_ledger(view, self.ledger, now, pred.hop_s))
+            else:
+                route = tuple(self.scheduler.route(view, self.ledger.snapshot(now, pred.hop_s)))
             self.ledger.check_route(route)
         except (NoRouteError, InvalidRouteError) as exc:
             self._finish(r, now, f"no route: {exc}")
@@ -205,11 +214,16 @@ class Simulator:
         """Client -> stage 0: no shaped link, only the per-call overhead (if calibrated)."""
         r.sent_s = now
         if self.net.overhead_s > 0:
+            r.nodes[0].pending += 1
             self._push(now + self.net.overhead_s, _ARRIVE, r, 0)
         else:
             self._arrive(r, 0, now)
 
     # -- act ------------------------------------------------------------------------------------
+    def _arrive_event(self, r: _Req, s: int, now: float) -> None:
+        r.nodes[s].pending -= 1
+        self._arrive(r, s, now)
+
     def _arrive(self, r: _Req, s: int, now: float) -> None:
         node = r.nodes[s]
         if now > r.sent_s:
@@ -240,6 +254,7 @@ class Simulator:
             node.fifo.append((r, s))
 
     def _start(self, node: _Node, r: _Req, s: int, now: float) -> None:
+        """Start ``r``'s step on ``node`` at ``now`` (>= when it arrived there)."""
         node.busy += 1
         if now > r.ready_s:
             r.queue_s += now - r.ready_s
@@ -266,19 +281,53 @@ class Simulator:
         predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
         rid = r.req.request_id
         self.ledger.progress(rid, s, predicted)
-        if self._learns:
+        if self._observe is not None:
+            self._observe(node.name, predicted, r.service_s)
+        elif self._learns:
             self.scheduler.on_complete(
                 StageCompletion(node.name, rid, predicted, r.service_s, now, False)
             )
         if node.fifo:
             nr, ns = node.fifo.popleft()
-            self._start(node, nr, ns, now)
+            # an early-processed arrival (see _forward) may wait in the FIFO for its time
+            self._start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
         r.sent_s = now
         if s + 1 < len(r.route):
             nbytes = self.act_bytes * (r.req.prompt_tokens if r.step == 0 else 1)
-            self._push(self.net.forward(s, now, nbytes), _ARRIVE, r, s + 1)
+            self._forward(r, s + 1, self.net.forward(s, now, nbytes))
         else:
             self._push(self.net.back(now, self.config.token_bytes), _TOKEN, r)
+
+    def _forward(self, r: _Req, s: int, at: float) -> None:
+        """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
+        arrival at a stage-s node comes through the hop's FIFO pipes, so arrivals there happen
+        in send order, and nothing reaches the node before ``at`` that is not already known.
+        When the node has no earlier arrival still pending, no request waiting for KV room, and
+        the step needs no KV decision that a release before ``at`` could change, the arrival is
+        processed now (FIFO position, start time, KV reservation: all as at ``at``) instead of
+        as an event at ``at``."""
+        node = r.nodes[s]
+        if node.pending or node.kv_wait:
+            node.pending += 1
+            self._push(at, _ARRIVE, r, s)
+            return
+        if not r.held[s]:
+            need = r.pred.kv_bytes[s]
+            if node.kv_used + need > node.kv_cap:  # may wait or fail: decide at its time
+                node.pending += 1
+                self._push(at, _ARRIVE, r, s)
+                return
+            node.kv_used += need  # fits now, so it fits at `at` (only releases come between)
+            r.held[s] = True
+        if at > r.sent_s:
+            r.hops[s] += at - r.sent_s
+            if self._spans:
+                self._span(r, "transfer", r.route[s - 1], r.sent_s, at, s, node.name)
+        r.ready_s = at
+        if node.busy < self.config.slots:
+            self._start(node, r, s, at)
+        else:
+            node.fifo.append((r, s))
 
     def _token(self, r: _Req, now: float) -> None:
         if now > r.sent_s:
