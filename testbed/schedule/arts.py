@@ -15,7 +15,7 @@ same argmin and tie-breaks) instead of a snapshot and a Python loop per replica.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,11 +107,17 @@ class Arts(PerStageScheduler):
         if pos is not None:
             self._cap[pos[0]][pos[1]] = new
 
-    def step_observer(self) -> Callable[[str, float, float], None] | None:
-        """For simulators: ``f(node, predicted_work_s, service_s)``, what :meth:`on_complete`
-        does with a step's completion, without building the event (None if a subclass changed
-        on_complete)."""
-        return self._observe if type(self).on_complete is Arts.on_complete else None
+    def step_observer(
+        self,
+    ) -> Callable[[Iterable[tuple[str, int, float, float, float]]], None] | None:
+        """For simulators: ``f(steps)`` with ``steps`` as (node, request_id, predicted_work_s,
+        service_s, now_s) tuples does what :meth:`on_complete` does with each step's completion,
+        in order, without building the events (None if a subclass changed on_complete)."""
+        return self._observe_many if type(self).on_complete is Arts.on_complete else None
+
+    def _observe_many(self, steps: Iterable[tuple[str, int, float, float, float]]) -> None:
+        for node, _, predicted, service, _ in steps:
+            self._observe(node, predicted, service)
 
     def route_ledger(
         self, request: RequestView, ledger: Ledger, now_s: float, hop_s: Sequence[float] = ()

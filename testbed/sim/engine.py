@@ -59,7 +59,7 @@ class SimOutcome:
     sim_end_s: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     name: str
     stage: int
@@ -74,11 +74,14 @@ class _Node:
     kv_wait: deque[tuple[_Req, int]] = field(default_factory=deque)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Req:
     req: TraceRequest
     pred: Prediction
+    rid: int = 0  # req.request_id
+    prompt: int = 0  # req.prompt_tokens
     route: tuple[str, ...] = ()
+    last: int = 0  # len(route) - 1
     step: int = 0  # 0 = prefill, k = k-th decode step
     ready_s: float = 0.0  # when the current step reached the current node
     start_s: float = 0.0  # when its compute started
@@ -135,7 +138,9 @@ class Simulator:
         # arrays, and a step's completion without building the StageCompletion
         self._route_ledger = getattr(scheduler, "route_ledger", None)
         observer = getattr(scheduler, "step_observer", None)
-        self._observe = observer() if observer is not None else None
+        self._observe_many = observer() if observer is not None else None
+        self._prog: list[tuple[int, int, float]] = []  # (request, stage, predicted work done)
+        self._obs: list[tuple[str, int, float, float, float]] = []  # (node, request, pred, svc, t)
         self._dec = steps.decode_tables()
         for n in self.nodes.values():
             n.gid = steps.group(n.name)
@@ -149,21 +154,65 @@ class Simulator:
         self, requests: Sequence[TraceRequest], *, stop_after_s: float | None = None
     ) -> SimOutcome:
         admitted = [r for r in requests if stop_after_s is None or r.arrival_s <= stop_after_s]
-        for r in admitted:
-            self._push(r.arrival_s, _ADMIT, r)
+        # Admissions are not heap events: a stable sort by arrival time gives the order the heap
+        # gave them (they were pushed first, so they had the lowest sequence numbers), and at an
+        # equal time every other kind of event goes first, as before. The heap stays small.
+        arrivals = sorted(admitted, key=lambda q: q.arrival_s)
+        n_arr, k = len(arrivals), 0
         now = 0.0
-        heap, pop = self._heap, heapq.heappop
-        while heap:
-            now, kind, _, obj, s = pop(heap)
-            self.events += 1
-            if kind == _DONE:
-                self._done(obj, s, now)
-            elif kind == _ARRIVE:
-                self._arrive_event(obj, s, now)
-            elif kind == _TOKEN:
-                self._token(obj, now)
+        heap, pop, push = self._heap, heapq.heappop, heapq.heappush
+        spans = self._spans
+        prog, obs, learns = self._prog, self._obs, self._learns
+        forward, back, tok_bytes, act = (
+            self.net.forward,
+            self.net.back,
+            self.config.token_bytes,
+            self.act_bytes,
+        )
+        events = 0
+        while heap or k < n_arr:
+            if k < n_arr and (not heap or arrivals[k].arrival_s < heap[0][0]):
+                now = arrivals[k].arrival_s
+                events += 1
+                self._admit(arrivals[k], now)
+                k += 1
+                continue
+            now, kind, _, r, s = pop(heap)
+            events += 1
+            if kind != _DONE:
+                if kind == _TOKEN:
+                    self._token(r, now)
+                else:
+                    self._arrive_event(r, s, now)
+                continue
+            # a step ends on r.nodes[s] (the hottest path: written out)
+            node = r.nodes[s]
+            node.busy -= 1
+            svc = r.service_s
+            node.busy_s += svc
+            r.compute[s] += svc
+            if spans:
+                self._span(r, "compute", node.name, r.start_s, now, s)
+            step = r.step
+            predicted = r.work_pre[s] if step == 0 else r.work_dec[s]
+            # ledger progress and the scheduler's completion: applied in this order before the
+            # next decision or leave (see _flush), the only times they are read
+            prog.append((r.rid, s, predicted))
+            if learns:
+                obs.append((node.name, r.rid, predicted, svc, now))
+            if node.fifo:
+                nr, ns = node.fifo.popleft()
+                # an early-processed arrival (see _forward) may wait in the FIFO for its time
+                self._start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
+            r.sent_s = now
+            if s < r.last:
+                self._forward(r, s + 1, forward(s, now, act * (r.prompt if step == 0 else 1)))
             else:
-                self._admit(obj, now)
+                t = back(now, tok_bytes)
+                push(heap, (t, _TOKEN, self._seq, r, 0))
+                self._seq += 1
+        self.events += events
+        self._flush()
         links = {
             f"hop{h}.{d}[{k}]": p.busy_s
             for h in range(len(self.net.fwd))
@@ -180,14 +229,34 @@ class Simulator:
             sim_end_s=now,
         )
 
+    def _flush(self) -> None:
+        """Apply the step completions since the last decision, in the order they happened: the
+        ledger's progress, then the scheduler's feedback (the two are independent objects, and
+        each sees the calls in the original order, before anything reads them)."""
+        if self._prog:
+            self.ledger.progress_many(self._prog)
+            self._prog.clear()
+        if self._obs:
+            if self._observe_many is not None:
+                self._observe_many(self._obs)
+            else:
+                on_complete = self.scheduler.on_complete
+                for name, rid, predicted, svc, t in self._obs:
+                    on_complete(StageCompletion(name, rid, predicted, svc, t, False))
+            self._obs.clear()
+
     # -- decide ---------------------------------------------------------------------------------
     def _admit(self, req: TraceRequest, now: float) -> None:
         if self._active >= self.config.max_active_requests:
             self._waiting.append(req)
             return
         self._active += 1
+        self._flush()
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
-        r = _Req(req, pred, held=[False] * len(self.layout.stages), admitted_s=now)
+        r = _Req(
+            req, pred, rid=req.request_id, prompt=req.prompt_tokens,
+            held=[False] * len(self.layout.stages), admitted_s=now,
+        )  # fmt: skip
         view = RequestView(
             req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens,
             pred.work_s, pred.kv_bytes,
@@ -203,6 +272,7 @@ class Simulator:
             return
         self.ledger.charge(req.request_id, route, [pred.work_s[n] for n in route], pred.kv_bytes)
         r.route = route
+        r.last = len(route) - 1
         r.nodes = [self.nodes[n] for n in route]
         r.work_pre = [pred.prefill_s[n] for n in route]
         r.work_dec = [pred.decode_step_s[n] for n in route]
@@ -271,33 +341,6 @@ class Simulator:
         r.start_s = now
         self._push(now + r.service_s, _DONE, r, s)
 
-    def _done(self, r: _Req, s: int, now: float) -> None:
-        node = r.nodes[s]
-        node.busy -= 1
-        node.busy_s += r.service_s
-        r.compute[s] += r.service_s
-        if self._spans:
-            self._span(r, "compute", node.name, r.start_s, now, s)
-        predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
-        rid = r.req.request_id
-        self.ledger.progress(rid, s, predicted)
-        if self._observe is not None:
-            self._observe(node.name, predicted, r.service_s)
-        elif self._learns:
-            self.scheduler.on_complete(
-                StageCompletion(node.name, rid, predicted, r.service_s, now, False)
-            )
-        if node.fifo:
-            nr, ns = node.fifo.popleft()
-            # an early-processed arrival (see _forward) may wait in the FIFO for its time
-            self._start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
-        r.sent_s = now
-        if s + 1 < len(r.route):
-            nbytes = self.act_bytes * (r.req.prompt_tokens if r.step == 0 else 1)
-            self._forward(r, s + 1, self.net.forward(s, now, nbytes))
-        else:
-            self._push(self.net.back(now, self.config.token_bytes), _TOKEN, r)
-
     def _forward(self, r: _Req, s: int, at: float) -> None:
         """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
         arrival at a stage-s node comes through the hop's FIFO pipes, so arrivals there happen
@@ -343,6 +386,7 @@ class Simulator:
 
     def _finish(self, r: _Req, now: float, reason: str | None) -> None:
         rid = r.req.request_id
+        self._flush()
         if r.route:
             self.ledger.leave(rid)
             for s, name in enumerate(r.route):
