@@ -116,8 +116,23 @@ class Arts(PerStageScheduler):
         return self._observe_many if type(self).on_complete is Arts.on_complete else None
 
     def _observe_many(self, steps: Iterable[tuple[str, int, float, float, float]]) -> None:
+        """:meth:`_observe` for each step, written out (the same arithmetic)."""
+        alpha, lo, hi = self.alpha, self.min_capacity, self.max_capacity
+        if alpha == 0.0:
+            return
+        keep = 1.0 - alpha
+        c_hat, prior, pos, cap = self._c_hat, self._prior, self._pos, self._cap
         for node, _, predicted, service, _ in steps:
-            self._observe(node, predicted, service)
+            if service <= 0.0 or predicted <= 0.0:
+                continue
+            speed = min(max(predicted / service, lo), hi)
+            old = c_hat.get(node)
+            if old is None:
+                old = prior.get(node, 1.0)
+            new = c_hat[node] = keep * old + alpha * speed
+            at = pos.get(node)
+            if at is not None:
+                cap[at[0]][at[1]] = new
 
     def route_ledger(
         self, request: RequestView, ledger: Ledger, now_s: float, hop_s: Sequence[float] = ()

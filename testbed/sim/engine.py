@@ -22,6 +22,7 @@ admissions; ties keep insertion order, so runs are deterministic for a seed.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class _Node:
     kv_cap: int
     slowdown: float
     gid: int = 0  # StepTimes group (stage, device)
+    dec: dict[int, float] = field(default_factory=dict)  # its group's decode times (a cache)
     busy: int = 0
     busy_s: float = 0.0
     kv_used: int = 0
@@ -126,7 +128,7 @@ class Simulator:
         }
         self.act_bytes = predictor.cost.profile.activation_bytes_per_token()
         self._heap: list[tuple[float, int, int, Any, int]] = []
-        self._seq = 0
+        self._next = itertools.count().__next__  # event sequence numbers (ties: push order)
         self._records: dict[int, RequestRecord] = {}
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
@@ -144,11 +146,11 @@ class Simulator:
         self._dec = steps.decode_tables()
         for n in self.nodes.values():
             n.gid = steps.group(n.name)
+            n.dec = self._dec[n.gid]
 
     # -- the loop -------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
-        heapq.heappush(self._heap, (t, kind, self._seq, obj, s))
-        self._seq += 1
+        heapq.heappush(self._heap, (t, kind, self._next(), obj, s))
 
     def run(
         self, requests: Sequence[TraceRequest], *, stop_after_s: float | None = None
@@ -209,8 +211,7 @@ class Simulator:
                 self._forward(r, s + 1, forward(s, now, act * (r.prompt if step == 0 else 1)))
             else:
                 t = back(now, tok_bytes)
-                push(heap, (t, _TOKEN, self._seq, r, 0))
-                self._seq += 1
+                push(heap, (t, _TOKEN, self._next(), r, 0))
         self.events += events
         self._flush()
         links = {
@@ -330,16 +331,15 @@ class Simulator:
             r.queue_s += now - r.ready_s
             if self._spans:
                 self._span(r, "queue", node.name, r.ready_s, now, s)
-        p = r.req.prompt_tokens
-        if r.step == 0:
-            base = self.steps.prefill_s(node.name, p)
+        step = r.step
+        if step == 0:
+            base = self.steps.prefill_s(node.name, r.prompt)
         else:
-            base = self._dec[node.gid].get(p + r.step - 1) or self.steps.decode_s(
-                node.name, p + r.step - 1
-            )
-        r.service_s = base * node.slowdown
+            ctx = r.prompt + step - 1
+            base = node.dec.get(ctx) or self.steps.decode_s(node.name, ctx)
+        svc = r.service_s = base * node.slowdown
         r.start_s = now
-        self._push(now + r.service_s, _DONE, r, s)
+        heapq.heappush(self._heap, (now + svc, _DONE, self._next(), r, s))
 
     def _forward(self, r: _Req, s: int, at: float) -> None:
         """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
