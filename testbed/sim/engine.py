@@ -47,6 +47,10 @@ class SimConfig:
     token_bytes: int = 4  # the sampled token id sent back along the chain
     record_spans: bool = True  # per-step spans (Perfetto trace, utilisation); off: faster
     slowdown: Mapping[str, float] = field(default_factory=dict)  # node -> true time multiplier
+    # continuous batching: a node computes up to max_batch waiting steps (prefills and decode
+    # steps of different requests) as one forward, timed by StepTimes.batch_s; 1 = one step at
+    # a time, as the stage server does today
+    max_batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,10 @@ class Simulator:
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
+        if self.config.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.config.max_batch}")
+        self._batching = self.config.max_batch > 1
+        self.batches = self.batched_steps = 0  # batched forwards started, steps in them
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
@@ -181,8 +189,10 @@ class Simulator:
                 continue
             now, kind, _, r, s = pop(heap)
             events += 1
-            if kind != _DONE:
-                if kind == _TOKEN:
+            if kind != _DONE or s < 0:
+                if s < 0:
+                    self._batch_done(r, now)
+                elif kind == _TOKEN:
                     self._token(r, now)
                 else:
                     self._arrive_event(r, s, now)
@@ -326,6 +336,9 @@ class Simulator:
 
     def _start(self, node: _Node, r: _Req, s: int, now: float) -> None:
         """Start ``r``'s step on ``node`` at ``now`` (>= when it arrived there)."""
+        if self._batching:
+            self._start_batch(node, [(r, s)], now)
+            return
         node.busy += 1
         if now > r.ready_s:
             r.queue_s += now - r.ready_s
@@ -340,6 +353,56 @@ class Simulator:
         svc = r.service_s = base * node.slowdown
         r.start_s = now
         heapq.heappush(self._heap, (now + svc, _DONE, self._next(), r, s))
+
+    # -- continuous batching (max_batch > 1) ----------------------------------------------------
+    def _start_batch(self, node: _Node, batch: list[tuple[_Req, int]], now: float) -> None:
+        """Start one batched forward at ``now``: ``batch`` plus the steps waiting in the FIFO
+        that have arrived by then, up to max_batch (requests join at step boundaries)."""
+        fifo, cap = node.fifo, self.config.max_batch
+        while fifo and len(batch) < cap and fifo[0][0].ready_s <= now:
+            batch.append(fifo.popleft())
+        node.busy += 1
+        prompts, contexts = [], []
+        for r, _ in batch:
+            if r.step == 0:
+                prompts.append(r.prompt)
+            else:
+                contexts.append(r.prompt + r.step - 1)
+        svc = self.steps.batch_s(node.name, prompts, contexts) * node.slowdown
+        for r, s in batch:
+            if now > r.ready_s:
+                r.queue_s += now - r.ready_s
+                if self._spans:
+                    self._span(r, "queue", node.name, r.ready_s, now, s)
+            r.service_s, r.start_s = svc, now
+        self.batches += 1
+        self.batched_steps += len(batch)
+        heapq.heappush(self._heap, (now + svc, _DONE, self._next(), batch, -1))
+
+    def _batch_done(self, batch: list[tuple[_Req, int]], now: float) -> None:
+        r0, s0 = batch[0]
+        node = r0.nodes[s0]
+        node.busy -= 1
+        svc = r0.service_s
+        node.busy_s += svc
+        for r, s in batch:
+            r.compute[s] += svc
+            if self._spans:
+                self._span(r, "compute", node.name, r.start_s, now, s)
+            predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
+            self._prog.append((r.rid, s, predicted))
+            if self._learns:
+                self._obs.append((node.name, r.rid, predicted, svc, now))
+        if node.fifo:
+            nr, ns = node.fifo.popleft()
+            self._start_batch(node, [(nr, ns)], now if now >= nr.ready_s else nr.ready_s)
+        for r, s in batch:
+            r.sent_s = now
+            if s < r.last:
+                nbytes = self.act_bytes * (r.prompt if r.step == 0 else 1)
+                self._forward(r, s + 1, self.net.forward(s, now, nbytes))
+            else:
+                self._push(self.net.back(now, self.config.token_bytes), _TOKEN, r)
 
     def _forward(self, r: _Req, s: int, at: float) -> None:
         """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every

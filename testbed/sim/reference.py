@@ -112,6 +112,8 @@ class ReferenceSimulator:
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
+        if self.config.max_batch != 1:
+            raise ValueError("the reference engine has no batching (max_batch must be 1)")
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete

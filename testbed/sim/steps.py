@@ -14,6 +14,7 @@ node serves now over the number it served when measured (when that is known).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -103,6 +104,8 @@ class StepTimes:
     _keys: list[tuple[int, DeviceProfile]] = field(init=False, default_factory=list)
     _pre: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: P -> s
     _dec: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: ctx -> s
+    # per (group, prompt or -1 - context): one block's single-step roofline (batch ratios)
+    _one: dict[tuple[int, int], float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         ids: dict[tuple[int, DeviceProfile], int] = {}
@@ -169,3 +172,33 @@ class StepTimes:
             )
             self._dec[g][context_tokens] = t
         return t
+
+    def batch_s(self, node: str, prompts: Sequence[int], contexts: Sequence[int]) -> float:
+        """One batched forward of ``node``'s segment (continuous batching): the prefills of
+        ``prompts`` and one decode step at each of ``contexts``. It is the sum of the single
+        steps' times (as :meth:`prefill_s` / :meth:`decode_s` give them, calibrated or not)
+        scaled by what batching saves on the node's device: the roofline of the batch (weights
+        read once, FLOPs and KV reads summed; :meth:`CostModel.block_batch_s`) over the sum of
+        the single steps' rooflines. A batch of one is exactly the single step."""
+        if len(prompts) + len(contexts) == 1:
+            return self.prefill_s(node, prompts[0]) if prompts else self.decode_s(node, contexts[0])
+        single = sum(self.prefill_s(node, p) for p in prompts) + sum(
+            self.decode_s(node, c) for c in contexts
+        )
+        g = self._group[node]
+        dev = self._keys[g][1]
+        one = self._one
+        parts = 0.0
+        for p in prompts:
+            t = one.get((g, p))
+            if t is None:
+                t = one[(g, p)] = self.cost.block_batch_s(dev, prompts=(p,))
+            parts += t
+        for c in contexts:
+            t = one.get((g, -1 - c))
+            if t is None:
+                t = one[(g, -1 - c)] = self.cost.block_batch_s(dev, contexts=(c,))
+            parts += t
+        if parts <= 0.0:
+            return single
+        return single * self.cost.block_batch_s(dev, prompts, contexts) / parts
