@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from testbed.broker.layout import Layout, StageInfo
-from testbed.cost.model import CostModel
+from testbed.cost.model import CostModel, roofline_s
 from testbed.spec.devices import DeviceProfile
 from testbed.spec.plan import RequestShape
 
@@ -104,8 +104,11 @@ class StepTimes:
     _keys: list[tuple[int, DeviceProfile]] = field(init=False, default_factory=list)
     _pre: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: P -> s
     _dec: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: ctx -> s
-    # per (group, prompt or -1 - context): one block's single-step roofline (batch ratios)
-    _one: dict[tuple[int, int], float] = field(init=False, default_factory=dict)
+    # per (group, prompt or -1 - context): one block's step FLOPs, bytes less the weights, and
+    # single-step roofline (for batch times)
+    _one: dict[tuple[int, int], tuple[float, float, float]] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         ids: dict[tuple[int, DeviceProfile], int] = {}
@@ -187,18 +190,25 @@ class StepTimes:
         )
         g = self._group[node]
         dev = self._keys[g][1]
-        one = self._one
-        parts = 0.0
-        for p in prompts:
-            t = one.get((g, p))
-            if t is None:
-                t = one[(g, p)] = self.cost.block_batch_s(dev, prompts=(p,))
-            parts += t
-        for c in contexts:
-            t = one.get((g, -1 - c))
-            if t is None:
-                t = one[(g, -1 - c)] = self.cost.block_batch_s(dev, contexts=(c,))
-            parts += t
+        # CostModel.block_batch_s written out over cached per-step (FLOPs, bytes less weights,
+        # single roofline) terms: the same sums in the same order, so the same time
+        prof, one = self.cost.profile, self._one
+        w = prof.block_weight_bytes()
+        flops, nbytes, parts = 0.0, float(w), 0.0
+        for key in [*prompts, *(-1 - c for c in contexts)]:
+            term = one.get((g, key))
+            if term is None:
+                if key >= 0:
+                    f, b = prof.block_prefill_flops(key), prof.block_prefill_bytes(key) - w
+                    r = self.cost.block_batch_s(dev, prompts=(key,))
+                else:
+                    c = -1 - key
+                    f, b = prof.block_decode_flops(c), prof.block_decode_bytes(c) - w
+                    r = self.cost.block_batch_s(dev, contexts=(c,))
+                term = one[(g, key)] = (f, b, r)
+            flops += term[0]
+            nbytes += term[1]
+            parts += term[2]
         if parts <= 0.0:
             return single
-        return single * self.cost.block_batch_s(dev, prompts, contexts) / parts
+        return single * (roofline_s(flops, nbytes, dev) + dev.step_overhead) / parts

@@ -61,8 +61,16 @@ def test_batch_step_times(setup: SimSetup) -> None:
     single = 16 * steps.decode_s(node, 300)
     b16 = steps.batch_s(node, [], [300] * 16)
     assert steps.decode_s(node, 300) < b16 < single / 4  # weights read once per batch
-    mixed = steps.batch_s(node, [64], [300] * 4)
-    assert mixed < steps.prefill_s(node, 64) + 4 * steps.decode_s(node, 300)
+    mixed = steps.batch_s(node, [64], [300, 310, 2000, 5])
+    single = steps.prefill_s(node, 64) + sum(steps.decode_s(node, c) for c in (300, 310, 2000, 5))
+    assert mixed < single
+    # the single steps' times scaled by the batch roofline over the single rooflines
+    dev, cost = setup.layout.nodes[node].device, setup.cost
+    ratio = cost.block_batch_s(dev, [64], [300, 310, 2000, 5]) / (
+        cost.block_batch_s(dev, prompts=[64])
+        + sum(cost.block_batch_s(dev, contexts=[c]) for c in (300, 310, 2000, 5))
+    )
+    assert mixed == pytest.approx(single * ratio, rel=1e-12)
 
 
 def test_max_batch_one_is_the_reference_and_batching_serves_more(setup: SimSetup) -> None:
