@@ -38,6 +38,7 @@ from testbed.workload.request import TraceRequest
 
 CLIENT = "client"
 _DONE, _ARRIVE, _TOKEN, _ADMIT = 0, 1, 2, 3
+_INF = float("inf")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class _Req:
     prompt: int = 0  # req.prompt_tokens
     route: tuple[str, ...] = ()
     last: int = 0  # len(route) - 1
+    doomed: bool = False  # its KV cache cannot fit some node of its route
     step: int = 0  # 0 = prefill, k = k-th decode step
     ready_s: float = 0.0  # when the current step reached the current node
     start_s: float = 0.0  # when its compute started
@@ -141,6 +143,9 @@ class Simulator:
             raise ValueError(f"max_batch must be >= 1, got {self.config.max_batch}")
         self._batching = self.config.max_batch > 1
         self.batches = self.batched_steps = 0  # batched forwards started, steps in them
+        self._next_admit_s = _INF  # arrival time of the next admission not yet processed
+        self._finals = 0  # last-token events pending (their finish may admit a waiting request)
+        self._doomed = 0  # requests in flight whose KV cache cannot fit a node of their route
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
@@ -170,22 +175,19 @@ class Simulator:
         arrivals = sorted(admitted, key=lambda q: q.arrival_s)
         n_arr, k = len(arrivals), 0
         now = 0.0
-        heap, pop, push = self._heap, heapq.heappop, heapq.heappush
+        heap, pop = self._heap, heapq.heappop
         spans = self._spans
         prog, obs, learns = self._prog, self._obs, self._learns
-        forward, back, tok_bytes, act = (
-            self.net.forward,
-            self.net.back,
-            self.config.token_bytes,
-            self.act_bytes,
-        )
+        forward, act = self.net.forward, self.act_bytes
         events = 0
+        self._next_admit_s = arrivals[0].arrival_s if arrivals else _INF
         while heap or k < n_arr:
             if k < n_arr and (not heap or arrivals[k].arrival_s < heap[0][0]):
                 now = arrivals[k].arrival_s
                 events += 1
-                self._admit(arrivals[k], now)
                 k += 1
+                self._next_admit_s = arrivals[k].arrival_s if k < n_arr else _INF
+                self._admit(arrivals[k - 1], now)
                 continue
             now, kind, _, r, s = pop(heap)
             events += 1
@@ -193,6 +195,10 @@ class Simulator:
                 if s < 0:
                     self._batch_done(r, now)
                 elif kind == _TOKEN:
+                    if s:
+                        r.nodes[0].pending -= 1
+                    else:
+                        self._finals -= 1
                     self._token(r, now)
                 else:
                     self._arrive_event(r, s, now)
@@ -220,8 +226,7 @@ class Simulator:
             if s < r.last:
                 self._forward(r, s + 1, forward(s, now, act * (r.prompt if step == 0 else 1)))
             else:
-                t = back(now, tok_bytes)
-                push(heap, (t, _TOKEN, self._next(), r, 0))
+                self._send_token(r, now)
         self.events += events
         self._flush()
         links = {
@@ -284,6 +289,9 @@ class Simulator:
         self.ledger.charge(req.request_id, route, [pred.work_s[n] for n in route], pred.kv_bytes)
         r.route = route
         r.last = len(route) - 1
+        if any(k > self.nodes[n].kv_cap for n, k in zip(route, pred.kv_bytes, strict=False)):
+            r.doomed = True  # it will fail where it does not fit (a finish: see _send_token)
+            self._doomed += 1
         r.nodes = [self.nodes[n] for n in route]
         r.work_pre = [pred.prefill_s[n] for n in route]
         r.work_dec = [pred.decode_step_s[n] for n in route]
@@ -402,7 +410,7 @@ class Simulator:
                 nbytes = self.act_bytes * (r.prompt if r.step == 0 else 1)
                 self._forward(r, s + 1, self.net.forward(s, now, nbytes))
             else:
-                self._push(self.net.back(now, self.config.token_bytes), _TOKEN, r)
+                self._send_token(r, now)
 
     def _forward(self, r: _Req, s: int, at: float) -> None:
         """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
@@ -435,6 +443,43 @@ class Simulator:
         else:
             node.fifo.append((r, s))
 
+    def _send_token(self, r: _Req, now: float) -> None:
+        """The last stage sent r's token back at ``now``. Exact shortcut: when it is not the
+        last token, the next step's arrival at the first stage is processed now (at its time
+        ``t``) instead of as an event at ``t``, if nothing can reach that node before ``t``
+        unseen: tokens come back through FIFO pipes in send order (earlier ones are already
+        processed or counted as pending at their node), no admission falls before ``t``, and
+        no finish before ``t`` can admit a waiting request or free KV room the node waits for.
+        """
+        t = self.net.back(now, self.config.token_bytes)
+        if r.step + 1 >= r.req.output_tokens:
+            self._finals += 1
+            heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 0))
+            return
+        x0 = r.nodes[0]
+        if (
+            x0.pending
+            or x0.kv_wait
+            or self.net.overhead_s > 0
+            or not r.held[0]
+            or self._next_admit_s <= t
+            or (self._waiting and (self._finals or self._doomed))
+        ):
+            x0.pending += 1
+            heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 1))
+            return
+        if t > now:  # as _token, _first_hop and _arrive do at t
+            r.hops[-1] += t - now
+            if self._spans:
+                self._span(r, "transfer", r.route[-1], now, t, len(r.route), CLIENT)
+        r.tokens.append(t)
+        r.step += 1
+        r.sent_s = r.ready_s = t
+        if x0.busy < self.config.slots:
+            self._start(x0, r, 0, t)
+        else:
+            x0.fifo.append((r, 0))
+
     def _token(self, r: _Req, now: float) -> None:
         if now > r.sent_s:
             r.hops[-1] += now - r.sent_s
@@ -449,6 +494,8 @@ class Simulator:
 
     def _finish(self, r: _Req, now: float, reason: str | None) -> None:
         rid = r.req.request_id
+        if r.doomed:
+            self._doomed -= 1
         self._flush()
         if r.route:
             self.ledger.leave(rid)

@@ -106,3 +106,12 @@ def test_same_records_with_kv_waits_slowdown_and_admission_cap(tiny: SimSetup) -
     for sched in ("arts", "round_robin"):
         same(*both(tiny, reqs, sched, layout=tight, slowdown=slow))
         same(*both(tiny, reqs, sched, max_active_requests=3, slots=2))
+    # caches of the larger requests never fit (they fail), with requests waiting for admission
+    kv = WorkPredictor(lay, tiny.cost).predict(64, 8).kv_bytes
+    doom = {n: replace(i, kv_capacity_bytes=kv[i.stage] * 3 // 2) for n, i in lay.nodes.items()}
+    ref, new = both(
+        tiny, reqs, "arts", layout=Layout(lay.stages, doom, lay.hop_links, lay.num_blocks),
+        max_active_requests=4,
+    )  # fmt: skip
+    assert 0 < sum(r.status == "failed" for r in ref.records) < len(reqs)
+    same(ref, new)
