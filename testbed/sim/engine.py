@@ -15,8 +15,29 @@ layout computes): a request's first step on a node reserves its whole KV cache t
 output tokens); if it does not fit the step waits, FIFO, until a request leaving frees enough.
 A request whose cache can never fit the node fails, as the stage server refuses it.
 
+With ``max_batch`` > 1 (continuous batching) a node that starts computing takes the waiting
+steps that have arrived, up to ``max_batch``, as one forward timed by ``StepTimes.batch_s``.
+
 Events at the same instant run step ends first, then arrivals at nodes, then tokens, then
 admissions; ties keep insertion order, so runs are deterministic for a seed.
+
+Exact shortcuts (the records equal :mod:`testbed.sim.reference`'s, the first event-per-step
+engine, kept to test this: tests/unit/test_sim_exact.py):
+
+- Admissions are merged from the arrivals sorted by time, not pushed as heap events.
+- Step completions reach the ledger (``progress_many``) and the scheduler (ARTS's
+  ``step_observer``, else ``on_complete``) in one batch, in their original order, just before
+  the next decision or leave - the only moments either is read.
+- Arrival after a forward hop: every arrival at a node of stage s >= 1 comes through the hop's
+  FIFO pipes, which deliver in send order, so when the node has no arrival event pending and
+  no request waiting for KV room (and the step's KV fits now, which stays true since only
+  releases can come first), the arrival is processed when it is sent: FIFO position, start
+  time (``max(arrival, node free)``) and reservation are what they would be at its time.
+- A token that is not the request's last: its return and the next step's arrival at the first
+  stage are processed when it is sent, under the same conditions plus: no admission before it,
+  and no finish before it that could admit a waiting request (see ``_send_token``).
+- ARTS decides from the ledger's per-stage numpy arrays (``Arts.route_ledger``) over many
+  replicas instead of a snapshot and a loop; step-time tables per (stage, device, length).
 """
 
 from __future__ import annotations
@@ -24,87 +45,30 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from testbed.broker.layout import Layout, Prediction, WorkPredictor
+from testbed.broker.layout import Layout, WorkPredictor
 from testbed.metrics.records import RequestRecord, Span
 from testbed.schedule.base import NoRouteError, RequestView, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
+from testbed.sim.batching import batch_done, start_batch
 from testbed.sim.links import Network
+from testbed.sim.state import (
+    _ARRIVE,
+    _DONE,
+    _INF,
+    _TOKEN,
+    CLIENT,
+    SimConfig,
+    SimOutcome,
+    _Node,
+    _Req,
+)
 from testbed.sim.steps import StepTimes
 from testbed.workload.request import TraceRequest
 
-CLIENT = "client"
-_DONE, _ARRIVE, _TOKEN, _ADMIT = 0, 1, 2, 3
-_INF = float("inf")
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    slots: int = 1  # steps a node computes at once (the stage server's max_inflight)
-    max_active_requests: int = 1024  # admitted and unfinished (the broker's); more wait
-    token_bytes: int = 4  # the sampled token id sent back along the chain
-    record_spans: bool = True  # per-step spans (Perfetto trace, utilisation); off: faster
-    slowdown: Mapping[str, float] = field(default_factory=dict)  # node -> true time multiplier
-    # continuous batching: a node computes up to max_batch waiting steps (prefills and decode
-    # steps of different requests) as one forward, timed by StepTimes.batch_s; 1 = one step at
-    # a time, as the stage server does today
-    max_batch: int = 1
-
-
-@dataclass(frozen=True)
-class SimOutcome:
-    records: tuple[RequestRecord, ...]  # request order
-    node_busy_s: dict[str, float]
-    link_busy_s: dict[str, float]  # "hop0.fwd[0]" -> occupancy seconds
-    routed: dict[str, int]
-    scheduler: dict[str, Any]
-    events: int  # events processed (for speed figures)
-    sim_end_s: float
-
-
-@dataclass(slots=True)
-class _Node:
-    name: str
-    stage: int
-    kv_cap: int
-    slowdown: float
-    gid: int = 0  # StepTimes group (stage, device)
-    dec: dict[int, float] = field(default_factory=dict)  # its group's decode times (a cache)
-    busy: int = 0
-    busy_s: float = 0.0
-    kv_used: int = 0
-    pending: int = 0  # ARRIVE events queued for this node and not yet processed
-    fifo: deque[tuple[_Req, int]] = field(default_factory=deque)
-    kv_wait: deque[tuple[_Req, int]] = field(default_factory=deque)
-
-
-@dataclass(eq=False, slots=True)
-class _Req:
-    req: TraceRequest
-    pred: Prediction
-    rid: int = 0  # req.request_id
-    prompt: int = 0  # req.prompt_tokens
-    route: tuple[str, ...] = ()
-    last: int = 0  # len(route) - 1
-    doomed: bool = False  # its KV cache cannot fit some node of its route
-    step: int = 0  # 0 = prefill, k = k-th decode step
-    ready_s: float = 0.0  # when the current step reached the current node
-    start_s: float = 0.0  # when its compute started
-    service_s: float = 0.0
-    sent_s: float = 0.0  # when the current transfer started
-    held: list[bool] = field(default_factory=list)  # per stage: KV reserved
-    tokens: list[float] = field(default_factory=list)
-    spans: list[Span] = field(default_factory=list)
-    queue_s: float = 0.0
-    admitted_s: float | None = None  # when admission let it in (later than arrival if full)
-    nodes: list[_Node] = field(default_factory=list)  # the route's servers
-    work_pre: list[float] = field(default_factory=list)  # per stage: predicted prefill work
-    work_dec: list[float] = field(default_factory=list)  # per stage: predicted decode step
-    compute: list[float] = field(default_factory=list)  # per stage: compute seconds
-    hops: list[float] = field(default_factory=list)  # per hop into stage s (len(route): back)
+__all__ = ["CLIENT", "SimConfig", "SimOutcome", "Simulator"]
 
 
 class Simulator:
@@ -193,7 +157,7 @@ class Simulator:
             events += 1
             if kind != _DONE or s < 0:
                 if s < 0:
-                    self._batch_done(r, now)
+                    batch_done(self, r, now)
                 elif kind == _TOKEN:
                     if s:
                         r.nodes[0].pending -= 1
@@ -345,7 +309,7 @@ class Simulator:
     def _start(self, node: _Node, r: _Req, s: int, now: float) -> None:
         """Start ``r``'s step on ``node`` at ``now`` (>= when it arrived there)."""
         if self._batching:
-            self._start_batch(node, [(r, s)], now)
+            start_batch(self, node, [(r, s)], now)
             return
         node.busy += 1
         if now > r.ready_s:
@@ -361,56 +325,6 @@ class Simulator:
         svc = r.service_s = base * node.slowdown
         r.start_s = now
         heapq.heappush(self._heap, (now + svc, _DONE, self._next(), r, s))
-
-    # -- continuous batching (max_batch > 1) ----------------------------------------------------
-    def _start_batch(self, node: _Node, batch: list[tuple[_Req, int]], now: float) -> None:
-        """Start one batched forward at ``now``: ``batch`` plus the steps waiting in the FIFO
-        that have arrived by then, up to max_batch (requests join at step boundaries)."""
-        fifo, cap = node.fifo, self.config.max_batch
-        while fifo and len(batch) < cap and fifo[0][0].ready_s <= now:
-            batch.append(fifo.popleft())
-        node.busy += 1
-        prompts, contexts = [], []
-        for r, _ in batch:
-            if r.step == 0:
-                prompts.append(r.prompt)
-            else:
-                contexts.append(r.prompt + r.step - 1)
-        svc = self.steps.batch_s(node.name, prompts, contexts) * node.slowdown
-        for r, s in batch:
-            if now > r.ready_s:
-                r.queue_s += now - r.ready_s
-                if self._spans:
-                    self._span(r, "queue", node.name, r.ready_s, now, s)
-            r.service_s, r.start_s = svc, now
-        self.batches += 1
-        self.batched_steps += len(batch)
-        heapq.heappush(self._heap, (now + svc, _DONE, self._next(), batch, -1))
-
-    def _batch_done(self, batch: list[tuple[_Req, int]], now: float) -> None:
-        r0, s0 = batch[0]
-        node = r0.nodes[s0]
-        node.busy -= 1
-        svc = r0.service_s
-        node.busy_s += svc
-        for r, s in batch:
-            r.compute[s] += svc
-            if self._spans:
-                self._span(r, "compute", node.name, r.start_s, now, s)
-            predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
-            self._prog.append((r.rid, s, predicted))
-            if self._learns:
-                self._obs.append((node.name, r.rid, predicted, svc, now))
-        if node.fifo:
-            nr, ns = node.fifo.popleft()
-            self._start_batch(node, [(nr, ns)], now if now >= nr.ready_s else nr.ready_s)
-        for r, s in batch:
-            r.sent_s = now
-            if s < r.last:
-                nbytes = self.act_bytes * (r.prompt if r.step == 0 else 1)
-                self._forward(r, s + 1, self.net.forward(s, now, nbytes))
-            else:
-                self._send_token(r, now)
 
     def _forward(self, r: _Req, s: int, at: float) -> None:
         """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
