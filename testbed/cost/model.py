@@ -14,6 +14,7 @@ the first token), estimated at their mean context P + (O - 2) / 2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +100,25 @@ class CostModel:
         c = round(context_tokens)
         est = roofline_s(p.block_decode_flops(c), p.block_decode_bytes(c), device)
         return est + device.step_overhead
+
+    def block_batch_s(
+        self, device: DeviceProfile, prompts: Sequence[int] = (), contexts: Sequence[int] = ()
+    ) -> float:
+        """One block, one batched forward (continuous batching): the prefills of ``prompts`` and
+        one decode step at each context in ``contexts``, run together. Roofline of the batch:
+        the weights are read once, FLOPs, KV-cache traffic and activations are summed; one
+        step overhead. A batch of one decode step is :meth:`block_decode_s` (at an int context),
+        of one prefill :meth:`block_prefill_s`."""
+        p = self.profile
+        w = p.block_weight_bytes()
+        flops, nbytes = 0.0, float(w)
+        for n in prompts:
+            flops += p.block_prefill_flops(n)
+            nbytes += p.block_prefill_bytes(n) - w
+        for c in contexts:
+            flops += p.block_decode_flops(c)
+            nbytes += p.block_decode_bytes(c) - w
+        return roofline_s(flops, nbytes, device) + device.step_overhead
 
     def block_request_times(self, device: DeviceProfile, shape: RequestShape) -> np.ndarray:
         """Seconds each block spends on one reference request (prefill + all decode steps)."""

@@ -7,20 +7,36 @@ the filter is dropped for that stage (the request still needs a route; the stage
 queue or refuse it). C_hat_k starts at the snapshot's ``capacity`` prior and is refined by an
 EWMA of observed speed = predicted_work_s / service_s from completions, clamped to
 [min_capacity, max_capacity].
+
+Over many replicas (a simulated cluster of 1,000 nodes), :meth:`Arts.route_ledger` takes the
+same decision from the ledger's per-stage arrays with numpy (the same float operations, so the
+same argmin and tie-breaks) instead of a snapshot and a Python loop per replica.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from testbed.schedule.base import (
     SCHEDULERS,
     ClusterSnapshot,
     NodeState,
+    NoRouteError,
     PerStageScheduler,
     RequestView,
+    Route,
     StageCompletion,
 )
+
+if TYPE_CHECKING:
+    from testbed.schedule.ledger import Ledger, StageArrays
+
+# below this many replicas in all, route_ledger takes the snapshot path (numpy costs more)
+VECTOR_MIN_NODES = 48
 
 
 @SCHEDULERS.register("arts")
@@ -38,6 +54,16 @@ class Arts(PerStageScheduler):
     # state: node -> learned speed factor; node -> last capacity prior seen in a snapshot
     _c_hat: dict[str, float] = field(init=False, default_factory=dict, repr=False, compare=False)
     _prior: dict[str, float] = field(init=False, default_factory=dict, repr=False, compare=False)
+    # route_ledger's mirror of C_hat (else the prior) per stage, in the ledger's name order;
+    # name -> (stage, position); request.work_s mapping id -> (mapping, per-stage arrays)
+    _cap: list[np.ndarray] = field(init=False, default_factory=list, repr=False, compare=False)
+    _pos: dict[str, tuple[int, int]] = field(
+        init=False, default_factory=dict, repr=False, compare=False
+    )
+    _work: dict[int, tuple[Mapping[str, float], list[np.ndarray]]] = field(
+        init=False, default_factory=dict, repr=False, compare=False
+    )
+    _cap_of: object = field(init=False, default=None, repr=False, compare=False)  # arrays mirrored
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -69,10 +95,101 @@ class Arts(PerStageScheduler):
         return best
 
     def on_complete(self, event: StageCompletion) -> None:
-        if self.alpha == 0.0 or event.service_s <= 0.0 or event.predicted_work_s <= 0.0:
+        self._observe(event.node, event.predicted_work_s, event.service_s)
+
+    def _observe(self, node: str, predicted_work_s: float, service_s: float) -> None:
+        if self.alpha == 0.0 or service_s <= 0.0 or predicted_work_s <= 0.0:
             return
-        speed = min(
-            max(event.predicted_work_s / event.service_s, self.min_capacity), self.max_capacity
-        )
-        old = self._c_hat.get(event.node, self._prior.get(event.node, 1.0))
-        self._c_hat[event.node] = (1.0 - self.alpha) * old + self.alpha * speed
+        speed = min(max(predicted_work_s / service_s, self.min_capacity), self.max_capacity)
+        old = self._c_hat.get(node, self._prior.get(node, 1.0))
+        new = self._c_hat[node] = (1.0 - self.alpha) * old + self.alpha * speed
+        pos = self._pos.get(node)
+        if pos is not None:
+            self._cap[pos[0]][pos[1]] = new
+
+    def step_observer(
+        self,
+    ) -> Callable[[Iterable[tuple[str, int, float, float, float]]], None] | None:
+        """For simulators: ``f(steps)`` with ``steps`` as (node, request_id, predicted_work_s,
+        service_s, now_s) tuples does what :meth:`on_complete` does with each step's completion,
+        in order, without building the events (None if a subclass changed on_complete)."""
+        return self._observe_many if type(self).on_complete is Arts.on_complete else None
+
+    def _observe_many(self, steps: Iterable[tuple[str, int, float, float, float]]) -> None:
+        """:meth:`_observe` for each step, written out (the same arithmetic)."""
+        alpha, lo, hi = self.alpha, self.min_capacity, self.max_capacity
+        if alpha == 0.0:
+            return
+        keep = 1.0 - alpha
+        c_hat, prior, pos, cap = self._c_hat, self._prior, self._pos, self._cap
+        for node, _, predicted, service, _ in steps:
+            if service <= 0.0 or predicted <= 0.0:
+                continue
+            speed = min(max(predicted / service, lo), hi)
+            old = c_hat.get(node)
+            if old is None:
+                old = prior.get(node, 1.0)
+            new = c_hat[node] = keep * old + alpha * speed
+            at = pos.get(node)
+            if at is not None:
+                cap[at[0]][at[1]] = new
+
+    def route_ledger(
+        self, request: RequestView, ledger: Ledger, now_s: float, hop_s: Sequence[float] = ()
+    ) -> Route:
+        """The route :meth:`route` returns for ``ledger.snapshot(now_s, hop_s)``, taken with
+        vector operations over the ledger's arrays when there are many replicas."""
+        if (
+            type(self).choose is not Arts.choose
+            or type(self).route is not PerStageScheduler.route
+            or len(ledger.books) < VECTOR_MIN_NODES
+        ):
+            return self.route(request, ledger.snapshot(now_s, hop_s))
+        arrays = ledger.stage_arrays()
+        if self._cap_of is not arrays:  # first call, or another ledger
+            self._cap_of, self._cap, self._pos, self._work = arrays, [], {}, {}
+            for s, a in enumerate(arrays):
+                for i, n in enumerate(a.names):
+                    # the priors route() would remember on its first scan (used by on_complete)
+                    self._prior[n] = float(a.capacity[i])
+                    self._pos[n] = (s, i)
+                self._cap.append(
+                    np.array(
+                        [self._c_hat.get(n, float(a.capacity[i])) for i, n in enumerate(a.names)]
+                    )
+                )
+        work = self._work_arrays(request.work_s, arrays)
+        route = []
+        for s, a in enumerate(arrays):
+            up = a.up
+            if not up.any():
+                names = ", ".join(ledger.stages[s]) or "(none)"
+                raise NoRouteError(f"stage {s}: no replica is up (replicas: {names})")
+            cand = up
+            if self.use_memory_filter:
+                kv = request.kv_bytes[s] if s < len(request.kv_bytes) else 0
+                fits = up & (a.mem_free_bytes >= kv)
+                if fits.any():
+                    cand = fits
+            c = np.maximum(self._cap[s], self.min_capacity)
+            key = np.where(cand, (a.queued_work_s + work[s]) / c, np.inf)
+            best = np.flatnonzero(cand & (key == key.min()))
+            if len(best) > 1:  # ties: the larger C_hat, then the smaller name (name order)
+                cb = c[best]
+                best = best[cb == cb.max()]
+            route.append(a.names[int(best[0])])
+        return tuple(route)
+
+    def _work_arrays(
+        self, work_s: Mapping[str, float], arrays: Sequence[StageArrays]
+    ) -> list[np.ndarray]:
+        """Per stage, the request's work_s in name order (cached per mapping: the predictor
+        returns one mapping per request shape)."""
+        hit = self._work.get(id(work_s))
+        if hit is not None and hit[0] is work_s:
+            return hit[1]
+        if len(self._work) > 4096:
+            self._work.clear()
+        out = [np.array([work_s[n] for n in a.names], dtype=np.float64) for a in arrays]
+        self._work[id(work_s)] = (work_s, out)
+        return out

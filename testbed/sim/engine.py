@@ -15,84 +15,60 @@ layout computes): a request's first step on a node reserves its whole KV cache t
 output tokens); if it does not fit the step waits, FIFO, until a request leaving frees enough.
 A request whose cache can never fit the node fails, as the stage server refuses it.
 
+With ``max_batch`` > 1 (continuous batching) a node that starts computing takes the waiting
+steps that have arrived, up to ``max_batch``, as one forward timed by ``StepTimes.batch_s``.
+
 Events at the same instant run step ends first, then arrivals at nodes, then tokens, then
 admissions; ties keep insertion order, so runs are deterministic for a seed.
+
+Exact shortcuts (the records equal :mod:`testbed.sim.reference`'s, the first event-per-step
+engine, kept to test this: tests/unit/test_sim_exact.py):
+
+- Admissions are merged from the arrivals sorted by time, not pushed as heap events.
+- Step completions reach the ledger (``progress_many``) and the scheduler (ARTS's
+  ``step_observer``, else ``on_complete``) in one batch, in their original order, just before
+  the next decision or leave - the only moments either is read.
+- Arrival after a forward hop: every arrival at a node of stage s >= 1 comes through the hop's
+  FIFO pipes, which deliver in send order, so when the node has no arrival event pending and
+  no request waiting for KV room (and the step's KV fits now, which stays true since only
+  releases can come first), the arrival is processed when it is sent: FIFO position, start
+  time (``max(arrival, node free)``) and reservation are what they would be at its time.
+- A token that is not the request's last: its return and the next step's arrival at the first
+  stage are processed when it is sent, under the same conditions plus: no admission before it,
+  and no finish before it that could admit a waiting request (see ``_send_token``).
+- ARTS decides from the ledger's per-stage numpy arrays (``Arts.route_ledger``) over many
+  replicas instead of a snapshot and a loop; step-time tables per (stage, device, length).
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from testbed.broker.layout import Layout, Prediction, WorkPredictor
+from testbed.broker.layout import Layout, WorkPredictor
 from testbed.metrics.records import RequestRecord, Span
 from testbed.schedule.base import NoRouteError, RequestView, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
+from testbed.sim.batching import batch_done, start_batch
 from testbed.sim.links import Network
+from testbed.sim.state import (
+    _ARRIVE,
+    _DONE,
+    _INF,
+    _TOKEN,
+    CLIENT,
+    SimConfig,
+    SimOutcome,
+    _Node,
+    _Req,
+)
 from testbed.sim.steps import StepTimes
 from testbed.workload.request import TraceRequest
 
-CLIENT = "client"
-_DONE, _ARRIVE, _TOKEN, _ADMIT = 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    slots: int = 1  # steps a node computes at once (the stage server's max_inflight)
-    max_active_requests: int = 1024  # admitted and unfinished (the broker's); more wait
-    token_bytes: int = 4  # the sampled token id sent back along the chain
-    record_spans: bool = True  # per-step spans (Perfetto trace, utilisation); off: faster
-    slowdown: Mapping[str, float] = field(default_factory=dict)  # node -> true time multiplier
-
-
-@dataclass(frozen=True)
-class SimOutcome:
-    records: tuple[RequestRecord, ...]  # request order
-    node_busy_s: dict[str, float]
-    link_busy_s: dict[str, float]  # "hop0.fwd[0]" -> occupancy seconds
-    routed: dict[str, int]
-    scheduler: dict[str, Any]
-    events: int  # events processed (for speed figures)
-    sim_end_s: float
-
-
-@dataclass
-class _Node:
-    name: str
-    stage: int
-    kv_cap: int
-    slowdown: float
-    gid: int = 0  # StepTimes group (stage, device)
-    busy: int = 0
-    busy_s: float = 0.0
-    kv_used: int = 0
-    fifo: deque[tuple[_Req, int]] = field(default_factory=deque)
-    kv_wait: deque[tuple[_Req, int]] = field(default_factory=deque)
-
-
-@dataclass(eq=False)
-class _Req:
-    req: TraceRequest
-    pred: Prediction
-    route: tuple[str, ...] = ()
-    step: int = 0  # 0 = prefill, k = k-th decode step
-    ready_s: float = 0.0  # when the current step reached the current node
-    start_s: float = 0.0  # when its compute started
-    service_s: float = 0.0
-    sent_s: float = 0.0  # when the current transfer started
-    held: list[bool] = field(default_factory=list)  # per stage: KV reserved
-    tokens: list[float] = field(default_factory=list)
-    spans: list[Span] = field(default_factory=list)
-    queue_s: float = 0.0
-    admitted_s: float | None = None  # when admission let it in (later than arrival if full)
-    nodes: list[_Node] = field(default_factory=list)  # the route's servers
-    work_pre: list[float] = field(default_factory=list)  # per stage: predicted prefill work
-    work_dec: list[float] = field(default_factory=list)  # per stage: predicted decode step
-    compute: list[float] = field(default_factory=list)  # per stage: compute seconds
-    hops: list[float] = field(default_factory=list)  # per hop into stage s (len(route): back)
+__all__ = ["CLIENT", "SimConfig", "SimOutcome", "Simulator"]
 
 
 class Simulator:
@@ -122,42 +98,101 @@ class Simulator:
         }
         self.act_bytes = predictor.cost.profile.activation_bytes_per_token()
         self._heap: list[tuple[float, int, int, Any, int]] = []
-        self._seq = 0
+        self._next = itertools.count().__next__  # event sequence numbers (ties: push order)
         self._records: dict[int, RequestRecord] = {}
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
+        if self.config.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.config.max_batch}")
+        self._batching = self.config.max_batch > 1
+        self.batches = self.batched_steps = 0  # batched forwards started, steps in them
+        self._next_admit_s = _INF  # arrival time of the next admission not yet processed
+        self._finals = 0  # last-token events pending (their finish may admit a waiting request)
+        self._doomed = 0  # requests in flight whose KV cache cannot fit a node of their route
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
+        # exact fast hooks of schedulers that offer them (ARTS): a decision from the ledger's
+        # arrays, and a step's completion without building the StageCompletion
+        self._route_ledger = getattr(scheduler, "route_ledger", None)
+        observer = getattr(scheduler, "step_observer", None)
+        self._observe_many = observer() if observer is not None else None
+        self._prog: list[tuple[int, int, float]] = []  # (request, stage, predicted work done)
+        self._obs: list[tuple[str, int, float, float, float]] = []  # (node, request, pred, svc, t)
         self._dec = steps.decode_tables()
         for n in self.nodes.values():
             n.gid = steps.group(n.name)
+            n.dec = self._dec[n.gid]
 
     # -- the loop -------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
-        heapq.heappush(self._heap, (t, kind, self._seq, obj, s))
-        self._seq += 1
+        heapq.heappush(self._heap, (t, kind, self._next(), obj, s))
 
     def run(
         self, requests: Sequence[TraceRequest], *, stop_after_s: float | None = None
     ) -> SimOutcome:
         admitted = [r for r in requests if stop_after_s is None or r.arrival_s <= stop_after_s]
-        for r in admitted:
-            self._push(r.arrival_s, _ADMIT, r)
+        # Admissions are not heap events: a stable sort by arrival time gives the order the heap
+        # gave them (they were pushed first, so they had the lowest sequence numbers), and at an
+        # equal time every other kind of event goes first, as before. The heap stays small.
+        arrivals = sorted(admitted, key=lambda q: q.arrival_s)
+        n_arr, k = len(arrivals), 0
         now = 0.0
         heap, pop = self._heap, heapq.heappop
-        while heap:
-            now, kind, _, obj, s = pop(heap)
-            self.events += 1
-            if kind == _DONE:
-                self._done(obj, s, now)
-            elif kind == _ARRIVE:
-                self._arrive(obj, s, now)
-            elif kind == _TOKEN:
-                self._token(obj, now)
+        spans = self._spans
+        prog, obs, learns = self._prog, self._obs, self._learns
+        forward, act = self.net.forward, self.act_bytes
+        events = 0
+        self._next_admit_s = arrivals[0].arrival_s if arrivals else _INF
+        while heap or k < n_arr:
+            if k < n_arr and (not heap or arrivals[k].arrival_s < heap[0][0]):
+                now = arrivals[k].arrival_s
+                events += 1
+                k += 1
+                self._next_admit_s = arrivals[k].arrival_s if k < n_arr else _INF
+                self._admit(arrivals[k - 1], now)
+                continue
+            now, kind, _, r, s = pop(heap)
+            events += 1
+            if kind != _DONE or s < 0:
+                if s < 0:
+                    batch_done(self, r, now)
+                elif kind == _TOKEN:
+                    if s:
+                        r.nodes[0].pending -= 1
+                    else:
+                        self._finals -= 1
+                    self._token(r, now)
+                else:
+                    self._arrive_event(r, s, now)
+                continue
+            # a step ends on r.nodes[s] (the hottest path: written out)
+            node = r.nodes[s]
+            node.busy -= 1
+            svc = r.service_s
+            node.busy_s += svc
+            r.compute[s] += svc
+            if spans:
+                self._span(r, "compute", node.name, r.start_s, now, s)
+            step = r.step
+            predicted = r.work_pre[s] if step == 0 else r.work_dec[s]
+            # ledger progress and the scheduler's completion: applied in this order before the
+            # next decision or leave (see _flush), the only times they are read
+            prog.append((r.rid, s, predicted))
+            if learns:
+                obs.append((node.name, r.rid, predicted, svc, now))
+            if node.fifo:
+                nr, ns = node.fifo.popleft()
+                # an early-processed arrival (see _forward) may wait in the FIFO for its time
+                self._start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
+            r.sent_s = now
+            if s < r.last:
+                self._forward(r, s + 1, forward(s, now, act * (r.prompt if step == 0 else 1)))
             else:
-                self._admit(obj, now)
+                self._send_token(r, now)
+        self.events += events
+        self._flush()
         links = {
             f"hop{h}.{d}[{k}]": p.busy_s
             for h in range(len(self.net.fwd))
@@ -174,26 +209,53 @@ class Simulator:
             sim_end_s=now,
         )
 
+    def _flush(self) -> None:
+        """Apply the step completions since the last decision, in the order they happened: the
+        ledger's progress, then the scheduler's feedback (the two are independent objects, and
+        each sees the calls in the original order, before anything reads them)."""
+        if self._prog:
+            self.ledger.progress_many(self._prog)
+            self._prog.clear()
+        if self._obs:
+            if self._observe_many is not None:
+                self._observe_many(self._obs)
+            else:
+                on_complete = self.scheduler.on_complete
+                for name, rid, predicted, svc, t in self._obs:
+                    on_complete(StageCompletion(name, rid, predicted, svc, t, False))
+            self._obs.clear()
+
     # -- decide ---------------------------------------------------------------------------------
     def _admit(self, req: TraceRequest, now: float) -> None:
         if self._active >= self.config.max_active_requests:
             self._waiting.append(req)
             return
         self._active += 1
+        self._flush()
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
-        r = _Req(req, pred, held=[False] * len(self.layout.stages), admitted_s=now)
+        r = _Req(
+            req, pred, rid=req.request_id, prompt=req.prompt_tokens,
+            held=[False] * len(self.layout.stages), admitted_s=now,
+        )  # fmt: skip
         view = RequestView(
             req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens,
             pred.work_s, pred.kv_bytes,
         )  # fmt: skip
         try:
-            route = tuple(self.scheduler.route(view, self.ledger.snapshot(now, pred.hop_s)))
+            if self._route_ledger is not None:
+                route = tuple(self._route_ledger(view, self.ledger, now, pred.hop_s))
+            else:
+                route = tuple(self.scheduler.route(view, self.ledger.snapshot(now, pred.hop_s)))
             self.ledger.check_route(route)
         except (NoRouteError, InvalidRouteError) as exc:
             self._finish(r, now, f"no route: {exc}")
             return
         self.ledger.charge(req.request_id, route, [pred.work_s[n] for n in route], pred.kv_bytes)
         r.route = route
+        r.last = len(route) - 1
+        if any(k > self.nodes[n].kv_cap for n, k in zip(route, pred.kv_bytes, strict=False)):
+            r.doomed = True  # it will fail where it does not fit (a finish: see _send_token)
+            self._doomed += 1
         r.nodes = [self.nodes[n] for n in route]
         r.work_pre = [pred.prefill_s[n] for n in route]
         r.work_dec = [pred.decode_step_s[n] for n in route]
@@ -205,11 +267,16 @@ class Simulator:
         """Client -> stage 0: no shaped link, only the per-call overhead (if calibrated)."""
         r.sent_s = now
         if self.net.overhead_s > 0:
+            r.nodes[0].pending += 1
             self._push(now + self.net.overhead_s, _ARRIVE, r, 0)
         else:
             self._arrive(r, 0, now)
 
     # -- act ------------------------------------------------------------------------------------
+    def _arrive_event(self, r: _Req, s: int, now: float) -> None:
+        r.nodes[s].pending -= 1
+        self._arrive(r, s, now)
+
     def _arrive(self, r: _Req, s: int, now: float) -> None:
         node = r.nodes[s]
         if now > r.sent_s:
@@ -240,45 +307,92 @@ class Simulator:
             node.fifo.append((r, s))
 
     def _start(self, node: _Node, r: _Req, s: int, now: float) -> None:
+        """Start ``r``'s step on ``node`` at ``now`` (>= when it arrived there)."""
+        if self._batching:
+            start_batch(self, node, [(r, s)], now)
+            return
         node.busy += 1
         if now > r.ready_s:
             r.queue_s += now - r.ready_s
             if self._spans:
                 self._span(r, "queue", node.name, r.ready_s, now, s)
-        p = r.req.prompt_tokens
-        if r.step == 0:
-            base = self.steps.prefill_s(node.name, p)
+        step = r.step
+        if step == 0:
+            base = self.steps.prefill_s(node.name, r.prompt)
         else:
-            base = self._dec[node.gid].get(p + r.step - 1) or self.steps.decode_s(
-                node.name, p + r.step - 1
-            )
-        r.service_s = base * node.slowdown
+            ctx = r.prompt + step - 1
+            base = node.dec.get(ctx) or self.steps.decode_s(node.name, ctx)
+        svc = r.service_s = base * node.slowdown
         r.start_s = now
-        self._push(now + r.service_s, _DONE, r, s)
+        heapq.heappush(self._heap, (now + svc, _DONE, self._next(), r, s))
 
-    def _done(self, r: _Req, s: int, now: float) -> None:
+    def _forward(self, r: _Req, s: int, at: float) -> None:
+        """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
+        arrival at a stage-s node comes through the hop's FIFO pipes, so arrivals there happen
+        in send order, and nothing reaches the node before ``at`` that is not already known.
+        When the node has no earlier arrival still pending, no request waiting for KV room, and
+        the step needs no KV decision that a release before ``at`` could change, the arrival is
+        processed now (FIFO position, start time, KV reservation: all as at ``at``) instead of
+        as an event at ``at``."""
         node = r.nodes[s]
-        node.busy -= 1
-        node.busy_s += r.service_s
-        r.compute[s] += r.service_s
-        if self._spans:
-            self._span(r, "compute", node.name, r.start_s, now, s)
-        predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
-        rid = r.req.request_id
-        self.ledger.progress(rid, s, predicted)
-        if self._learns:
-            self.scheduler.on_complete(
-                StageCompletion(node.name, rid, predicted, r.service_s, now, False)
-            )
-        if node.fifo:
-            nr, ns = node.fifo.popleft()
-            self._start(node, nr, ns, now)
-        r.sent_s = now
-        if s + 1 < len(r.route):
-            nbytes = self.act_bytes * (r.req.prompt_tokens if r.step == 0 else 1)
-            self._push(self.net.forward(s, now, nbytes), _ARRIVE, r, s + 1)
+        if node.pending or node.kv_wait:
+            node.pending += 1
+            self._push(at, _ARRIVE, r, s)
+            return
+        if not r.held[s]:
+            need = r.pred.kv_bytes[s]
+            if node.kv_used + need > node.kv_cap:  # may wait or fail: decide at its time
+                node.pending += 1
+                self._push(at, _ARRIVE, r, s)
+                return
+            node.kv_used += need  # fits now, so it fits at `at` (only releases come between)
+            r.held[s] = True
+        if at > r.sent_s:
+            r.hops[s] += at - r.sent_s
+            if self._spans:
+                self._span(r, "transfer", r.route[s - 1], r.sent_s, at, s, node.name)
+        r.ready_s = at
+        if node.busy < self.config.slots:
+            self._start(node, r, s, at)
         else:
-            self._push(self.net.back(now, self.config.token_bytes), _TOKEN, r)
+            node.fifo.append((r, s))
+
+    def _send_token(self, r: _Req, now: float) -> None:
+        """The last stage sent r's token back at ``now``. Exact shortcut: when it is not the
+        last token, the next step's arrival at the first stage is processed now (at its time
+        ``t``) instead of as an event at ``t``, if nothing can reach that node before ``t``
+        unseen: tokens come back through FIFO pipes in send order (earlier ones are already
+        processed or counted as pending at their node), no admission falls before ``t``, and
+        no finish before ``t`` can admit a waiting request or free KV room the node waits for.
+        """
+        t = self.net.back(now, self.config.token_bytes)
+        if r.step + 1 >= r.req.output_tokens:
+            self._finals += 1
+            heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 0))
+            return
+        x0 = r.nodes[0]
+        if (
+            x0.pending
+            or x0.kv_wait
+            or self.net.overhead_s > 0
+            or not r.held[0]
+            or self._next_admit_s <= t
+            or (self._waiting and (self._finals or self._doomed))
+        ):
+            x0.pending += 1
+            heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 1))
+            return
+        if t > now:  # as _token, _first_hop and _arrive do at t
+            r.hops[-1] += t - now
+            if self._spans:
+                self._span(r, "transfer", r.route[-1], now, t, len(r.route), CLIENT)
+        r.tokens.append(t)
+        r.step += 1
+        r.sent_s = r.ready_s = t
+        if x0.busy < self.config.slots:
+            self._start(x0, r, 0, t)
+        else:
+            x0.fifo.append((r, 0))
 
     def _token(self, r: _Req, now: float) -> None:
         if now > r.sent_s:
@@ -294,6 +408,9 @@ class Simulator:
 
     def _finish(self, r: _Req, now: float, reason: str | None) -> None:
         rid = r.req.request_id
+        if r.doomed:
+            self._doomed -= 1
+        self._flush()
         if r.route:
             self.ledger.leave(rid)
             for s, name in enumerate(r.route):

@@ -42,22 +42,32 @@ class Network:
     fwd: list[list[Pipe]] = field(init=False, default_factory=list)
     rev: list[list[Pipe]] = field(init=False, default_factory=list)
 
+    _back: list[Pipe] = field(init=False, default_factory=list)  # reverse pipes, in travel order
+
     def __post_init__(self) -> None:
         self.fwd = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
         self.rev = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
+        self._back = [p for hop in reversed(self.rev) for p in reversed(hop)]
 
     def forward(self, hop: int, now_s: float, nbytes: int) -> float:
         """Send stage ``hop``'s output to stage ``hop + 1``; -> arrival time."""
         t = now_s
-        for p in self.fwd[hop]:
-            _, t = p.send(t, nbytes)
+        for p in self.fwd[hop]:  # Pipe.send, written out (the simulator's hottest call)
+            free = p.free_at_s
+            occ = nbytes * 8.0 / p.bandwidth_bps
+            free = p.free_at_s = (t if t >= free else free) + occ
+            p.busy_s += occ
+            t = free + p.delay_s
         return t + self.overhead_s
 
     def back(self, now_s: float, nbytes: int) -> float:
         """Send the sampled token from the last stage back along the chain to the client
         (stage 0's side); -> arrival time."""
         t = now_s
-        for hop in reversed(range(len(self.rev))):
-            for p in reversed(self.rev[hop]):
-                _, t = p.send(t, nbytes)
+        for p in self._back:  # Pipe.send, written out
+            free = p.free_at_s
+            occ = nbytes * 8.0 / p.bandwidth_bps
+            free = p.free_at_s = (t if t >= free else free) + occ
+            p.busy_s += occ
+            t = free + p.delay_s
         return t

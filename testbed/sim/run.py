@@ -117,9 +117,7 @@ def prepare_sim(
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
-    plan = make_plan(
-        topo, cost, partitioner, spec.planning, node_block_s=planner_times(calibrated)
-    )
+    plan = make_plan(topo, cost, partitioner, spec.planning, node_block_s=planner_times(calibrated))
     layout = Layout.from_plan(
         plan, topo, {n.name: f"sim://{n.name}" for _, n in topo.nodes()}, cost
     )

@@ -14,6 +14,7 @@ node serves now over the number it served when measured (when that is known).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,7 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from testbed.broker.layout import Layout, StageInfo
-from testbed.cost.model import CostModel
+from testbed.cost.model import CostModel, roofline_s
 from testbed.spec.devices import DeviceProfile
 from testbed.spec.plan import RequestShape
 
@@ -103,6 +104,11 @@ class StepTimes:
     _keys: list[tuple[int, DeviceProfile]] = field(init=False, default_factory=list)
     _pre: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: P -> s
     _dec: list[dict[int, float]] = field(init=False, default_factory=list)  # per group: ctx -> s
+    # per (group, prompt or -1 - context): one block's step FLOPs, bytes less the weights, and
+    # single-step roofline (for batch times)
+    _one: dict[tuple[int, int], tuple[float, float, float]] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         ids: dict[tuple[int, DeviceProfile], int] = {}
@@ -169,3 +175,40 @@ class StepTimes:
             )
             self._dec[g][context_tokens] = t
         return t
+
+    def batch_s(self, node: str, prompts: Sequence[int], contexts: Sequence[int]) -> float:
+        """One batched forward of ``node``'s segment (continuous batching): the prefills of
+        ``prompts`` and one decode step at each of ``contexts``. It is the sum of the single
+        steps' times (as :meth:`prefill_s` / :meth:`decode_s` give them, calibrated or not)
+        scaled by what batching saves on the node's device: the roofline of the batch (weights
+        read once, FLOPs and KV reads summed; :meth:`CostModel.block_batch_s`) over the sum of
+        the single steps' rooflines. A batch of one is exactly the single step."""
+        if len(prompts) + len(contexts) == 1:
+            return self.prefill_s(node, prompts[0]) if prompts else self.decode_s(node, contexts[0])
+        single = sum(self.prefill_s(node, p) for p in prompts) + sum(
+            self.decode_s(node, c) for c in contexts
+        )
+        g = self._group[node]
+        dev = self._keys[g][1]
+        # CostModel.block_batch_s written out over cached per-step (FLOPs, bytes less weights,
+        # single roofline) terms: the same sums in the same order, so the same time
+        prof, one = self.cost.profile, self._one
+        w = prof.block_weight_bytes()
+        flops, nbytes, parts = 0.0, float(w), 0.0
+        for key in [*prompts, *(-1 - c for c in contexts)]:
+            term = one.get((g, key))
+            if term is None:
+                if key >= 0:
+                    f, b = prof.block_prefill_flops(key), prof.block_prefill_bytes(key) - w
+                    r = self.cost.block_batch_s(dev, prompts=(key,))
+                else:
+                    c = -1 - key
+                    f, b = prof.block_decode_flops(c), prof.block_decode_bytes(c) - w
+                    r = self.cost.block_batch_s(dev, contexts=(c,))
+                term = one[(g, key)] = (f, b, r)
+            flops += term[0]
+            nbytes += term[1]
+            parts += term[2]
+        if parts <= 0.0:
+            return single
+        return single * (roofline_s(flops, nbytes, dev) + dev.step_overhead) / parts
