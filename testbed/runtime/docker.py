@@ -283,8 +283,18 @@ class DockerTestbed:
             f"{len(tb.nodes)} containers up, links shaped ({self.backend}); waiting for stage servers"
         )
         await wait_healthy(tb, health_timeout_s)
+        await self._apply_node_quotas(tb, ctrs)
         tb.status = "up"
         await asyncio.to_thread(tb.save)
+
+    async def _apply_node_quotas(self, tb: RunningTestbed, ctrs: dict[str, Any]) -> None:
+        """Each node's CPU quota, once its stage server has loaded (see _run_container)."""
+        for name, ep in tb.nodes.items():
+            if ep.cpus:
+                await asyncio.to_thread(
+                    ctrs[name].update, cpu_period=CPU_PERIOD_US, cpu_quota=_quota_us(ep.cpus)
+                )
+        _log("node CPU quotas applied (containers load their blocks unthrottled)")
 
     def _create_network(self, c: Any, name: str, subnet: ipaddress.IPv4Network, tier: str) -> None:
         import docker
@@ -329,8 +339,12 @@ class DockerTestbed:
         )
         kwargs: dict[str, Any] = {}
         if ep.cpus:
+            # Start unthrottled (every host core) so loading torch and the blocks is not paced
+            # by the node's quota; the node's own quota is applied once it is healthy
+            # (_apply_node_quotas). cpu_period/cpu_quota, not nano_cpus: only these can be
+            # updated on a running container.
             kwargs["cpu_period"] = CPU_PERIOD_US
-            kwargs["cpu_quota"] = max(1000, round(ep.cpus * CPU_PERIOD_US))
+            kwargs["cpu_quota"] = _quota_us(float(os.cpu_count() or 1))
         if ep.mem_limit_bytes:
             kwargs["mem_limit"] = ep.mem_limit_bytes
             kwargs["memswap_limit"] = ep.mem_limit_bytes
@@ -380,6 +394,8 @@ async def set_cpu_docker(tb: RunningTestbed, node: str, cpus: float) -> None:
     ep = tb.nodes[node]
     c = await asyncio.to_thread(client)
     ctr = await asyncio.to_thread(c.containers.get, ep.container)
-    await asyncio.to_thread(
-        ctr.update, cpu_period=CPU_PERIOD_US, cpu_quota=max(1000, round(cpus * CPU_PERIOD_US))
-    )
+    await asyncio.to_thread(ctr.update, cpu_period=CPU_PERIOD_US, cpu_quota=_quota_us(cpus))
+
+
+def _quota_us(cpus: float) -> int:
+    return max(1000, round(cpus * CPU_PERIOD_US))
