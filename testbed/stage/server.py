@@ -69,10 +69,16 @@ class StageConfig:
     request_ttl_s: float = 600.0  # caches idle longer than this are dropped
     tensor_port: int | None = 0  # the TCP tensor port (0 = any free port, None = off)
     limits: WireLimits = field(default_factory=WireLimits)
+    emulation: str | None = None  # emulated device: an EmulationSpec's JSON (testbed.emulation)
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.emulation is not None and self.max_inflight != 1:  # a device runs one step
+            raise ConfigError(
+                f"an emulated stage runs one step at a time; max_inflight must be 1, "
+                f"got {self.max_inflight}"
+            )
         if self.max_queue < 0:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.request_ttl_s <= 0:
@@ -174,6 +180,14 @@ class StageServer:
                     max_requests=cfg.max_requests,
                 ),
             )
+            if cfg.emulation is not None:  # emulated device (testbed.emulation)
+                from testbed.emulation.executor import EmulatedExecutor
+                from testbed.emulation.timing import EmulationSpec, StageTiming
+
+                spec = EmulationSpec.from_json(cfg.emulation)
+                self.executor = EmulatedExecutor(
+                    self.executor, StageTiming(spec, cfg.start, cfg.end)
+                )
         app = web.Application(client_max_size=cfg.limits.max_body_bytes + (1 << 20))
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
@@ -181,6 +195,7 @@ class StageServer:
         app.router.add_post("/forward", self._forward)
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
+        app.router.add_get("/emulation", self._emulation)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, read_bufsize=1 << 22
         )
@@ -279,6 +294,17 @@ class StageServer:
             "started_at": self.started_at,
         }
         return web.json_response(body)
+
+    async def _emulation(self, request: web.Request) -> web.Response:
+        """Pacing numbers of an emulated stage (404 when the stage is not emulated)."""
+        report = getattr(self.executor, "pacing_report", None)
+        if report is None:
+            return _error(404, f"stage {self.config.label} is not an emulated device")
+        try:
+            since = max(0, int(request.query.get("since", "0")))
+        except ValueError:
+            return _error(400, "since must be an integer")
+        return web.json_response(report(since))
 
     async def _release(self, request: web.Request) -> web.Response:
         try:
@@ -438,6 +464,9 @@ class StageServer:
             "stage": [self.executor.start, self.executor.end],
             "status": 200,
         }
+        emulation = getattr(out, "emulation", None)  # an emulated device's pacing numbers
+        if emulation:
+            meta["emulation"] = emulation
         return out, meta, encode_parts(meta, tensors)
 
     def _parse_forward(self, msg: Any) -> tuple[str, str, int, bool, Any]:
