@@ -128,6 +128,12 @@ class Prepared:
     plan: Plan
     workload: Workload
     requests: tuple[TraceRequest, ...]
+    # emulated devices: node -> extra `stage serve` arguments (None: real execution)
+    serve_args: dict[str, list[str]] | None = None
+
+    @property
+    def emulated(self) -> bool:
+        return self.serve_args is not None
 
     @property
     def pair(self) -> str:
@@ -141,7 +147,7 @@ class Prepared:
     def prompt_fn(self) -> Callable[[TraceRequest], list[int]]:
         from testbed.workload.prompts import synthesize_prompt_ids
 
-        vocab = self.profile.arch.vocab_size
+        vocab = min(self.profile.arch.vocab_size, _executed_vocab(self.model_dir))
         avoid = special_token_ids(self.model_dir)
         seed = self.loaded.spec.seed
 
@@ -158,8 +164,19 @@ class Prepared:
         return prompt
 
 
+def _executed_vocab(model_dir: Path) -> int:
+    """The vocabulary of the weights the stages run (an emulated run's stand-in is smaller
+    than the studied model's)."""
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
 def with_model_dir(prep: Prepared, model_dir: Path) -> Prepared:
     """The same run against other weights (a running testbed's): profile and cost follow."""
+    if prep.emulated:  # the studied model drives the costs; only the stand-in changes
+        return replace(prep, model_dir=model_dir)
     profile = load_model_profile(model_dir, dtype=prep.loaded.spec.dtype)
     return replace(
         prep, model_dir=model_dir, profile=profile, cost=replace(prep.cost, profile=profile)
@@ -182,14 +199,30 @@ def prepare(
         part, part_params = spec.partitioner.name, dict(spec.partitioner.params)
         sched, sched_params = spec.scheduler.name, dict(spec.scheduler.params)
     topo = load_topology(loaded.topology_path)
-    model_dir = resolve_model_dir(loaded)
-    profile = load_model_profile(model_dir, dtype=spec.dtype)
     measured = load_measured_profile(loaded.resolve(spec.profile)) if spec.profile else None
+    if spec.execution == "emulated":  # emulated devices (testbed.emulation)
+        from testbed.emulation.standin import check_standin, ensure_standin
+
+        profile = load_model_profile(spec.model, dtype=spec.dtype, base_dir=loaded.base_dir)
+        if spec.model_dir is not None:
+            model_dir = loaded.resolve(spec.model_dir)
+            check_standin(model_dir, profile)
+        else:
+            model_dir = ensure_standin(profile)
+    else:
+        model_dir = resolve_model_dir(loaded)
+        profile = load_model_profile(model_dir, dtype=spec.dtype)
     cost = CostModel(profile, measured)
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
     plan = make_plan(topo, cost, partitioner, spec.planning)
+    serve_args = None
+    if spec.execution == "emulated":
+        from testbed.emulation.plumbing import emulation_specs
+        from testbed.emulation.plumbing import serve_args as emulated_serve_args
+
+        serve_args = emulated_serve_args(emulation_specs(topo, plan, profile, measured))
     workload = load_workload(loaded.workload, loaded.base_dir, default_seed=spec.seed)
     reqs = list(workload.requests)
     limits = [x for x in (spec.requests, requests_limit) if x is not None]
@@ -214,6 +247,7 @@ def prepare(
         plan,
         workload,
         tuple(reqs),
+        serve_args,
     )
 
 
@@ -236,6 +270,7 @@ async def bring_up(prep: Prepared, runtime: str, *, health_timeout_s: float = 30
             prep.model_dir,
             seed=seed,
             health_timeout_s=health_timeout_s,
+            extra_serve_args=prep.serve_args,
         )
     if runtime == "docker":
         from testbed.runtime.control import up_docker
@@ -249,6 +284,7 @@ async def bring_up(prep: Prepared, runtime: str, *, health_timeout_s: float = 30
             backend=backend,
             seed=seed,
             health_timeout_s=health_timeout_s,
+            extra_serve_args=prep.serve_args,
         )
     raise ConfigError(f"unknown runtime {runtime!r}; use local or docker", field="--runtime")
 
@@ -325,6 +361,8 @@ class ReplayRun:
     summary: Summary
     result: BrokerResult
     files: dict[str, Path] = field(default_factory=dict)
+    emulation: dict[str, Any] | None = None  # pacing fidelity of an emulated run
+    load: dict[str, Any] | None = None  # offered rate vs the plan's capacity
 
     @property
     def records(self) -> tuple[RequestRecord, ...]:
@@ -418,10 +456,25 @@ async def replay_once(
     plots: bool = True,
 ) -> ReplayRun:
     """Replay against the running testbed ``tb`` and write the results folder."""
+    from testbed.emulation import fidelity
+    from testbed.emulation.report import fidelity_line, load_line, offered_load, overrun_warning
+
     layout = Layout.from_running(tb, prep.topology, prep.cost)
+    urls = {n.name: n.url for n in tb.stage_nodes()}
+    steps_before = await fidelity.step_counts(urls) if prep.emulated else {}
     result = await run_broker(
         prep, layout, make_transport(tb), config=config, console=console, progress=progress
     )
+    emulation = None
+    if prep.emulated:  # every step's predicted / emulated / real seconds, from the stages
+        reports = await fidelity.collect(urls, steps_before)
+        emulation = fidelity.summarize_pacing(reports)
+        console.print(fidelity_line(emulation))
+        warn = overrun_warning(emulation)
+        if warn:
+            console.print(f"[yellow]warning[/]: {warn}")
+    load = offered_load(prep.plan, [r.arrival_s for r in prep.requests], prep.scheduler)
+    console.print(load_line(prep.pair, load))
     spec = prep.loaded.spec
     summary = summarize(
         result.records,
@@ -445,7 +498,10 @@ async def replay_once(
             "not_admitted": result.not_admitted,
         },
         "workload": prep.workload.stats.to_dict(),
+        "load": load,
     }
+    if emulation is not None:
+        extra["emulation"] = emulation
     files = await asyncio.to_thread(
         write_run_report,
         out_dir,
@@ -460,7 +516,7 @@ async def replay_once(
         cfg_path.write_text, json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8"
     )
     files["config"] = cfg_path
-    return ReplayRun(prep.pair, out_dir, summary, result, files)
+    return ReplayRun(prep.pair, out_dir, summary, result, files, emulation, load)
 
 
 # --- provenance ----------------------------------------------------------------------------------

@@ -57,6 +57,17 @@ def _summary_and_paths(run: object) -> None:
         console.print(f"[red]{n} failed[/]: {reason}")
 
 
+def _check_strict(runs: list[Any], strict: bool) -> None:
+    """Emulated runs: --strict turns an overrun fraction above 1 % into exit code 1."""
+    from testbed.emulation.report import overrun_warning
+
+    bad = [(r.label, w) for r in runs if r.emulation and (w := overrun_warning(r.emulation))]
+    if strict and bad:
+        for label, warn in bad:
+            console.print(f"[red]{label}[/]: {warn}")
+        raise SystemExit(1)
+
+
 @app.command("replay")
 def replay_cmd(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML file")],
@@ -78,8 +89,17 @@ def replay_cmd(
         Path | None, typer.Option("--output", help="results root (default: the scenario's)")
     ] = None,
     requests: Annotated[
-        int | None, typer.Option("--requests", min=1, help="replay only the first N requests")
+        int | None,
+        typer.Option(
+            "--requests", "--max-requests", min=1, help="replay only the first N requests"
+        ),
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="emulated runs: fail (exit 1) when over 1 % of steps overran"
+        ),
+    ] = False,
     policy: Annotated[
         str | None,
         typer.Option("--policy", help="PARTITIONER+SCHEDULER instead of the scenario's"),
@@ -103,6 +123,7 @@ def replay_cmd(
     run = _run(replay_scenario(loaded, opts, console, pair=policy))
     _summary_and_paths(run)
     console.print(f"results: [bold]{run.out_dir}[/]")
+    _check_strict([run], strict)
 
 
 @app.command("compare")
@@ -123,8 +144,17 @@ def compare_cmd(
         Path | None, typer.Option("--output", help="results root (default: the scenario's)")
     ] = None,
     requests: Annotated[
-        int | None, typer.Option("--requests", min=1, help="replay only the first N requests")
+        int | None,
+        typer.Option(
+            "--requests", "--max-requests", min=1, help="replay only the first N requests"
+        ),
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="emulated runs: fail (exit 1) when over 1 % of steps overran"
+        ),
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ) -> None:
     """Replay the same workload under several policy pairs, each on its own testbed, and
@@ -156,3 +186,4 @@ def compare_cmd(
     console.print(
         f"results: [bold]{res.out_dir}[/] (comparison.md, comparison.png, one folder per pair)"
     )
+    _check_strict(list(res.runs), strict)

@@ -169,7 +169,8 @@ class EmulatedExecutor:
         return list(self.inner.idle_requests(idle_s))
 
     def request_length(self, request_id: str) -> int | None:
-        return self.inner.request_length(request_id)  # type: ignore[no-any-return]
+        length: int | None = self.inner.request_length(request_id)
+        return length
 
     def release(self, request_id: str) -> bool:
         return bool(self.inner.release(request_id))

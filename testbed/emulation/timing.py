@@ -83,7 +83,7 @@ class StageTiming:
 
     @property
     def cost(self) -> CostModel:
-        return self._cost  # type: ignore[attr-defined,no-any-return]
+        return self._cost  # type: ignore[attr-defined]
 
     @property
     def num_blocks(self) -> int:

@@ -48,11 +48,19 @@ async def up_docker(
     image_mode: ImageMode = "auto",
     seed: int = 0,
     health_timeout_s: float = 180.0,
+    extra_serve_args: dict[str, list[str]] | None = None,
 ) -> RunningTestbed:
     from testbed.runtime.docker import DockerTestbed
 
     dt = DockerTestbed(
-        topology, topology_path, plan, model_dir, backend=backend, image_mode=image_mode, seed=seed
+        topology,
+        topology_path,
+        plan,
+        model_dir,
+        backend=backend,
+        image_mode=image_mode,
+        seed=seed,
+        extra_serve_args=extra_serve_args,
     )
     return await dt.up(health_timeout_s=health_timeout_s)
 

@@ -159,6 +159,7 @@ class DockerTestbed:
         backend: ShapingBackend,
         image_mode: ImageMode = "auto",
         seed: int = 0,
+        extra_serve_args: dict[str, list[str]] | None = None,
     ) -> None:
         self.topology = topology
         self.topology_path = topology_path
@@ -168,6 +169,8 @@ class DockerTestbed:
         self.image_mode = image_mode
         self.seed = seed
         self.run_id = new_run_id()
+        # node -> extra `stage serve` flags (emulated devices: testbed.emulation.plumbing)
+        self.extra_serve_args = extra_serve_args or {}
 
     async def up(self, *, health_timeout_s: float = 180.0) -> RunningTestbed:
         tb = RunningTestbed(
@@ -278,6 +281,10 @@ class DockerTestbed:
         _log(
             f"{len(tb.nodes)} containers up, links shaped ({self.backend}); waiting for stage servers"
         )
+        if self.extra_serve_args:  # emulated devices
+            from testbed.emulation.plumbing import EMULATION_NOTE
+
+            tb.notes.append(EMULATION_NOTE)
         await wait_healthy(tb, health_timeout_s)
         tb.status = "up"
         tb.save()
@@ -331,6 +338,7 @@ class DockerTestbed:
             str(STAGE_PORT),
             "--name",
             ep.name,
+            *self.extra_serve_args.get(ep.name, []),  # emulated devices
         ]
         kwargs: dict[str, Any] = {}
         if ep.cpus:

@@ -54,6 +54,7 @@ async def up_local(
     *,
     seed: int = 0,
     health_timeout_s: float = 120.0,
+    extra_serve_args: dict[str, list[str]] | None = None,  # node -> flags (emulated devices)
 ) -> RunningTestbed:
     from testbed.runtime.control import down_sync
     from testbed.runtime.measure import wait_healthy
@@ -115,6 +116,7 @@ async def up_local(
                     str(port),
                     "--name",
                     node.name,
+                    *(extra_serve_args or {}).get(node.name, []),  # emulated devices
                 ]
                 pid = await asyncio.to_thread(_spawn, argv, logs / f"{node.name}.log")
                 tb.nodes[node.name] = NodeEndpoint(
@@ -139,6 +141,10 @@ async def up_local(
         for i, n in enumerate(sorted(tb.nodes)):
             tb.nodes[n].make_hook(seed * 1000 + i)
         tb.notes.append("local runtime: CPU quotas and memory limits are not enforced")
+        if extra_serve_args:  # emulated devices
+            from testbed.emulation.plumbing import EMULATION_NOTE
+
+            tb.notes.append(EMULATION_NOTE)
         try:
             await wait_healthy(tb, health_timeout_s)
         except Exception as exc:

@@ -16,6 +16,8 @@ slo: {ttft: 2s, tpot: 200ms, e2e: 30s}
 runtime: local                         # local | docker
 output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
+execution: real                        # real | emulated (nodes emulate their devices running
+                                       # `model`; a generated stand-in computes the outputs)
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Scenario(BaseModel):
     runtime: Literal["local", "docker"] = "local"
     output: Path = Path("results")
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
+    # emulated: each node is its device running `model`'s blocks in time (testbed.emulation)
+    execution: Literal["real", "emulated"] = "real"
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
