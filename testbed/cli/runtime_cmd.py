@@ -55,7 +55,7 @@ def nodes_table(tb: Any, health: dict[str, str] | None = None) -> Table:
             n.url,
             f"{n.start}..{n.end - 1}",
             n.device,
-            f"{n.cpus:g}" if n.cpus else "-",
+            "timing" if n.device.startswith("emulated") else (f"{n.cpus:g}" if n.cpus else "-"),
             fmt_bytes(n.mem_limit_bytes) if n.mem_limit_bytes else "-",
         ]
         if health is not None:
@@ -93,6 +93,7 @@ async def _up(
     measure: bool,
     seed: int,
     health_timeout_s: float,
+    emulate: str | None = None,
 ) -> Any:
     from testbed.cost.model import CostModel
     from testbed.cost.planner import make_plan
@@ -103,10 +104,20 @@ async def _up(
     from testbed.spec.topology import load_topology
 
     topo = load_topology(topology)
-    model_dir = await asyncio.to_thread(_resolve_model, model)
-    prof = load_model_profile(str(model_dir))
+    extra: dict[str, list[str]] | None = None
+    if emulate is not None:  # emulated devices running the studied model (testbed.emulation)
+        from testbed.emulation.plumbing import emulation_specs, serve_args
+        from testbed.emulation.standin import ensure_standin
+
+        prof = load_model_profile(emulate, dtype="float16")
+        model_dir = await asyncio.to_thread(ensure_standin, prof)
+    else:
+        model_dir = await asyncio.to_thread(_resolve_model, model)
+        prof = load_model_profile(str(model_dir))
     part = PARTITIONERS.create(partitioner, params, field="--param")
     plan = make_plan(topo, CostModel(prof, None), part)
+    if emulate is not None:
+        extra = serve_args(emulation_specs(topo, plan, prof))
     chosen = await choose_backend(runtime, backend)
     if runtime == "docker":
         tb = await up_docker(
@@ -118,12 +129,19 @@ async def _up(
             image_mode=image_mode,  # type: ignore[arg-type]
             seed=seed,
             health_timeout_s=health_timeout_s,
+            extra_serve_args=extra,
         )
     elif runtime == "local":
         from testbed.runtime.localrun import up_local
 
         tb = await up_local(
-            topo, str(topology), plan, model_dir, seed=seed, health_timeout_s=health_timeout_s
+            topo,
+            str(topology),
+            plan,
+            model_dir,
+            seed=seed,
+            health_timeout_s=health_timeout_s,
+            extra_serve_args=extra,
         )
     else:
         raise ConfigError(f"unknown runtime {runtime!r}; use docker or local", field="--runtime")
@@ -176,6 +194,13 @@ def up(
     json_out: Annotated[
         bool, typer.Option("--json", help="print the running testbed as JSON")
     ] = False,
+    emulate: Annotated[
+        str | None,
+        typer.Option(
+            help="emulated devices: nodes run this studied model (preset or config.json, "
+            "float16) in time on their device profiles; a generated stand-in computes"
+        ),
+    ] = None,
 ) -> None:
     """Start one node per topology node with its planned blocks, shape the links, measure them."""
     tb = asyncio.run(
@@ -191,6 +216,7 @@ def up(
             measure,
             seed,
             health_timeout,
+            emulate,
         )
     )
     if json_out:

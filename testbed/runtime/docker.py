@@ -231,6 +231,8 @@ class DockerTestbed:
                 device = "cpu"
                 if dev.kind == "gpu":
                     device = "cuda" if gpu else "cpu (no NVIDIA runtime on this host: CPU fallback)"
+                if node.name in self.extra_serve_args:  # emulated devices
+                    device = f"emulated {dev.label or dev.kind}"
                 ns = shaping[node.name]
                 ep = NodeEndpoint(
                     name=node.name,

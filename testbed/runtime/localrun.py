@@ -126,7 +126,11 @@ async def up_local(
                     url=f"http://127.0.0.1:{port}",
                     start=stage.start,
                     end=stage.end,
-                    device="cpu (local process)",
+                    device=(
+                        f"emulated {node.device.label or node.device.kind}"
+                        if node.name in (extra_serve_args or {})
+                        else "cpu (local process)"
+                    ),
                     address="127.0.0.1",
                     probe_port=probe_port,
                     cpus=node.device.cpus,
