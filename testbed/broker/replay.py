@@ -130,6 +130,7 @@ class Prepared:
     requests: tuple[TraceRequest, ...]
     # emulated devices: node -> extra `stage serve` arguments (None: real execution)
     serve_args: dict[str, list[str]] | None = None
+    dilation: float = 1.0  # emulated runs: time dilation k (topology and requests dilated)
 
     @property
     def emulated(self) -> bool:
@@ -218,11 +219,20 @@ def prepare(
     )
     plan = make_plan(topo, cost, partitioner, spec.planning)
     serve_args = None
+    k = spec.dilation
     if spec.execution == "emulated":
+        from testbed.emulation.dilation import dilate_topology
         from testbed.emulation.plumbing import emulation_specs
         from testbed.emulation.plumbing import serve_args as emulated_serve_args
 
-        serve_args = emulated_serve_args(emulation_specs(topo, plan, profile, measured))
+        serve_args = emulated_serve_args(emulation_specs(topo, plan, profile, measured, k))
+        topo = dilate_topology(topo, k)  # planned on the real links, run on dilated ones
+    elif k != 1:
+        raise ConfigError(
+            f"dilation {k:g} applies to emulated runs only; set execution: emulated or drop it",
+            source=str(loaded.path),
+            field="dilation",
+        )
     workload = load_workload(loaded.workload, loaded.base_dir, default_seed=spec.seed)
     reqs = list(workload.requests)
     limits = [x for x in (spec.requests, requests_limit) if x is not None]
@@ -234,6 +244,10 @@ def prepare(
             source=str(loaded.path),
             field="workload",
         )
+    if k != 1:
+        from testbed.emulation.dilation import dilate_requests
+
+        reqs = list(dilate_requests(reqs, k))
     return Prepared(
         loaded,
         part,
@@ -248,6 +262,7 @@ def prepare(
         workload,
         tuple(reqs),
         serve_args,
+        k,
     )
 
 
@@ -432,7 +447,10 @@ async def run_broker(
     )
     with bar:
         async with broker:
-            return await broker.run(prep.requests, stop_after_s=prep.loaded.spec.duration_s)
+            stop = prep.loaded.spec.duration_s
+            return await broker.run(
+                prep.requests, stop_after_s=None if stop is None else stop * prep.dilation
+            )
 
 
 def run_folder(output: Path, scenario: str, pair: str) -> Path:
@@ -465,6 +483,14 @@ async def replay_once(
     result = await run_broker(
         prep, layout, make_transport(tb), config=config, console=console, progress=progress
     )
+    if prep.dilation != 1:  # back on the emulated clock
+        from testbed.emulation.dilation import undilate_records
+
+        result = replace(
+            result,
+            records=undilate_records(result.records, prep.dilation),
+            wall_s=result.wall_s / prep.dilation,
+        )
     emulation = None
     if prep.emulated:  # every step's predicted / emulated / real seconds, from the stages
         reports = await fidelity.collect(urls, steps_before)
@@ -473,7 +499,8 @@ async def replay_once(
         warn = overrun_warning(emulation)
         if warn:
             console.print(f"[yellow]warning[/]: {warn}")
-    load = offered_load(prep.plan, [r.arrival_s for r in prep.requests], prep.scheduler)
+    arrivals = [r.arrival_s / prep.dilation for r in prep.requests]
+    load = offered_load(prep.plan, arrivals, prep.scheduler)
     console.print(load_line(prep.pair, load))
     spec = prep.loaded.spec
     summary = summarize(

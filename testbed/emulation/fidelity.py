@@ -10,6 +10,8 @@ them into the ``"emulation"`` block of ``summary.json``:
 - ``pacing_error_rel_p50`` / ``_p99``: the same relative to the prediction;
 - ``real_over_predicted_p50`` / ``_p99``: how much of the window the real work used;
 - per node: steps, overruns, busy seconds (emulated) and KV capacity.
+
+With time dilation k, seconds are given on the emulated clock (measured / k).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def summarize_pacing(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
     for name, rep in sorted(reports.items()):
         n_over = 0
         busy = 0.0
-        for _kind, _q, _ctx, pred, emu, real in rep.get("steps", []):
+        k = float(rep.get("dilation", 1.0))  # seconds back on the emulated clock: / k
+        for _kind, _q, _ctx, pred_k, emu_k, real_k in rep.get("steps", []):
+            pred, emu, real = pred_k / k, emu_k / k, real_k / k
             steps += 1
             busy += emu
             abs_err.append(abs(emu - pred))

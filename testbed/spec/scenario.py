@@ -78,6 +78,9 @@ class Scenario(BaseModel):
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
     # emulated: each node is its device running `model`'s blocks in time (testbed.emulation)
     execution: Literal["real", "emulated"] = "real"
+    # emulated only: time dilation k (every emulated time and link delay x k, bandwidth / k,
+    # arrivals x k, measured times / k) for hosts too small for the cluster
+    dilation: float = Field(default=1.0, ge=1.0, le=1000.0)
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 

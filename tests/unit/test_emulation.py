@@ -228,3 +228,48 @@ def test_kv_capacity_refuses_a_prefill_that_does_not_fit(tiny_model):
         ex.step("a", "decode", one, 10)
     ex.release("a")
     ex.check_input("prefill", eight, 0, "b")  # room again
+
+
+# -- time dilation ------------------------------------------------------------------------------
+def test_dilation_scales_links_arrivals_and_back():
+    from testbed.emulation.dilation import dilate_requests, dilate_topology, undilate_records
+    from testbed.metrics.records import RequestRecord, Span
+    from testbed.spec.topology import load_topology
+    from testbed.workload.request import TraceRequest
+
+    topo = load_topology("topologies/three-tier.yaml")
+    slow = dilate_topology(topo, 4.0)
+    assert slow.links[0].delay_s == pytest.approx(4 * topo.links[0].delay_s)
+    assert slow.links[0].jitter_s == pytest.approx(4 * topo.links[0].jitter_s)
+    assert slow.links[0].bandwidth_bps == pytest.approx(topo.links[0].bandwidth_bps / 4)
+    assert slow.tiers[1].lan.delay_s == pytest.approx(4 * topo.tiers[1].lan.delay_s)
+    assert (slow.links[0].src, slow.links[0].dst) == (topo.links[0].src, topo.links[0].dst)
+    reqs = dilate_requests([TraceRequest(0, 0.0, 5, 3, 1), TraceRequest(1, 2.5, 5, 3, 2)], 4.0)
+    assert [r.arrival_s for r in reqs] == [0.0, 10.0]
+    rec = RequestRecord(
+        request_id=1,
+        arrival_s=10.0,
+        status="completed",
+        prompt_tokens=5,
+        output_tokens=2,
+        token_times_s=(12.0, 14.0),
+        queueing_s=0.4,
+        stage_compute_s={"a": 2.0},
+        spans=(Span("compute", "a", 10.0, 12.0, 1),),
+    )
+    (back,) = undilate_records([rec], 4.0)
+    assert back.ttft_s == pytest.approx(0.5) and back.tpot_s == pytest.approx(0.5)
+    assert back.stage_compute_s["a"] == pytest.approx(0.5)
+    assert back.spans[0].end_s == pytest.approx(3.0)
+
+
+def test_dilation_in_the_timing_and_the_fidelity_report():
+    s = spec(dilation=5.0)
+    t = StageTiming(s, 0, 10)
+    plain = StageTiming(spec(), 0, 10)
+    assert t.step_s("decode", 1, 100) == pytest.approx(5 * plain.step_s("decode", 1, 100))
+    rep = {"dilation": 5.0, "steps": [["decode", 1, 100, 0.05, 0.0501, 0.02]]}
+    em = summarize_pacing({"n": rep})
+    assert em["pacing_error_p50_s"] == pytest.approx(0.0001 / 5)
+    assert em["pacing_error_rel_p50"] == pytest.approx(0.002)
+    assert em["dilation"] == 5.0
