@@ -227,12 +227,6 @@ def prepare(
 
         serve_args = emulated_serve_args(emulation_specs(topo, plan, profile, measured, k))
         topo = dilate_topology(topo, k)  # planned on the real links, run on dilated ones
-    elif k != 1:
-        raise ConfigError(
-            f"dilation {k:g} applies to emulated runs only; set execution: emulated or drop it",
-            source=str(loaded.path),
-            field="dilation",
-        )
     workload = load_workload(loaded.workload, loaded.base_dir, default_seed=spec.seed)
     reqs = list(workload.requests)
     limits = [x for x in (spec.requests, requests_limit) if x is not None]

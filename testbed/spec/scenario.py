@@ -137,6 +137,12 @@ def load_scenario(path: str | Path) -> LoadedScenario:
     p = Path(path)
     src = str(p)
     spec = validate(Scenario, read_mapping(p, "scenario"), src)
+    if spec.dilation != 1 and spec.execution != "emulated":
+        raise ConfigError(
+            f"{spec.dilation:g} applies to emulated runs only; set execution: emulated or drop it",
+            source=src,
+            field="dilation",
+        )
     PARTITIONERS.create(
         spec.partitioner.name, spec.partitioner.params, source=src, field="partitioner"
     )

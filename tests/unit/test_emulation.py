@@ -273,3 +273,40 @@ def test_dilation_in_the_timing_and_the_fidelity_report():
     assert em["pacing_error_p50_s"] == pytest.approx(0.0001 / 5)
     assert em["pacing_error_rel_p50"] == pytest.approx(0.002)
     assert em["dilation"] == 5.0
+
+
+# -- scenario -> prepared run -------------------------------------------------------------------
+def test_prepare_plans_the_studied_model_and_runs_its_standin(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+
+    from testbed.broker.replay import prepare
+    from testbed.model.info import read_model_info
+    from testbed.spec.scenario import load_scenario
+
+    repo = Path(__file__).resolve().parents[2]
+    loaded = load_scenario(repo / "scenarios" / "paper-phi3-medium.yaml")
+    assert loaded.spec.execution == "emulated"
+    prep = prepare(loaded, "heft+heft", 3)
+    assert prep.profile.arch.name == "phi-3-medium" and prep.emulated
+    assert read_model_info(prep.model_dir).num_blocks == 40
+    assert set(prep.serve_args or {}) == {n for s in prep.plan.active_stages() for n in s.nodes}
+    prompt = prep.prompt_fn()(prep.requests[0])
+    assert max(prompt) < read_model_info(prep.model_dir).vocab_size  # the stand-in's vocabulary
+
+    data = yaml.safe_load((repo / "scenarios" / "paper-phi3-medium.yaml").read_text())
+    data.update(topology=str(repo / "topologies" / "three-tier.yaml"), dilation=3)
+    data["workload"]["path"] = str(repo / "scenarios" / "traces" / "azure-conv-2023-head1000.csv")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    slow = prepare(load_scenario(path), "heft+heft", 3)
+    assert [r.arrival_s for r in slow.requests] == pytest.approx(
+        [3 * r.arrival_s for r in prep.requests]
+    )
+    assert slow.topology.links[0].delay_s == pytest.approx(3 * prep.topology.links[0].delay_s)
+    assert slow.plan == prep.plan  # planned on the real (undilated) cluster
+    data.update(execution="real")
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="dilation: 3 applies to emulated runs only"):
+        load_scenario(path)
