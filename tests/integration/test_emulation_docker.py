@@ -45,7 +45,7 @@ def test_emulated_replay_through_containers(tmp_path: Path, monkeypatch: pytest.
     path = tmp_path / "scenario.yaml"
     path.write_text(yaml.safe_dump(data))
     loaded = load_scenario(path)
-    opts = ReplayOptions(up=True, progress=False, health_timeout_s=300)
+    opts = ReplayOptions(up=True, progress=False, health_timeout_s=600)  # 8 containers
     run = asyncio.run(replay_scenario(loaded, opts, Console(stderr=True)))
     assert run.summary.completed == 4, [r.reason for r in run.records]
     em = run.emulation
