@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -37,6 +37,17 @@ def _summary_and_paths_of(summary: Summary, label: str) -> None:
         console.print(f"[red]{n} failed[/]: {reason}")
 
 
+def _check_strict(runs: list[Any], strict: bool) -> None:
+    """Emulated runs: --strict turns an overrun fraction above 1 % into exit code 1."""
+    from testbed.emulation.report import overrun_warning
+
+    bad = [(r.label, w) for r in runs if r.emulation and (w := overrun_warning(r.emulation))]
+    if strict and bad:
+        for label, warn in bad:
+            console.print(f"[red]{label}[/]: {warn}")
+        raise SystemExit(1)
+
+
 @app.command("replay")
 def replay_cmd(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML file")],
@@ -63,6 +74,12 @@ def replay_cmd(
     requests: Annotated[
         int | None, typer.Option("--max-requests", "--requests", min=1, help=MAX_REQUESTS_HELP)
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="emulated runs: fail (exit 1) when over 1 % of steps overran"
+        ),
+    ] = False,
     policy: Annotated[
         str | None,
         typer.Option("--policy", help="PARTITIONER+SCHEDULER instead of the scenario's"),
@@ -86,6 +103,7 @@ def replay_cmd(
     run = run_async(replay_scenario(loaded, opts, console, pair=policy))
     _summary_and_paths_of(run.summary, run.label)
     console.print(f"results: [bold]{run.out_dir}[/]")
+    _check_strict([run], strict)
 
 
 @app.command("compare")
@@ -111,6 +129,12 @@ def compare_cmd(
     requests: Annotated[
         int | None, typer.Option("--max-requests", "--requests", min=1, help=MAX_REQUESTS_HELP)
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="emulated runs: fail (exit 1) when over 1 % of steps overran"
+        ),
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="in simulated time")] = False,
 ) -> None:
@@ -149,6 +173,7 @@ def compare_cmd(
     console.print(
         f"results: [bold]{res.out_dir}[/] (comparison.md, comparison.png, one folder per pair)"
     )
+    _check_strict(list(res.runs), strict)
 
 
 @app.command("report")

@@ -36,7 +36,7 @@ def nodes_table(tb: RunningTestbed, health: dict[str, str] | None = None) -> Tab
             n.url,
             f"{n.start}..{n.end - 1}",
             n.device,
-            f"{n.cpus:g}" if n.cpus else "-",
+            "timing" if n.device.startswith("emulated") else (f"{n.cpus:g}" if n.cpus else "-"),
             fmt_bytes(n.mem_limit_bytes) if n.mem_limit_bytes else "-",
         ]
         if health is not None:
@@ -80,6 +80,7 @@ async def _up(
     measure: bool,
     seed: int,
     health_timeout_s: float,
+    emulate: str | None = None,
 ) -> RunningTestbed:
     from testbed.cost.model import CostModel
     from testbed.cost.planner import make_plan
@@ -92,10 +93,21 @@ async def _up(
 
     check_backend(backend)
     topo = load_topology(topology)
-    model_dir = await asyncio.to_thread(model_folder, model)
-    prof = load_model_profile(str(model_dir))
+    if emulate is not None:  # emulated devices running the studied model (testbed.emulation)
+        from testbed.emulation.standin import ensure_standin
+
+        prof = load_model_profile(emulate, dtype="float16")
+        model_dir = await asyncio.to_thread(ensure_standin, prof)
+    else:
+        model_dir = await asyncio.to_thread(model_folder, model)
+        prof = load_model_profile(str(model_dir))
     part = PARTITIONERS.create(partitioner, params, field="--param")
     plan = make_plan(topo, CostModel(prof, None), part)
+    extra = None
+    if emulate is not None:
+        from testbed.emulation.plumbing import emulation_specs, serve_args
+
+        extra = serve_args(emulation_specs(topo, plan, prof))
     req = UpRequest(
         topo,
         str(topology),
@@ -104,6 +116,7 @@ async def _up(
         seed=seed,
         health_timeout_s=health_timeout_s,
         backend=backend,  # type: ignore[arg-type]  # checked above
+        extra_serve_args=extra,
     )
     tb = await bring_up(runtime, req, measure=measure, strict=strict)
     await detach(tb)  # up: the testbed outlives this command
@@ -141,6 +154,13 @@ def up(
     json_out: Annotated[
         bool, typer.Option("--json", help="print the running testbed as JSON")
     ] = False,
+    emulate: Annotated[
+        str | None,
+        typer.Option(
+            help="emulated devices: nodes run this studied model (preset or config.json, "
+            "float16) in time on their device profiles; a generated stand-in computes"
+        ),
+    ] = None,
 ) -> None:
     """Start one node per topology node with its planned blocks, shape the links, measure them."""
     from testbed.runtime.interface import RUNTIMES
@@ -159,6 +179,7 @@ def up(
             measure,
             seed,
             health_timeout,
+            emulate,
         )
     )
     if json_out:

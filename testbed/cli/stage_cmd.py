@@ -79,6 +79,13 @@ def serve_cmd(
     exit_with_parent: Annotated[
         bool, typer.Option(help="Exit when the launching process dies.")
     ] = False,
+    emulate: Annotated[
+        str | None,
+        typer.Option(
+            help="Emulated device: an EmulationSpec as JSON (written by the runtimes for "
+            "`execution: emulated`); MODEL_DIR is then the studied model's stand-in."
+        ),
+    ] = None,
 ) -> None:
     """Serve blocks START:END of MODEL_DIR: /health /info /forward /release /sink /metrics.
 
@@ -109,6 +116,17 @@ def serve_cmd(
         raise ConfigError(
             f"blocks {start}:{end} run past the model's {info.num_blocks} blocks", field="--blocks"
         )
+    if emulate is not None:  # emulated device (testbed.emulation): check it before torch
+        from testbed.emulation.timing import EmulationSpec, StageTiming
+
+        espec = EmulationSpec.from_json(emulate)
+        if espec.profile.num_blocks != info.num_blocks:
+            raise ConfigError(
+                f"the stand-in {model_dir!r} has {info.num_blocks} blocks, the studied model "
+                f"{espec.profile.num_blocks}",
+                field="--emulate",
+            )
+        StageTiming(espec, start, end).kv_capacity_tokens()
     from testbed.stage.serve import serve
     from testbed.stage.server import StageConfig
 
@@ -129,6 +147,7 @@ def serve_cmd(
         evict_idle_s=evict_idle,
         inputs=inputs,
         tensor_port=None if tensor_port < 0 else tensor_port,
+        emulation=emulate,
     )
     # the server stops cleanly on SIGTERM/SIGINT by itself (exit 0); run_async covers the
     # time before it installs its handlers

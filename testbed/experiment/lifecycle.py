@@ -29,6 +29,7 @@ async def bring_up(
         prep.model_dir,
         seed=prep.loaded.spec.seed,
         health_timeout_s=health_timeout_s,
+        extra_serve_args=prep.serve_args,
     )
     return await runtime_bring_up(runtime, req)
 

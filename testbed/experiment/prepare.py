@@ -7,6 +7,7 @@ What a scenario fixes (topology, weights, profile, cost model, workload) is load
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,9 +30,9 @@ class ScenarioParts:
     """What every run of one scenario shares, loaded once."""
 
     loaded: LoadedScenario
-    topology: Topology
-    model_dir: Path
-    profile: ModelProfile
+    topology: Topology  # as planned (an emulated run's links are dilated at run time)
+    model_dir: Path  # the weights the stages run (an emulated run's stand-in)
+    profile: ModelProfile  # the studied model's (it drives plan, costs and emulated timing)
     cost: CostModel
     workload: Workload
 
@@ -40,9 +41,19 @@ def load_parts(loaded: LoadedScenario) -> ScenarioParts:
     from testbed.workload.spec import load_workload
 
     spec = loaded.spec
-    model_dir = resolve_model_dir(loaded)
-    profile = load_model_profile(model_dir, dtype=spec.dtype)
     measured = load_measured_profile(loaded.resolve(spec.profile)) if spec.profile else None
+    if spec.execution == "emulated":  # emulated devices (testbed.emulation)
+        from testbed.emulation.standin import check_standin, ensure_standin
+
+        profile = load_model_profile(spec.model, dtype=spec.dtype, base_dir=loaded.base_dir)
+        if spec.model_dir is not None:
+            model_dir = loaded.resolve(spec.model_dir)
+            check_standin(model_dir, profile)
+        else:
+            model_dir = ensure_standin(profile)
+    else:
+        model_dir = resolve_model_dir(loaded)
+        profile = load_model_profile(model_dir, dtype=spec.dtype)
     return ScenarioParts(
         loaded,
         load_topology(loaded.topology_path),
@@ -69,6 +80,13 @@ class Prepared:
     plan: Plan
     workload: Workload
     requests: tuple[TraceRequest, ...]
+    # emulated devices: node -> extra `stage serve` arguments (None: real execution)
+    serve_args: dict[str, list[str]] | None = None
+    dilation: float = 1.0  # emulated runs: time dilation k (topology and requests dilated)
+
+    @property
+    def emulated(self) -> bool:
+        return self.serve_args is not None
 
     @property
     def pair(self) -> str:
@@ -82,7 +100,7 @@ class Prepared:
     def prompt_fn(self) -> Callable[[TraceRequest], list[int]]:
         from testbed.workload.prompts import synthesize_prompt_ids
 
-        vocab = self.profile.arch.vocab_size
+        vocab = min(self.profile.arch.vocab_size, _executed_vocab(self.model_dir))
         avoid = special_token_ids(self.model_dir)
         seed = self.loaded.spec.seed
 
@@ -99,8 +117,19 @@ class Prepared:
         return prompt
 
 
+def _executed_vocab(model_dir: Path) -> int:
+    """The vocabulary of the weights the stages run (an emulated run's stand-in is smaller
+    than the studied model's)."""
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
 def with_model_dir(prep: Prepared, model_dir: Path) -> Prepared:
     """The same run against other weights (a running testbed's): profile and cost follow."""
+    if prep.emulated:  # the studied model drives the costs; only the stand-in changes
+        return replace(prep, model_dir=model_dir)
     profile = load_model_profile(model_dir, dtype=prep.loaded.spec.dtype)
     return replace(
         prep, model_dir=model_dir, profile=profile, cost=replace(prep.cost, profile=profile)
@@ -131,6 +160,18 @@ def prepare(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
     plan = make_plan(parts.topology, parts.cost, partitioner, spec.planning)
+    topo = parts.topology
+    serve_args = None
+    k = spec.dilation
+    if spec.execution == "emulated":
+        from testbed.emulation.dilation import dilate_topology
+        from testbed.emulation.plumbing import emulation_specs
+        from testbed.emulation.plumbing import serve_args as emulated_serve_args
+
+        serve_args = emulated_serve_args(
+            emulation_specs(topo, plan, parts.profile, parts.cost.measured, k)
+        )
+        topo = dilate_topology(topo, k)  # planned on the real links, run on dilated ones
     reqs = list(parts.workload.requests)
     limits = [x for x in (spec.requests, requests_limit) if x is not None]
     if limits:
@@ -141,17 +182,23 @@ def prepare(
             source=str(loaded.path),
             field="workload",
         )
+    if k != 1:
+        from testbed.emulation.dilation import dilate_requests
+
+        reqs = list(dilate_requests(reqs, k))
     return Prepared(
         loaded,
         part,
         dict(part_params),
         sched,
         dict(sched_params),
-        parts.topology,
+        topo,
         parts.model_dir,
         parts.profile,
         parts.cost,
         plan,
         parts.workload,
         tuple(reqs),
+        serve_args,
+        k,
     )

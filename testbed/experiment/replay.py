@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +42,8 @@ class ReplayRun:
     summary: Summary
     result: BrokerResult
     files: dict[str, Path] = field(default_factory=dict)
+    emulation: dict[str, Any] | None = None  # pacing fidelity of an emulated run
+    load: dict[str, Any] | None = None  # offered rate vs the plan's capacity
 
     @property
     def records(self) -> tuple[RequestRecord, ...]:
@@ -129,7 +131,10 @@ async def run_broker(
     )
     with bar:
         async with broker:
-            return await broker.run(prep.requests, stop_after_s=prep.loaded.spec.duration_s)
+            stop = prep.loaded.spec.duration_s
+            return await broker.run(
+                prep.requests, stop_after_s=None if stop is None else stop * prep.dilation
+            )
 
 
 def run_folder(output: Path, scenario: str, pair: str) -> Path:
@@ -168,9 +173,15 @@ async def replay_once(
     plots: bool = True,
 ) -> ReplayRun:
     """Replay against the running testbed ``tb`` and write the results folder."""
+    from testbed.emulation import fidelity
+    from testbed.emulation.dilation import undilate_records
+    from testbed.emulation.report import fidelity_line, load_line, offered_load, overrun_warning
     from testbed.metrics.report import write_run_report
 
+    k = prep.dilation
     layout = Layout.from_running(tb, prep.topology, prep.cost)
+    urls = {n.name: n.url for n in tb.stage_nodes()}
+    steps_before = await fidelity.step_counts(urls) if prep.emulated else {}
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     info = run_info(prep, tb, layout)
     await asyncio.to_thread(
@@ -186,10 +197,26 @@ async def replay_once(
             config=config,
             console=console,
             progress=progress,
-            on_record=stream.write,
+            # records on the emulated clock (a dilated run is k times slower in real time)
+            on_record=stream.write
+            if k == 1
+            else lambda r: stream.write(undilate_records([r], k)[0]),
         )
     finally:
         stream.close()
+    if k != 1:  # back on the emulated clock
+        result = replace(
+            result, records=undilate_records(result.records, k), wall_s=result.wall_s / k
+        )
+    emulation = None
+    if prep.emulated:  # every step's predicted / emulated / real seconds, from the stages
+        emulation = fidelity.summarize_pacing(await fidelity.collect(urls, steps_before))
+        console.print(fidelity_line(emulation))
+        warn = overrun_warning(emulation)
+        if warn:
+            console.print(f"[yellow]warning[/]: {warn}")
+    load = offered_load(prep.plan, [r.arrival_s / k for r in prep.requests], prep.scheduler)
+    console.print(load_line(prep.pair, load))
     spec = prep.loaded.spec
     summary = summarize(
         result.records,
@@ -211,7 +238,10 @@ async def replay_once(
             "not_admitted": result.not_admitted,
         },
         "workload": prep.workload.stats.to_dict(),
+        "load": load,
     }
+    if emulation is not None:
+        extra["emulation"] = emulation
     files = await asyncio.to_thread(
         write_run_report,
         out_dir,
@@ -227,7 +257,7 @@ async def replay_once(
     )
     files["config"] = cfg_path
     files["run"] = out_dir / RUN_FILE
-    return ReplayRun(prep.pair, out_dir, summary, result, files)
+    return ReplayRun(prep.pair, out_dir, summary, result, files, emulation, load)
 
 
 @dataclass(frozen=True)

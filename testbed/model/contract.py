@@ -199,6 +199,11 @@ def check_step(
         raise ExecutorInputError(
             f"stage {start}:{end} takes hidden states float[1, q, {hidden_size}], got {describe(x)}"
         )
+    elif x.numel() and not bool(torch.isfinite(x).all()):
+        raise ExecutorInputError(
+            "the input hidden states hold NaN or Inf values (a stage before this one diverged, "
+            "or the sender is broken); nothing was computed"
+        )
     q = int(x.shape[1])
     if q < 1:
         raise ExecutorInputError("a step needs at least one token")

@@ -70,7 +70,8 @@ def _resolve_size(size: str, overrides: dict[str, int | None]) -> TinySize:
     if size not in SIZES:
         raise ConfigError(f"unknown size {size!r}; use one of {', '.join(SIZES)}", field="size")
     shape = replace(SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
-    for name in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "vocab_size"):
+    for name in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "vocab_size",
+                 "max_position_embeddings"):  # fmt: skip
         if getattr(shape, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(shape, name)}", field=name)
     if shape.hidden_size % shape.heads:
@@ -181,6 +182,7 @@ def make_tiny_model(
     kv_heads: int | None = None,
     intermediate_size: int | None = None,
     vocab_size: int | None = None,
+    max_position_embeddings: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write a real HF model folder with random weights from `seed`; return its path.
@@ -202,6 +204,7 @@ def make_tiny_model(
             kv_heads=kv_heads,
             intermediate_size=intermediate_size,
             vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
         ),
     )
     import torch

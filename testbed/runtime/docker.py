@@ -161,6 +161,7 @@ class DockerTestbed:
         backend: ShapingBackend,
         image_mode: ImageMode = "auto",
         seed: int = 0,
+        extra_serve_args: dict[str, list[str]] | None = None,
     ) -> None:
         self.topology = topology
         self.topology_path = topology_path
@@ -170,6 +171,8 @@ class DockerTestbed:
         self.image_mode = image_mode
         self.seed = seed
         self.run_id = new_run_id()
+        # node -> extra `stage serve` flags (emulated devices: testbed.emulation.plumbing)
+        self.extra_serve_args = extra_serve_args or {}
 
     async def up(self, *, health_timeout_s: float = 180.0) -> RunningTestbed:
         tb = RunningTestbed(
@@ -232,6 +235,8 @@ class DockerTestbed:
                 device = "cpu"
                 if dev.kind == "gpu":
                     device = "cuda" if gpu else "cpu (no NVIDIA runtime on this host: CPU fallback)"
+                if node.name in self.extra_serve_args:  # emulated devices
+                    device = f"emulated {dev.label or dev.kind}"
                 ns = shaping[node.name]
                 ep = NodeEndpoint(
                     name=node.name,
@@ -282,6 +287,10 @@ class DockerTestbed:
         _log(
             f"{len(tb.nodes)} containers up, links shaped ({self.backend}); waiting for stage servers"
         )
+        if self.extra_serve_args:  # emulated devices
+            from testbed.emulation.plumbing import EMULATION_NOTE
+
+            tb.notes.append(EMULATION_NOTE)
         await wait_healthy(tb, health_timeout_s)
         await self._apply_node_quotas(tb, ctrs)
         tb.status = "up"
@@ -336,6 +345,7 @@ class DockerTestbed:
             host="0.0.0.0",
             port=STAGE_PORT,
             name=ep.name,
+            extra=self.extra_serve_args.get(ep.name, ()),  # emulated devices
         )
         kwargs: dict[str, Any] = {}
         if ep.cpus:

@@ -9,6 +9,7 @@ A running testbed records its runtime's name; :func:`runtime_of` gives the objec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -34,6 +35,8 @@ class UpRequest:
     seed: int = 0  # seed of the app shaper's jitter and loss
     health_timeout_s: float = 180.0
     backend: ShapingBackend | None = None  # None: the best the host supports for this runtime
+    # node -> extra `stage serve` flags (emulated devices: testbed.emulation.plumbing)
+    extra_serve_args: Mapping[str, Sequence[str]] | None = None
 
 
 class Runtime(ABC):

@@ -55,6 +55,7 @@ def _leash(tb: RunningTestbed) -> list[str]:
 
 
 async def up_local(req: UpRequest) -> RunningTestbed:
+    extra_serve_args = dict(req.extra_serve_args or {})  # node -> flags (emulated devices)
     run_id = new_run_id()
     model_dir = await asyncio.to_thread(req.model_dir.resolve)
     tb = RunningTestbed(
@@ -93,6 +94,7 @@ async def up_local(req: UpRequest) -> RunningTestbed:
                     host="127.0.0.1",
                     port=port,
                     name=node.name,
+                    extra=extra_serve_args.get(node.name, ()),  # emulated devices
                 )
                 pid = await asyncio.to_thread(_spawn, argv, logs / f"{node.name}.log")
                 tb.nodes[node.name] = NodeEndpoint(
@@ -102,7 +104,11 @@ async def up_local(req: UpRequest) -> RunningTestbed:
                     url=f"http://127.0.0.1:{port}",
                     start=stage.start,
                     end=stage.end,
-                    device="cpu (local process)",
+                    device=(
+                        f"emulated {node.device.label or node.device.kind}"
+                        if node.name in extra_serve_args
+                        else "cpu (local process)"
+                    ),
                     address="127.0.0.1",
                     probe_port=probe_port,
                     cpus=node.device.cpus,
@@ -117,6 +123,10 @@ async def up_local(req: UpRequest) -> RunningTestbed:
         for i, n in enumerate(sorted(tb.nodes)):
             tb.nodes[n].make_hook(req.seed * 1000 + i)
         tb.notes.append("local runtime: CPU quotas and memory limits are not enforced")
+        if extra_serve_args:  # emulated devices
+            from testbed.emulation.plumbing import EMULATION_NOTE
+
+            tb.notes.append(EMULATION_NOTE)
         try:
             await wait_healthy(tb, req.health_timeout_s)
         except Exception as exc:

@@ -16,6 +16,8 @@ slo: {ttft: 2s, tpot: 200ms, e2e: 30s}
 runtime: local                         # local | docker
 output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
+execution: real                        # real | emulated (nodes emulate their devices running
+                                       # `model`; a generated stand-in computes the outputs)
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class Scenario(BaseModel):
     runtime: Literal["local", "docker"] = "local"
     output: Path = Path("results")
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
+    # emulated: each node is its device running `model`'s blocks in time (testbed.emulation)
+    execution: Literal["real", "emulated"] = "real"
+    # emulated only: time dilation k (every emulated time and link delay x k, bandwidth / k,
+    # arrivals x k, measured times / k) for hosts too small for the cluster
+    dilation: float = Field(default=1.0, ge=1.0, le=1000.0)
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
@@ -135,6 +142,12 @@ def load_scenario(path: str | Path) -> LoadedScenario:
     p = Path(path)
     src = str(p)
     spec = validate(Scenario, read_mapping(p, "scenario"), src)
+    if spec.dilation != 1 and spec.execution != "emulated":
+        raise ConfigError(
+            f"{spec.dilation:g} applies to emulated runs only; set execution: emulated or drop it",
+            source=src,
+            field="dilation",
+        )
     PARTITIONERS.create(
         spec.partitioner.name, spec.partitioner.params, source=src, field="partitioner"
     )

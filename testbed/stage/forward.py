@@ -58,10 +58,6 @@ def parse_forward(msg: WireMessage) -> ForwardRequest:
         raise ExecutorInputError(
             f"expected exactly one tensor named 'input', got {sorted(msg.tensors)}"
         )
-    x = msg.tensors["input"]
-    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
-        raise ExecutorInputError(
-            "the input hidden states hold NaN or Inf values (a stage before this one diverged, "
-            "or the sender is broken); nothing was computed"
-        )
-    return ForwardRequest(rid, kind, start_pos, want_logits, x)
+    # finiteness is checked by the executor's step validator (check_step), on the values it
+    # computes with: an emulated device's wire tensor is packed bytes, not values
+    return ForwardRequest(rid, kind, start_pos, want_logits, msg.tensors["input"])

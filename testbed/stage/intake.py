@@ -53,7 +53,11 @@ class Intake:
         of token ids (int64) or of hidden states (float32, the widest float that travels); a
         sink's is what the memory budget holds. Neither is over the wire limit."""
         context = getattr(ex, "max_context", None) or wire.max_body_bytes
-        per_token = 8 if ex.is_first else 4 * ex.info.hidden_size
+        # an executor whose wire tokens are not its own hidden states (an emulated device pads
+        # them to the studied model's size) says so; else token ids or float32 hidden states
+        per_token = getattr(ex, "input_bytes_per_token", None) or (
+            8 if ex.is_first else 4 * ex.info.hidden_size
+        )
         budget = inputs.mem_budget_bytes
         return {
             "forward": min(wire.max_body_bytes, budget, context * per_token),

@@ -77,10 +77,16 @@ class StageConfig:
     tensor_port: int | None = 0  # the TCP tensor port (0 = any free port, None = off)
     limits: WireLimits = field(default_factory=WireLimits)
     inputs: InputLimits = field(default_factory=InputLimits)  # memory budget, timeouts
+    emulation: str | None = None  # emulated device: an EmulationSpec's JSON (testbed.emulation)
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:
             raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.emulation is not None and self.max_inflight != 1:  # a device runs one step
+            raise ConfigError(
+                f"an emulated stage runs one step at a time; max_inflight must be 1, "
+                f"got {self.max_inflight}"
+            )
         if self.max_queue < 0:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_requests < 1:
@@ -191,6 +197,12 @@ class StageServer:
                     "and weights",
                     source=cfg.model_dir,
                 ) from None
+        if cfg.emulation is not None and not _is_emulated(self._executor):
+            from testbed.emulation.executor import EmulatedExecutor
+            from testbed.emulation.timing import EmulationSpec, StageTiming
+
+            spec = EmulationSpec.from_json(cfg.emulation)
+            self._executor = EmulatedExecutor(self._executor, StageTiming(spec, cfg.start, cfg.end))
         self._intake = Intake(
             self.config.label,
             cfg.limits,
@@ -207,6 +219,7 @@ class StageServer:
         app.router.add_post("/forward", self._forward)
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
+        app.router.add_get("/emulation", self._emulation)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE_BYTES
         )
@@ -316,6 +329,25 @@ class StageServer:
             "started_at": self.started_at,
         }
         return web.json_response(body)
+
+    async def _emulation(self, request: web.Request) -> web.Response:
+        """Pacing numbers of an emulated stage (404 when the stage is not emulated)."""
+        report = getattr(self.executor, "pacing_report", None)
+        if report is None:
+            return _error(
+                StageRejectedError(
+                    self.config.label, 404, None, "this stage is not an emulated device"
+                )
+            )
+        try:
+            since = max(0, int(request.query.get("since", "0")))
+        except ValueError:
+            return _error(
+                StageRejectedError(
+                    self.config.label, 400, ErrorCode.BAD_INPUT, "since must be an integer"
+                )
+            )
+        return web.json_response(report(since))
 
     async def _release(self, request: web.Request) -> web.Response:
         usage = 'release takes a JSON body {"request_id": "..."}'
@@ -516,4 +548,13 @@ class StageServer:
             "stage": [ex.start, ex.end],
             "status": 200,
         }
+        emulation = getattr(out, "emulation", None)  # an emulated device's pacing numbers
+        if emulation:
+            meta["emulation"] = emulation
         return ForwardReply(meta, encode_parts(meta, tensors)), out.compute_s
+
+
+def _is_emulated(executor: object) -> bool:
+    from testbed.emulation.executor import EmulatedExecutor
+
+    return isinstance(executor, EmulatedExecutor)

@@ -46,6 +46,7 @@ class DockerRuntime(Runtime):
             backend=backend,
             image_mode=self.image_mode,
             seed=req.seed,
+            extra_serve_args={k: list(v) for k, v in (req.extra_serve_args or {}).items()},
         )
         return await dt.up(health_timeout_s=req.health_timeout_s)
 

@@ -1,0 +1,68 @@
+"""Time dilation (DieCast, NSDI 2008) for emulated runs on a host too small for the cluster (pure).
+
+Run the whole experiment k times slower: every emulated step time x k (the stages' timing),
+every link delay and jitter x k, every bandwidth / k, every arrival time x k; then divide the
+measured times by k. The host gets k times more real time per emulated step, so fewer steps
+overrun, while every emulated quantity keeps its ratio to every other. k is recorded with the
+results (``summary.json`` ``emulation.dilation``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+from testbed.metrics.records import RequestRecord, Span
+from testbed.spec.topology import LinkSpec, Topology
+from testbed.workload.request import TraceRequest
+
+L = TypeVar("L", bound=LinkSpec)
+
+
+def dilate_link(link: L, k: float) -> L:
+    return link.model_copy(
+        update={
+            "bandwidth_bps": link.bandwidth_bps / k,
+            "delay_s": link.delay_s * k,
+            "jitter_s": link.jitter_s * k,
+        }
+    )
+
+
+def dilate_topology(topo: Topology, k: float) -> Topology:
+    """The topology with every LAN and inter-tier link k times slower."""
+    if k == 1:
+        return topo
+    tiers = tuple(t.model_copy(update={"lan": dilate_link(t.lan, k)}) for t in topo.tiers)
+    links = tuple(dilate_link(link, k) for link in topo.links)
+    return topo.model_copy(update={"tiers": tiers, "links": links})
+
+
+def dilate_requests(reqs: Iterable[TraceRequest], k: float) -> tuple[TraceRequest, ...]:
+    return tuple(dataclasses.replace(r, arrival_s=r.arrival_s * k) for r in reqs)
+
+
+def _span(s: Span, f: float) -> Span:
+    return dataclasses.replace(s, start_s=s.start_s * f, end_s=s.end_s * f)
+
+
+def undilate_records(records: Sequence[RequestRecord], k: float) -> tuple[RequestRecord, ...]:
+    """Measured records back on the emulated clock: every time divided by k."""
+    if k == 1:
+        return tuple(records)
+    f = 1.0 / k
+    return tuple(
+        dataclasses.replace(
+            r,
+            arrival_s=r.arrival_s * f,
+            token_times_s=tuple(t * f for t in r.token_times_s),
+            end_s=None if r.end_s is None else r.end_s * f,
+            injection_lag_s=None if r.injection_lag_s is None else r.injection_lag_s * f,
+            queueing_s=r.queueing_s * f,
+            stage_compute_s={n: v * f for n, v in r.stage_compute_s.items()},
+            hop_transfer_s={n: v * f for n, v in r.hop_transfer_s.items()},
+            spans=tuple(_span(s, f) for s in r.spans),
+        )
+        for r in records
+    )
