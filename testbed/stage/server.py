@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from testbed.errors import ConfigError
-from testbed.model.contract import StageExecutor
+from testbed.model.batch import BatchStep
+from testbed.model.contract import StageExecutor, StepOutput
+from testbed.stage.batcher import BatchLimits, Pending, StepQueue
 from testbed.stage.client import WirePayload
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
@@ -64,8 +66,9 @@ class StageConfig:
     device: str | None = None  # None = cuda when present, else cpu
     dtype: str | None = None  # None/"auto" = checkpoint dtype on cuda, float32 on cpu
     threads: int | None = None  # torch intra-op threads; None = torch's default
-    max_inflight: int = 1  # steps computed at once (worker threads)
-    max_queue: int = 32  # steps allowed to wait for a worker beyond those
+    max_inflight: int = 1  # batches computed at once (worker threads)
+    max_queue: int = 32  # steps allowed to wait for a batch beyond those running
+    batch: BatchLimits = field(default_factory=BatchLimits)  # continuous batching limits
     max_requests: int = 256  # request caches held at once
     request_ttl_s: float = 600.0  # caches idle longer than this are dropped
     tensor_port: int | None = 0  # the TCP tensor port (0 = any free port, None = off)
@@ -112,9 +115,8 @@ class StageServer:
         self._pool = ThreadPoolExecutor(
             max_workers=config.max_inflight, thread_name_prefix=f"{config.label}-worker"
         )
-        self._slots = asyncio.Semaphore(config.max_inflight)
-        self._waiting = 0
-        self._running = 0
+        self._queue: StepQueue | None = None  # made in start() (needs the running loop)
+        self._waiting = 0  # steps being read or checked (the step queue counts its own)
         self._req_locks: dict[str, asyncio.Lock] = {}
         self._metrics = StageMetrics()
         self._runner: web.AppRunner | None = None
@@ -159,6 +161,8 @@ class StageServer:
                     max_requests=cfg.max_requests,
                 ),
             )
+        self._queue = StepQueue(self._run_batch, cfg.batch, cfg.max_inflight)
+        self._queue.start()
         app = web.Application(client_max_size=cfg.limits.max_body_bytes + (1 << 20))
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
@@ -198,6 +202,8 @@ class StageServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        if self._queue is not None:
+            await self._queue.aclose()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> StageServer:
@@ -266,6 +272,9 @@ class StageServer:
             "requests": len(ex.request_ids),
             "max_requests": self.config.max_requests,
             "max_inflight": self.config.max_inflight,
+            "max_batch": self.config.batch.max_batch,
+            "max_batch_tokens": self.config.batch.max_batch_tokens,
+            "chunk_tokens": self.config.batch.chunk_tokens,
             "max_queue": self.config.max_queue,
             "tensor_port": self.tensor_port,
             "pid": os.getpid(),
@@ -305,7 +314,7 @@ class StageServer:
     async def _metrics_text(self, request: web.Request) -> web.Response:
         ex = self.executor
         gauges = Gauges(
-            waiting=self._waiting,
+            waiting=self._waiting_steps,
             running=self._running,
             requests=len(ex.request_ids),
             kv_bytes=ex.kv_bytes(),
@@ -354,16 +363,27 @@ class StageServer:
         label = self.config.label
         return self._refuse(503, ErrorCode.SHUTTING_DOWN, f"stage {label} is shutting down")
 
+    @property
+    def _running(self) -> int:
+        """Steps in batches being computed."""
+        return 0 if self._queue is None else self._queue.running_rows
+
+    @property
+    def _waiting_steps(self) -> int:
+        """Steps admitted and not computing: being read, checked, or queued for a batch."""
+        return self._waiting + (0 if self._queue is None else self._queue.waiting)
+
     def _admit(self) -> None:
         """Raise the refusal when no step may be admitted now (stopping, or queue full)."""
         cfg = self.config
         if self._closing:
             raise self._shutting_down()
-        if self._running >= cfg.max_inflight and self._waiting >= cfg.max_queue:
+        if self._waiting_steps >= cfg.max_queue:
             raise self._refuse(
                 429,
                 ErrorCode.BUSY,
-                f"stage {cfg.label} is busy: {self._running} running, {self._waiting} waiting "
+                f"stage {cfg.label} is busy: {self._running} running, {self._waiting_steps} "
+                "waiting "
                 f"(max_inflight={cfg.max_inflight}, max_queue={cfg.max_queue}); retry later",
             )
 
@@ -383,20 +403,13 @@ class StageServer:
             try:
                 req = parse_forward(msg)
                 ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
-                t_ready = time.perf_counter()
                 lock = self._req_locks.setdefault(req.request_id, asyncio.Lock())
-                async with lock, self._slots:
+                async with lock:
+                    assert self._queue is not None
                     self._waiting -= 1
                     waiting = False
-                    self._running += 1
-                    queue_s = time.perf_counter() - t_ready
-                    try:
-                        loop = asyncio.get_running_loop()
-                        reply, compute_s = await loop.run_in_executor(
-                            self._pool, self._compute, req, queue_s
-                        )
-                    finally:
-                        self._running -= 1
+                    done = await self._queue.submit(req, req.priority, req.slack_s)
+                    reply, compute_s = self._reply(req, done.future.result(), done)
             except Exception as exc:  # a refusal or a model failure: report it, keep serving
                 raise self._refuse_exc(exc) from None
             if not ex.has_request(req.request_id):
@@ -412,15 +425,25 @@ class StageServer:
             if waiting:
                 self._waiting -= 1
 
-    def _compute(self, req: ForwardRequest, queue_s: float) -> tuple[ForwardReply, float]:
-        """On a worker thread: the step, and its answer encoded for the wire."""
+    async def _run_batch(self, steps: list[BatchStep]) -> list[StepOutput | Exception]:
+        """One batch on a worker thread (the step queue's runner)."""
+        loop = asyncio.get_running_loop()
+        outs = await loop.run_in_executor(self._pool, self.executor.step_batch, steps)
+        ok = [o for o in outs if isinstance(o, StepOutput)]
+        self._metrics.count_batch(len(ok), ok[0].compute_s if ok else 0.0)
+        return outs
+
+    def _reply(
+        self, req: ForwardRequest, out: StepOutput, done: Pending
+    ) -> tuple[ForwardReply, float]:
+        """A finished step's answer, encoded for the wire."""
         ex = self.executor
-        out = ex.step(req.request_id, req.kind, req.input, req.start_pos)
         tensors = {}
         if out.hidden is not None:
             tensors["hidden"] = out.hidden
         if req.want_logits and out.logits is not None:
             tensors["logits"] = out.logits
+        first = done.first_run_s if done.first_run_s is not None else done.ready_s
         meta = {
             "request_id": req.request_id,
             "kind": req.kind,
@@ -428,7 +451,8 @@ class StageServer:
             "length": out.length,
             "token_id": out.token_id,
             "service_s": out.compute_s,
-            "queue_s": queue_s,
+            "queue_s": first - done.ready_s,
+            "batch_size": done.batch_size,
             "stage": [ex.start, ex.end],
             "status": 200,
         }
