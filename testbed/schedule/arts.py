@@ -7,6 +7,11 @@ the filter is dropped for that stage (the request still needs a route; the stage
 queue or refuse it). C_hat_k starts at the snapshot's ``capacity`` prior and is refined by an
 EWMA of observed speed = predicted_work_s / service_s from completions, clamped to
 [min_capacity, max_capacity].
+
+Batch-aware (ours): a node that batches decodes serves its queue ``batch_speedup`` times
+faster than one request at a time (the snapshot's :attr:`NodeState.batch_speedup`, from the
+cost model's roofline of the batch), so the predicted delay is divided by it. With no
+batching (speedup 1, max_batch 1) the choice is exactly the original rule.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ class Arts(PerStageScheduler):
         best, best_key = live[0], None
         for n in fits or live:  # argmin of _key, written out: it runs for every replica
             c = max(self.capacity(n), self.min_capacity)
-            key = ((n.queued_work_s + request.work_s[n.name]) / c, -c, n.name)
+            rate = c * max(n.batch_speedup, 1.0)  # batch-aware service rate
+            key = ((n.queued_work_s + request.work_s[n.name]) / rate, -c, n.name)
             if best_key is None or key < best_key:
                 best, best_key = n, key
         return best

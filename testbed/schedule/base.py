@@ -36,6 +36,9 @@ class NodeState:
         1.0  # prior speed factor (from the profile: 1.0 unless the broker knows better)
     )
     mem_free_bytes: int = 2**62  # memory headroom left for KV caches on this node
+    # how many times faster than one at a time the node serves its queue by batching decodes
+    # (testbed.cost.model.batch_speedup of its queue, capped by its max_batch; 1 = no batching)
+    batch_speedup: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
