@@ -198,9 +198,9 @@ def batch_step_s(
     if not decode_contexts and not prefill_tokens:
         return 0.0
     weights = profile.block_weight_bytes()
-    flops = sum(profile.block_decode_flops(c) for c in decode_contexts)
+    flops = float(sum(profile.block_decode_flops(c) for c in decode_contexts))
     flops += sum(profile.block_prefill_flops(q) for q in prefill_tokens)
-    nbytes = weights
+    nbytes = float(weights)
     nbytes += sum(profile.block_decode_bytes(c) - weights for c in decode_contexts)
     nbytes += sum(profile.block_prefill_bytes(q) - weights for q in prefill_tokens)
     return blocks * (roofline_s(flops, nbytes, device) + device.step_overhead)

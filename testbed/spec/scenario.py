@@ -13,6 +13,8 @@ duration: 2min                         # stop admitting after this long (optiona
 requests: 40                           # or after this many (optional)
 seed: 0
 slo: {ttft: 2s, tpot: 200ms, e2e: 30s}
+classes: [{name: chat, share: 0.7, slo: {ttft: 1s, tpot: 100ms}, priority: 1},
+          {name: batch, share: 0.3, slo: {e2e: 60s}}]   # optional (testbed/spec/classes.py)
 runtime: local                         # local | docker
 output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
@@ -27,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from testbed.errors import ConfigError
+from testbed.spec.classes import RequestClass, check_classes
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
 from testbed.spec.quantities import Seconds
@@ -71,11 +74,14 @@ class Scenario(BaseModel):
     requests: int | None = Field(default=None, gt=0)
     seed: int = 0
     slo: SLO = SLO()
+    classes: tuple[RequestClass, ...] = ()  # request classes with their own SLOs (classes.py)
     runtime: Literal["local", "docker"] = "local"
     output: Path = Path("results")
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
+
+    _classes = field_validator("classes")(lambda cls, v: check_classes(v))
 
     @field_validator("compare")
     @classmethod
