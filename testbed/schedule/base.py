@@ -51,6 +51,12 @@ class RequestView:
     output_tokens: int  # expected output length (the trace's)
     work_s: Mapping[str, float]  # node name -> predicted work of this request's stage on that node
     kv_bytes: tuple[int, ...] = ()  # per stage: KV-cache bytes this request will hold there
+    # the request's class and its targets (scenario ``classes``; None = no target)
+    slo_class: str | None = None
+    priority: int = 0  # higher is served first at the stages
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+    e2e_slo_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
