@@ -446,7 +446,7 @@ class Broker:
         )
         if queued > 0:
             tr.spans.append(Span("queue", node, q0, c0, rid, s, kind, step))
-        tr.spans.append(Span("compute", node, c0, t1, rid, s, kind, step))
+        tr.spans.append(Span("compute", node, c0, t1, rid, s, kind, step, batch=res.batch_size))
         predicted = pred.prefill_s[node] if kind == "prefill" else pred.decode_step_s[node]
         self.ledger.progress(rid, s, predicted)
         self.scheduler.on_complete(StageCompletion(node, rid, predicted, service, t1, False))

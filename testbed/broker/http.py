@@ -113,6 +113,7 @@ class HttpStageTransport:
                 queue_s=res.queue_s,
                 link_s=res.link_s,
                 nbytes=res.bytes_sent,
+                batch_size=res.batch_size,
             )
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None:

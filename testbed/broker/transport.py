@@ -42,6 +42,7 @@ class StepResult:
     queue_s: float = 0.0  # time the step waited in the server's queue (0 when not reported)
     link_s: float = 0.0  # time spent in the emulated link hook before the send
     nbytes: int = 0  # request body bytes sent
+    batch_size: int | None = None  # requests in the stage's batched step (None: not reported)
 
 
 class StageTransport(Protocol):

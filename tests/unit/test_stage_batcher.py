@@ -68,3 +68,23 @@ async def test_concurrent_requests_share_batched_steps_on_echo_stages():
         sizes = st.executor("a").batches
         assert max(sizes) >= 4, sizes  # decodes of concurrent requests ran together
         assert sum(sizes) == st.executor("a").steps
+
+
+async def test_the_broker_transport_reports_each_steps_batch_size():
+    from testbed.broker.echo import echo_stages
+    from testbed.broker.http import HttpStageTransport
+
+    async with echo_stages({"a": (0, 4)}, num_blocks=4, compute_s=0.05) as st:
+        transport = HttpStageTransport(st.urls)
+        await transport.start()
+        try:
+            results = await asyncio.gather(
+                *(
+                    transport.forward("a", f"r{i}", "prefill", 0, [5, 6], timeout_s=10)
+                    for i in range(6)
+                )
+            )
+        finally:
+            await transport.aclose()
+    sizes = [r.batch_size for r in results]
+    assert all(isinstance(b, int) and b >= 1 for b in sizes) and max(sizes) > 1, sizes
