@@ -61,6 +61,9 @@ class StageTransport(Protocol):
         data: object,
         *,
         timeout_s: float,
+        slo_class: str | None = None,  # the request's class, priority and slack for the
+        priority: int = 0,  # stage's batch order (see testbed.stage.batcher)
+        slack_s: float | None = None,
     ) -> StepResult: ...
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None: ...

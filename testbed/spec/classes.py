@@ -51,25 +51,31 @@ def check_classes(classes: Sequence[RequestClass]) -> tuple[RequestClass, ...]:
     return tuple(classes)
 
 
+def class_of(request_id: int, classes: Sequence[RequestClass], seed: int) -> RequestClass | None:
+    """The class of request ``request_id``, drawn by share from a generator seeded by the seed
+    and the id (the same in the broker and the simulators, whatever the order of requests)."""
+    if not classes:
+        return None
+    rng = random.Random(f"classes:{seed}:{request_id}")
+    return rng.choices(list(classes), [c.share for c in classes])[0]
+
+
 def assign_classes(
     n: int,
     classes: Sequence[RequestClass],
     seed: int,
     column: Sequence[str | None] | None = None,
 ) -> list[str | None]:
-    """The class of each of ``n`` requests: the trace's ``column`` value where it names a
-    declared class, else drawn by share from ``random.Random(seed)`` (the same for a seed).
-    None for every request when no class is declared."""
+    """The class names of requests 0..n-1: the trace's ``column`` value where it names a
+    declared class, else :func:`class_of`. None for every request when no class is declared."""
     if not classes:
         return [None] * n
-    rng = random.Random(f"classes:{seed}")
     names = [c.name for c in classes]
-    weights = [c.share for c in classes]
     out: list[str | None] = []
     for i in range(n):
-        drawn = rng.choices(names, weights)[0]  # drawn for every request: stable sequence
         given = column[i] if column is not None and i < len(column) else None
         if given is not None and given not in names:
             raise ValueError(f"request {i}: class {given!r} is not one of {names}")
-        out.append(given if given is not None else drawn)
+        drawn = class_of(i, classes, seed)
+        out.append(given if given is not None else (drawn.name if drawn else None))
     return out
