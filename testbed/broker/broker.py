@@ -446,12 +446,12 @@ class Broker:
             if not self.ledger.book(node).up:
                 down = self.ledger.book(node).down_reason or "marked down"
                 raise StageUnreachableError(node, down)
-            cls = tr.slo_class
+            cls = tr.slo_class if self.scheduler.orders_stage_queues else None
             res = await self.transport.forward(
                 node, sid, kind, pos, data, timeout_s=self.config.call_timeout_s,
-                slo_class=None if cls is None else cls.name,
+                slo_class=None if tr.slo_class is None else tr.slo_class.name,
                 priority=0 if cls is None else cls.priority,
-                slack_s=self._slack_s(tr, t0),
+                slack_s=None if cls is None else self._slack_s(tr, t0),
             )  # fmt: skip
             t1 = self.now_s()
         service = min(max(res.service_s, 0.0), t1 - t0)

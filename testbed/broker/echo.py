@@ -238,6 +238,7 @@ async def echo_stages(
     per_token_s: float = 0.0,
     max_inflight: int = 1,
     max_queue: int = 64,
+    batch: Any = None,  # testbed.stage.batcher.BatchLimits (default: the server's)
 ) -> AsyncIterator[EchoStages]:
     """Start one echo stage server per node on loopback (port 0); stop them all on exit."""
     from testbed.stage.server import StageConfig, StageServer
@@ -254,6 +255,7 @@ async def echo_stages(
                 name=node,
                 max_inflight=max_inflight,
                 max_queue=max_queue,
+                **({} if batch is None else {"batch": batch}),
             )
             srv = StageServer(cfg, executor=ex)
             await srv.start()

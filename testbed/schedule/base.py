@@ -108,6 +108,9 @@ class Scheduler(abc.ABC):
     """
 
     name: ClassVar[str]
+    # True: the stages order their batches by the request's priority and slack (the broker
+    # sends both with every step); False: first come, first served at the stages
+    orders_stage_queues: ClassVar[bool] = False
 
     @abc.abstractmethod
     def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from testbed.schedule.base import (
     SCHEDULERS,
@@ -78,6 +79,7 @@ def predict(request: RequestView, nodes: tuple[NodeState, ...], hop_s: float) ->
 class SloAware(Scheduler):
     """Cheapest route predicted to meet the request's SLOs; least violation when none does."""
 
+    orders_stage_queues: ClassVar[bool] = True  # stages batch by (priority, least slack)
     max_routes: int = 4096  # combinations scored; above this each stage is chosen alone
 
     def __post_init__(self) -> None:

@@ -125,6 +125,10 @@ class StepQueue:
         self.last_batch = 0  # rows of the latest iteration
 
     @property
+    def running_batches(self) -> int:
+        return len(self._batches)
+
+    @property
     def waiting(self) -> int:
         return sum(1 for p in self._pending if not p.running)
 

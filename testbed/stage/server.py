@@ -26,7 +26,12 @@ the same keys in its answer's meta), the code one of :class:`testbed.stage.error
 ``busy`` (queue full), 503 ``cache_full`` or ``shutting_down``, 500 ``model_error``; one table
 (:func:`testbed.stage.errors.status_and_code`) maps executor exceptions to them. The server
 keeps serving the others in every case. Torch work runs on worker threads (``max_inflight`` of them,
-default 1), never on the event loop; at most ``max_queue`` more steps may wait for a worker.
+default 1), never on the event loop; at most ``max_queue`` more steps may wait for a batch.
+
+Steps are batched at the iteration level (:mod:`testbed.stage.batcher`): every waiting decode
+and chunks of waiting prefills run as one ``executor.step_batch`` call, up to
+``config.batch`` limits; each reply's meta carries the ``batch_size`` of its step, and a
+/forward meta may carry the request's ``class``, ``priority`` and ``slack_s`` (batch order).
 """
 
 from __future__ import annotations
@@ -378,7 +383,8 @@ class StageServer:
         cfg = self.config
         if self._closing:
             raise self._shutting_down()
-        if self._waiting_steps >= cfg.max_queue:
+        workers_busy = self._queue is not None and self._queue.running_batches >= cfg.max_inflight
+        if workers_busy and self._waiting_steps >= cfg.max_queue:
             raise self._refuse(
                 429,
                 ErrorCode.BUSY,
