@@ -55,6 +55,7 @@ from testbed.schedule.base import (
     StageCompletion,
 )
 from testbed.schedule.ledger import InvalidRouteError, Ledger
+from testbed.spec.classes import RequestClass, class_of
 from testbed.workload.request import TraceRequest
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class BrokerConfig:
     start_delay_s: float = 0.05  # the replay clock starts this long after run() is called
     drain_timeout_s: float = 600.0  # after the last admission, wait at most this for the rest
     admission_spin_s: float = 0.0015  # last stretch before an arrival: yield, don't sleep
+    classes: tuple[RequestClass, ...] = ()  # request classes (scenario ``classes``)
+    class_seed: int = 0  # seeds each request's class draw (testbed.spec.classes.class_of)
 
     def __post_init__(self) -> None:
         for name in ("call_timeout_s", "health_timeout_s", "release_timeout_s", "drain_timeout_s"):
@@ -134,6 +137,7 @@ class _Tracker:
     retries: int = 0
     token_times_s: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    slo_class: RequestClass | None = None
 
     def record(self, status: str, end_s: float, reason: str | None = None) -> RequestRecord:
         compute, hops, queue = totals_from_spans(self.spans)
@@ -154,6 +158,7 @@ class _Tracker:
             hop_transfer_s=hops,
             retries=self.retries,
             spans=tuple(self.spans),
+            slo_class=None if self.slo_class is None else self.slo_class.name,
         )
 
 
@@ -323,6 +328,9 @@ class Broker:
         """Snapshot -> scheduler -> charge. No await: the snapshot is exact when routed."""
         req = tr.req
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
+        if tr.slo_class is None:
+            tr.slo_class = class_of(req.request_id, self.config.classes, self.config.class_seed)
+        cls = tr.slo_class
         view = RequestView(
             request_id=req.request_id,
             arrival_s=req.arrival_s,
@@ -330,6 +338,11 @@ class Broker:
             output_tokens=req.output_tokens,
             work_s=pred.work_s,
             kv_bytes=pred.kv_bytes,
+            slo_class=None if cls is None else cls.name,
+            priority=0 if cls is None else cls.priority,
+            ttft_slo_s=None if cls is None else cls.slo.ttft_s,
+            tpot_slo_s=None if cls is None else cls.slo.tpot_s,
+            e2e_slo_s=None if cls is None else cls.slo.e2e_s,
         )
         snap = self.ledger.snapshot(self.now_s(), pred.hop_s)
         try:
@@ -433,9 +446,13 @@ class Broker:
             if not self.ledger.book(node).up:
                 down = self.ledger.book(node).down_reason or "marked down"
                 raise StageUnreachableError(node, down)
+            cls = tr.slo_class if self.scheduler.orders_stage_queues else None
             res = await self.transport.forward(
-                node, sid, kind, pos, data, timeout_s=self.config.call_timeout_s
-            )
+                node, sid, kind, pos, data, timeout_s=self.config.call_timeout_s,
+                slo_class=None if tr.slo_class is None else tr.slo_class.name,
+                priority=0 if cls is None else cls.priority,
+                slack_s=None if cls is None else self._slack_s(tr, t0),
+            )  # fmt: skip
             t1 = self.now_s()
         service = min(max(res.service_s, 0.0), t1 - t0)
         queued = min(max(res.queue_s, 0.0), t1 - t0 - service)
@@ -446,11 +463,28 @@ class Broker:
         )
         if queued > 0:
             tr.spans.append(Span("queue", node, q0, c0, rid, s, kind, step))
-        tr.spans.append(Span("compute", node, c0, t1, rid, s, kind, step))
+        tr.spans.append(Span("compute", node, c0, t1, rid, s, kind, step, batch=res.batch_size))
         predicted = pred.prefill_s[node] if kind == "prefill" else pred.decode_step_s[node]
         self.ledger.progress(rid, s, predicted)
         self.scheduler.on_complete(StageCompletion(node, rid, predicted, service, t1, False))
         return res.output
+
+    @staticmethod
+    def _slack_s(tr: _Tracker, now_s: float) -> float | None:
+        """Seconds until the request's next token is due by its class's SLO (the first by the
+        TTFT target, the next by the last one's time + TPOT, else the E2E deadline); None
+        without targets. The stages batch least slack first among equal priorities."""
+        cls = tr.slo_class
+        if cls is None:
+            return None
+        slo, arrival = cls.slo, tr.req.arrival_s
+        if not tr.token_times_s and slo.ttft_s is not None:
+            return arrival + slo.ttft_s - now_s
+        if tr.token_times_s and slo.tpot_s is not None:
+            return tr.token_times_s[-1] + slo.tpot_s - now_s
+        if slo.e2e_s is not None:
+            return arrival + slo.e2e_s - now_s
+        return None
 
     async def _release(self, tr: _Tracker, route: Route, skip: str | None = None) -> None:
         """Free the request's caches on its route (best effort, bounded; errors are logged) and

@@ -15,13 +15,20 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from testbed.model.contract import StepOutput, check_step
+from testbed.model.contract import (
+    BatchStep,
+    CacheFullError,
+    CacheStateError,
+    ExecutorInputError,
+    StepOutput,
+    check_step,
+)
 
 EOS_ID = 2
 
@@ -54,10 +61,12 @@ class EchoExecutor:
     per_token_s: float = 0.0  # + this per input token (prefill costs more than decode)
     max_requests: int = 256
     max_context: int = 4096
-    steps: int = 0  # steps served (for tests)
+    steps: int = 0  # request steps served (for tests)
+    batches: list[int] = field(default_factory=list)  # rows of each step_batch (for tests)
     _lengths: dict[str, int] = field(default_factory=dict)
     _used: dict[str, float] = field(default_factory=dict)
     _opening: set[str] = field(default_factory=set)  # prefills running: slots taken
+    _partial: set[str] = field(default_factory=set)  # chunked prefills under way
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,7 +101,9 @@ class EchoExecutor:
     def release(self, request_id: str) -> bool:
         with self._lock:
             self._used.pop(request_id, None)
-            return self._lengths.pop(request_id, None) is not None
+            partial = request_id in self._partial
+            self._partial.discard(request_id)
+            return self._lengths.pop(request_id, None) is not None or partial
 
     def check_input(self, kind: str, x: torch.Tensor, start_pos: int, request_id: str) -> None:
         with self._lock:
@@ -111,7 +122,7 @@ class EchoExecutor:
             hidden_size=self.hidden_size,
             max_context=self.max_context,
             cached_length=self._lengths.get(request_id),
-            held=len(self._lengths) + len(self._opening),
+            held=len(self._lengths) + len(self._opening) + len(self._partial),
             max_requests=self.max_requests,
         )
 
@@ -138,6 +149,59 @@ class EchoExecutor:
         hidden = None if self.is_last else torch.zeros((1, q, self.hidden_size))
         token = echo_token(start_pos + q, self.vocab_size) if self.is_last else None
         return StepOutput(hidden, None, token, start_pos + q, time.perf_counter() - t0)
+
+    def step_batch(self, steps: Sequence[BatchStep]) -> list[StepOutput | Exception]:
+        """A batched step: one sleep of ``compute_s`` for the whole batch (weights read once)
+        plus ``per_token_s`` per token of every row; rows are checked as :meth:`step` does."""
+        results: list[StepOutput | Exception | None] = [None] * len(steps)
+        ok: list[int] = []
+        with self._lock:
+            for i, s in enumerate(steps):
+                try:
+                    self._take_locked(s)
+                    ok.append(i)
+                except (ExecutorInputError, CacheFullError) as exc:
+                    results[i] = exc
+        t0 = time.perf_counter()
+        tokens = sum(int(steps[i].x.shape[1]) for i in ok)
+        wait = (self.compute_s + self.per_token_s * tokens) if ok else 0.0
+        if wait > 0:
+            time.sleep(wait)  # on the server's worker thread, as real compute would be
+        compute_s = time.perf_counter() - t0
+        with self._lock:
+            self.batches.append(len(ok))
+            for i in ok:
+                s = steps[i]
+                rid, length = s.request_id, s.start_pos + int(s.x.shape[1])
+                self.steps += 1
+                if s.kind == "prefill" and rid not in self._partial:
+                    continue  # released meanwhile
+                if s.kind == "decode" and rid not in self._lengths:
+                    continue
+                self._lengths[rid] = length
+                self._used[rid] = time.monotonic()
+                if s.kind == "prefill" and s.last_chunk:
+                    self._partial.discard(rid)
+                q = int(s.x.shape[1])
+                hidden = None if self.is_last else torch.zeros((1, q, self.hidden_size))
+                token = echo_token(length, self.vocab_size) if self.is_last else None
+                results[i] = StepOutput(hidden, None, token, length, compute_s)
+        return [
+            r if r is not None else CacheStateError(f"request {s.request_id!r} was released")
+            for r, s in zip(results, steps, strict=True)
+        ]
+
+    def _take_locked(self, s: BatchStep) -> None:
+        rid = s.request_id
+        if s.kind == "prefill" and s.start_pos > 0:  # the next chunk of a prompt
+            if rid not in self._partial or self._lengths.get(rid) != s.start_pos:
+                raise CacheStateError(f"request {rid!r}: no prefill to continue at {s.start_pos}")
+            return
+        if rid in self._opening or rid in self._partial:
+            raise CacheStateError(f"request {rid!r} is already being prefilled")
+        self._check_locked(s.kind, s.x, s.start_pos, rid)
+        if s.kind == "prefill":
+            self._partial.add(rid)
 
 
 def echo_token(length: int, vocab_size: int = 512) -> int:
@@ -174,6 +238,7 @@ async def echo_stages(
     per_token_s: float = 0.0,
     max_inflight: int = 1,
     max_queue: int = 64,
+    batch: Any = None,  # testbed.stage.batcher.BatchLimits (default: the server's)
 ) -> AsyncIterator[EchoStages]:
     """Start one echo stage server per node on loopback (port 0); stop them all on exit."""
     from testbed.stage.server import StageConfig, StageServer
@@ -190,6 +255,7 @@ async def echo_stages(
                 name=node,
                 max_inflight=max_inflight,
                 max_queue=max_queue,
+                **({} if batch is None else {"batch": batch}),
             )
             srv = StageServer(cfg, executor=ex)
             await srv.start()

@@ -88,6 +88,9 @@ class HttpStageTransport:
         data: object,
         *,
         timeout_s: float,
+        slo_class: str | None = None,
+        priority: int = 0,
+        slack_s: float | None = None,
     ) -> StepResult:
         client = self._client(node)
         deadline = time.monotonic() + timeout_s
@@ -99,7 +102,10 @@ class HttpStageTransport:
                     f"stage {node}: busy for the whole {timeout_s:g}s call timeout", stage=node
                 )
             try:
-                res = await client.forward(request_id, kind, start_pos, data, timeout_s=left)  # type: ignore[arg-type]
+                res = await client.forward(
+                    request_id, kind, start_pos, data,  # type: ignore[arg-type]
+                    timeout_s=left, slo_class=slo_class, priority=priority, slack_s=slack_s,
+                )  # fmt: skip
             except StageRejectedError as exc:
                 if exc.code is None or not exc.code.retry_later:
                     raise
@@ -113,6 +119,7 @@ class HttpStageTransport:
                 queue_s=res.queue_s,
                 link_s=res.link_s,
                 nbytes=res.bytes_sent,
+                batch_size=res.batch_size,
             )
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None:

@@ -42,6 +42,7 @@ class StepResult:
     queue_s: float = 0.0  # time the step waited in the server's queue (0 when not reported)
     link_s: float = 0.0  # time spent in the emulated link hook before the send
     nbytes: int = 0  # request body bytes sent
+    batch_size: int | None = None  # requests in the stage's batched step (None: not reported)
 
 
 class StageTransport(Protocol):
@@ -60,6 +61,9 @@ class StageTransport(Protocol):
         data: object,
         *,
         timeout_s: float,
+        slo_class: str | None = None,  # the request's class, priority and slack for the
+        priority: int = 0,  # stage's batch order (see testbed.stage.batcher)
+        slack_s: float | None = None,
     ) -> StepResult: ...
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None: ...

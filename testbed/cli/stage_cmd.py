@@ -44,7 +44,18 @@ def serve_cmd(
     threads: Annotated[
         int | None, typer.Option(help="Torch CPU threads (default: torch's).")
     ] = None,
-    max_inflight: Annotated[int, typer.Option(help="Steps computed at once (worker threads).")] = 1,
+    max_inflight: Annotated[
+        int, typer.Option(help="Batches computed at once (worker threads).")
+    ] = 1,
+    max_batch: Annotated[
+        int, typer.Option(help="Requests per batched step (continuous batching; 1 = off).")
+    ] = 16,
+    max_batch_tokens: Annotated[
+        int, typer.Option(help="Tokens per batched step (decodes and prefill chunks).")
+    ] = 2048,
+    chunk_tokens: Annotated[
+        int, typer.Option(help="Prompt tokens of one request per step (0 = whole prompt).")
+    ] = 512,
     max_queue: Annotated[
         int, typer.Option(help="Steps allowed to wait beyond those (then 429).")
     ] = 32,
@@ -127,6 +138,7 @@ def serve_cmd(
                 field="--emulate",
             )
         StageTiming(espec, start, end).kv_capacity_tokens()
+    from testbed.stage.batcher import BatchLimits
     from testbed.stage.serve import serve
     from testbed.stage.server import StageConfig
 
@@ -142,6 +154,7 @@ def serve_cmd(
         threads=threads,
         max_inflight=max_inflight,
         max_queue=max_queue,
+        batch=BatchLimits(max_batch, max_batch_tokens, chunk_tokens),
         max_requests=max_requests,
         request_ttl_s=request_ttl,
         evict_idle_s=evict_idle,

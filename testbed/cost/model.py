@@ -197,3 +197,36 @@ class CostModel:
         steps = decode_steps(shape)[0]
         nbytes = act * (shape.prompt_tokens + steps)
         return nbytes * 8 / link.bandwidth_bps, (1 + steps) * link.delay_s
+
+
+# -- batched steps ---------------------------------------------------------------------------
+def batch_step_s(
+    profile: ModelProfile,
+    device: DeviceProfile,
+    decode_contexts: Sequence[int] = (),
+    prefill_tokens: Sequence[int] = (),
+    blocks: int = 1,
+) -> float:
+    """Predicted time of one batched step over ``blocks`` blocks: the roofline of the batch.
+
+    One row per decode (its context length) and per prefill chunk (its token count). The
+    weights are read once for the whole batch; FLOPs, KV-cache reads/writes and activations are
+    summed over the rows; the per-step overhead is paid once. A batch of one row is exactly
+    :meth:`CostModel.block_decode_s` / :meth:`CostModel.block_prefill_s` (times ``blocks``).
+    """
+    if not decode_contexts and not prefill_tokens:
+        return 0.0
+    batch = CostModel(profile).block_batch_s(device, prefill_tokens, decode_contexts)
+    return blocks * batch
+
+
+def batch_speedup(
+    profile: ModelProfile, device: DeviceProfile, rows: int, context_tokens: int
+) -> float:
+    """How many times faster ``rows`` decodes run as one batch than one after another (>= 1):
+    the factor by which a batching node's service rate exceeds its batch-of-one rate."""
+    if rows <= 1:
+        return 1.0
+    one = batch_step_s(profile, device, [context_tokens])
+    many = batch_step_s(profile, device, [context_tokens] * rows)
+    return max(1.0, rows * one / many) if many > 0 else 1.0

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from testbed.emulation.timing import StageTiming
+from testbed.model.batch import BatchStep
 from testbed.model.executor import CacheFullError, ExecutorInputError, StepOutput
 
 _WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -234,6 +235,65 @@ class EmulatedExecutor:
                 "real_s": pace.real_s,
             },
         )
+
+    def step_batch(self, steps: Sequence[BatchStep]) -> list[StepOutput | Exception]:
+        """A batched step on the emulated device: the stand-in computes every row (its own
+        batched forward) inside one window, the roofline of the whole batch
+        (:meth:`StageTiming.batch_s`); a row refused on input or memory does not stop the others."""
+        t0 = self._clock()
+        results: list[StepOutput | Exception | None] = [None] * len(steps)
+        taken: list[tuple[int, BatchStep]] = []
+        rows: list[tuple[Any, int, int]] = []
+        for i, s in enumerate(steps):
+            try:
+                x = self._unpack(s.x)
+                q = int(x.shape[1])
+                self._check_memory(s.kind, q)
+            except Exception as exc:  # this row only
+                results[i] = exc
+                continue
+            taken.append((i, replace(s, x=x)))
+            rows.append((s.kind, q, s.start_pos))
+        if not taken:
+            return [r for r in results if r is not None]
+        predicted = self.timing.batch_s(rows)
+        outs = self.inner.step_batch([s for _, s in taken])
+        t_real = self._clock()
+        left = t0 + predicted - t_real
+        if left > 0:
+            self._sleep(left)
+        t_end = self._clock()
+        kind = "decode" if all(k == "decode" for k, _, _ in rows) else "prefill"
+        tokens = sum(q for _, q, _ in rows)
+        context = max(c for _, _, c in rows)
+        pace = StepPacing(kind, tokens, context, predicted, t_end - t0, t_real - t0)
+        with self._lock:
+            if len(self._steps) < _MAX_STEPS_KEPT:
+                self._steps.append(pace)
+            else:
+                self._dropped += 1
+        emulation = {
+            "predicted_s": predicted,
+            "emulated_s": pace.emulated_s,
+            "real_s": pace.real_s,
+            "batch": len(taken),
+        }
+        for (i, _), out in zip(taken, outs, strict=True):
+            if isinstance(out, Exception):
+                results[i] = out
+                continue
+            hidden = out.hidden
+            if hidden is not None:
+                hidden = pack_hidden(hidden, self.studied_hidden, self.wire_dtype)
+            results[i] = EmulatedStepOutput(
+                hidden=hidden,
+                logits=out.logits,
+                token_id=out.token_id,
+                length=out.length,
+                compute_s=pace.emulated_s,
+                emulation=emulation,
+            )
+        return [r for r in results if r is not None]
 
     # -- reports ---------------------------------------------------------------------------------
     def pacing_report(self, since: int = 0) -> dict[str, Any]:

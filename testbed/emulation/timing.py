@@ -21,6 +21,7 @@ held), divided by the studied model's KV bytes per token over those blocks.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -141,6 +142,26 @@ class StageTiming:
             else:
                 total += roofline_s(prof.head_flops(1), prof.head_bytes(1), dev)
         return total * self.spec.dilation
+
+    def batch_s(self, rows: Sequence[tuple[StepKind, int, int]]) -> float:
+        """Emulated seconds of one batched step over ``rows`` (kind, new tokens, context): the
+        rows' single-step times scaled by the roofline of the batch over the sum of the rows'
+        own rooflines (weights read once, FLOPs and KV traffic summed), so a batch of one is
+        exactly :meth:`step_s` and a measured profile keeps its per-block factors."""
+        singles = [self.step_s(kind, tokens, context) for kind, tokens, context in rows]
+        if len(rows) <= 1:
+            return sum(singles)
+        dev, cost = self.spec.device, self.cost
+        prompts = [t for kind, t, _ in rows if kind == "prefill"]
+        contexts = [c for kind, _, c in rows if kind == "decode"]
+        together = cost.block_batch_s(dev, prompts, contexts)
+        apart = sum(
+            cost.block_batch_s(dev, [t], [])
+            if kind == "prefill"
+            else cost.block_batch_s(dev, [], [c])
+            for kind, t, c in rows
+        )
+        return sum(singles) * together / apart if apart > 0 else sum(singles)
 
     # -- memory and bytes ------------------------------------------------------------------------
     def weight_bytes(self) -> int:

@@ -58,6 +58,13 @@ def chrome_trace(records: Iterable[RequestRecord], *, run_name: str = "run") -> 
                 "args": args,
             }
         )
+    steps = {(s.node, s.start_s, s.batch) for s in spans if s.kind == "compute" and s.batch}
+    for node, start_s, batch in sorted(steps, key=lambda k: (k[1], k[0])):
+        # a counter track per node: the batch size of each of its steps
+        events.append(
+            {"name": "batch size", "ph": "C", "ts": start_s * 1e6, "pid": pid[node],
+             "args": {"batch": batch}}
+        )  # fmt: skip
     meta: list[dict[str, Any]] = []
     for n, p in pid.items():
         meta.append({"name": "process_name", "ph": "M", "pid": p, "tid": 0, "args": {"name": n}})

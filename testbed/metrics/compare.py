@@ -22,7 +22,7 @@ class MetricSpec:
     key: str  # dotted path into the summary dict, e.g. "e2e_s.p99"
     label: str
     better: Better = "lower"
-    unit: Literal["s", "rps", "tps", "frac", "count"] = "s"
+    unit: Literal["s", "rps", "tps", "frac", "count", "num"] = "s"
 
 
 DEFAULT_METRICS: tuple[MetricSpec, ...] = (
@@ -58,10 +58,29 @@ def lookup(summary: Mapping[str, Any], key: str) -> float | None:
     return float(cur) if isinstance(cur, int | float) and not isinstance(cur, bool) else None
 
 
+def class_metrics(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[MetricSpec]:
+    """Rows for what the runs report per request class and per node's batch size."""
+    classes = sorted({c for _, s in runs for c in (s.get("classes") or {})})
+    nodes = sorted({n for _, s in runs for n in (s.get("node_batch_mean") or {})})
+    specs = []
+    for c in classes:
+        specs += [
+            MetricSpec(f"classes.{c}.slo_attainment", f"{c}: SLO attainment", "higher", "frac"),
+            MetricSpec(f"classes.{c}.ttft_attainment", f"{c}: TTFT attainment", "higher", "frac"),
+            MetricSpec(f"classes.{c}.goodput_rps", f"{c}: goodput (req/s)", "higher", "rps"),
+        ]
+    for n in nodes:
+        specs.append(MetricSpec(f"node_batch_mean.{n}", f"{n}: mean batch", "higher", "num"))
+    return specs
+
+
 def compare_rows(
     runs: Sequence[tuple[str, Mapping[str, Any]]], metrics: Sequence[MetricSpec] = DEFAULT_METRICS
 ) -> list[CompareRow]:
-    """One row per metric that at least one run has."""
+    """One row per metric that at least one run has (with the default metrics, also the
+    per-class and per-node batch rows the runs report)."""
+    if metrics is DEFAULT_METRICS:
+        metrics = [*DEFAULT_METRICS, *class_metrics(runs)]
     rows = []
     for m in metrics:
         values = tuple(lookup(s, m.key) for _, s in runs)

@@ -28,6 +28,7 @@ class Span:
     step: int = 0  # 0 = prefill, i = i-th decode step
     peer: str | None = None  # a transfer's receiver
     nbytes: int | None = None  # bytes moved by a transfer
+    batch: int | None = None  # a compute span's batch size at the stage (continuous batching)
 
     @property
     def dur_s(self) -> float:
@@ -59,6 +60,7 @@ class RequestRecord:
     hop_transfer_s: Mapping[str, float] = field(default_factory=dict)  # "src->dst" -> seconds
     retries: int = 0
     spans: tuple[Span, ...] = ()
+    slo_class: str | None = None  # the request's class (scenario ``classes``)
 
     # --- vLLM serving-benchmark definitions ---
     @property
@@ -113,6 +115,7 @@ class RequestRecord:
             "end_s": self.end_s,
             "token_times_s": list(self.token_times_s),
             "spans": [s.to_dict() for s in self.spans],
+            "slo_class": self.slo_class,
         }
 
     @classmethod
@@ -133,6 +136,7 @@ class RequestRecord:
             hop_transfer_s=dict(d.get("hop_transfer_s", {})),
             retries=int(d.get("retries", 0)),
             spans=tuple(Span.from_dict(s) for s in d.get("spans", ())),
+            slo_class=d.get("slo_class"),
         )
 
 

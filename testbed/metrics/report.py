@@ -26,7 +26,7 @@ from testbed.metrics.compare import (
     markdown_table,
 )
 from testbed.metrics.records import RequestRecord
-from testbed.metrics.summary import Summary
+from testbed.metrics.summary import Summary, batch_series
 
 _CSV_FIELDS = (
     "request_id",
@@ -164,6 +164,23 @@ def plot_latency_over_time(path: Path, records: Sequence[RequestRecord]) -> Path
     ax.set_ylabel("latency (ms)")
     ax.grid(alpha=0.3)
     if done or failed:
+        ax.legend(fontsize="small")
+    return _save(fig, Path(path))
+
+
+def plot_batch_sizes(path: Path, records: Sequence[RequestRecord]) -> Path:
+    """Batch size of every step over time, one line per node (continuous batching)."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax = fig.subplots()
+    series = batch_series(records)
+    for node, points in series.items():
+        ax.step([t for t, _ in points], [b for _, b in points], where="post", label=node)
+    if not series:
+        ax.text(0.5, 0.5, "no batch data", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("time (s from start)")
+    ax.set_ylabel("requests in the step")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
         ax.legend(fontsize="small")
     return _save(fig, Path(path))
 

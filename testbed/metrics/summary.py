@@ -86,6 +86,9 @@ class Summary:
     slo: dict[str, float | None]
     node_utilisation: dict[str, float] = field(default_factory=dict)
     node_busy_s: dict[str, float] = field(default_factory=dict)
+    # per request class: requests, completed, slo_attainment, goodput_rps, ttft_attainment
+    classes: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    node_batch_mean: dict[str, float] = field(default_factory=dict)  # mean batch per node
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,10 +148,13 @@ def summarize(
     slo: SLO | None = None,
     node_busy_s: Mapping[str, float] | None = None,
     nodes: Iterable[str] = (),
+    classes: Mapping[str, SLO] | None = None,
 ) -> Summary:
     """Aggregate ``records``. ``wall_s`` defaults to first arrival -> last finish;
     ``node_busy_s`` (e.g. from the stage servers' counters) overrides span-derived busy time;
-    ``nodes`` lists nodes to report even when idle, in the order to report them."""
+    ``nodes`` lists nodes to report even when idle, in the order to report them; ``classes``
+    maps each request class to its SLO (per-class attainment and goodput, see
+    :func:`class_summary`)."""
     slo = slo or SLO()
     wall = run_wall_s(records) if wall_s is None else wall_s
     done = [r for r in records if r.status == "completed"]
@@ -190,4 +196,44 @@ def summarize(
         slo=asdict(slo),
         node_utilisation={n: (b / wall if wall > 0 else 0.0) for n, b in busy.items()},
         node_busy_s=busy,
+        classes=class_summary(records, classes or {}, wall),
+        node_batch_mean=batch_means(records),
     )
+
+
+def class_summary(
+    records: Sequence[RequestRecord], classes: Mapping[str, SLO], wall_s: float
+) -> dict[str, dict[str, float | None]]:
+    """Per class: requests, completed, the fraction meeting every one of the class's targets
+    (``slo_attainment``) and of its TTFT target alone (``ttft_attainment``, None without one),
+    and goodput (requests meeting the class's SLO per second of the run)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, slo in classes.items():
+        mine = [r for r in records if r.slo_class == name]
+        good = sum(slo.met_by(r) for r in mine)
+        ttft_ok = sum(SLO(ttft_s=slo.ttft_s).met_by(r) for r in mine)
+        n = len(mine)
+        out[name] = {
+            "requests": float(n),
+            "completed": float(sum(r.status == "completed" for r in mine)),
+            "slo_attainment": good / n if n else None,
+            "ttft_attainment": ttft_ok / n if n and slo.ttft_s is not None else None,
+            "goodput_rps": good / wall_s if wall_s > 0 else 0.0,
+        }
+    return out
+
+
+def batch_series(records: Iterable[RequestRecord]) -> dict[str, list[tuple[float, int]]]:
+    """Per node, (start time, batch size) of every batched compute step, in time order (a
+    step shared by B requests appears once per request; its size is the same)."""
+    seen: dict[str, set[tuple[float, int]]] = {}
+    for r in records:
+        for s in r.spans:
+            if s.kind == "compute" and s.batch is not None:
+                seen.setdefault(s.node, set()).add((s.start_s, s.batch))
+    return {n: sorted(v) for n, v in sorted(seen.items())}
+
+
+def batch_means(records: Iterable[RequestRecord]) -> dict[str, float]:
+    """Per node, the mean batch size over its batched steps (nodes without batch data absent)."""
+    return {n: sum(b for _, b in v) / len(v) for n, v in batch_series(records).items() if v}

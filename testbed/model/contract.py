@@ -10,8 +10,9 @@ same error type (and the stage server with the same HTTP status and code).
 Threading contract (what :class:`testbed.stage.server.StageServer` does, and what an executor
 must allow):
 
-- ``step()`` runs on the server's worker threads: up to ``max_inflight`` steps at once, never
-  two for the same request id (the server holds a per-request lock around each step).
+- ``step()`` and ``step_batch()`` run on the server's worker threads: up to ``max_inflight``
+  batches at once, never two steps for the same request id at once (the server holds a
+  per-request lock around each step, and a request is in at most one batch row).
 - Everything else - ``check_input``, ``release``, ``has_request``, ``request_ids``,
   ``idle_requests``, ``kv_bytes``, ``info`` and the attributes - is called from the event loop
   thread *while* steps run on workers. An executor therefore guards its request table with a
@@ -25,12 +26,16 @@ must allow):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
 from testbed.errors import TestbedError
+from testbed.model.batch import BatchStep
+
+__all__ = ["BatchStep"]  # re-exported: the executors' batch row type
 
 StepKind = Literal["prefill", "decode"]
 STEP_KINDS: tuple[str, ...] = ("prefill", "decode")
@@ -155,6 +160,12 @@ class StageExecutor(Protocol):
 
     def step(self, request_id: str, kind: str, x: torch.Tensor, start_pos: int) -> StepOutput:
         """Run one prefill (whole prompt at 0) or decode (one token) step; worker thread."""
+        ...
+
+    def step_batch(self, steps: Sequence[BatchStep]) -> list[StepOutput | Exception]:
+        """One iteration of continuous batching over several requests (each on its own cache
+        and position; a prefill may come in chunks, see :class:`BatchStep`); worker thread.
+        Answers per row, in order: its output or the exception that refused it."""
         ...
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from testbed.errors import ConfigError
+from testbed.model.batch import BatchCacheView, BatchStep, batch_mask, causal_mask
 from testbed.model.contract import (
     CacheFullError,
     CacheStateError,
@@ -117,6 +119,7 @@ class LayerRangeExecutor:
         self._lock = threading.Lock()  # guards _requests and _opening (see the contract)
         self._requests: dict[str, _RequestState] = {}
         self._opening: set[str] = set()  # prefills running: their cache slots are taken
+        self._partial: dict[str, _RequestState] = {}  # chunked prefills under way (slots taken)
 
     # ---------------------------------------------------------------- loading
     def _modules_by_prefix(self) -> list[tuple[str, nn.Module]]:
@@ -179,7 +182,8 @@ class LayerRangeExecutor:
     def release(self, request_id: str) -> bool:
         """Free the request's cache; False when it held none."""
         with self._lock:
-            return self._requests.pop(request_id, None) is not None
+            partial = self._partial.pop(request_id, None) is not None
+            return self._requests.pop(request_id, None) is not None or partial
 
     def check_input(self, kind: str, x: torch.Tensor, start_pos: int, request_id: str) -> None:
         """Raise ExecutorInputError when the step does not fit (without changing anything)."""
@@ -200,7 +204,7 @@ class LayerRangeExecutor:
             hidden_size=self.info.hidden_size,
             max_context=self.max_context,
             cached_length=None if state is None else state.length,
-            held=len(self._requests) + len(self._opening),
+            held=len(self._requests) + len(self._opening) + len(self._partial),
             max_requests=self.max_requests,
         )
 
@@ -211,7 +215,7 @@ class LayerRangeExecutor:
 
         with self._lock:  # check and take the cache slot at once (steps run concurrently)
             self._check_locked(kind, x, start_pos, request_id)
-            if request_id in self._opening:
+            if request_id in self._opening or request_id in self._partial:
                 raise CacheStateError(f"request {request_id!r} is already being prefilled")
             state = self._requests.get(request_id)
             opening = state is None
@@ -243,14 +247,8 @@ class LayerRangeExecutor:
         hidden = self.run_layers(hidden, state.cache, start_pos, q)
         length = start_pos + q
 
-        logits = token = None
-        out_hidden: torch.Tensor | None = hidden
-        if self.is_last:
-            assert self.norm is not None and self.lm_head is not None
-            normed = self.norm(hidden)
-            logits = self.lm_head(normed[:, -1:, :])[:, -1, :].to(dtype=torch.float32)
-            token = int(torch.argmax(logits, dim=-1)[0])
-            out_hidden = None
+        out_hidden, logits, tokens = self._head(hidden)
+        token = None if tokens is None else tokens[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         with self._lock:
@@ -265,6 +263,156 @@ class LayerRangeExecutor:
             length=length,
             compute_s=time.perf_counter() - t0,
         )
+
+    def _head(
+        self, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int] | None]:
+        """The step's output from the blocks' [B, q, H]: hidden states for the next stage, or
+        on the last stage the float32 logits [B, vocab] at each row's last position and the
+        greedy tokens."""
+        if not self.is_last:
+            return hidden, None, None
+        assert self.norm is not None and self.lm_head is not None
+        normed = self.norm(hidden)
+        logits = self.lm_head(normed[:, -1:, :])[:, -1, :].to(dtype=torch.float32)
+        return None, logits, [int(t) for t in torch.argmax(logits, dim=-1)]
+
+    # ---------------------------------------------------------------- batched steps
+    @torch.inference_mode()
+    def step_batch(self, steps: Sequence[BatchStep]) -> list[StepOutput | Exception]:
+        """One iteration of continuous batching: all decode rows as one [B, 1] forward (each
+        on its own cache and position), then each prefill chunk on its own cache.
+
+        Answers per row, in order: a :class:`StepOutput` or the exception that row raised (a
+        refused row does not stop the others). ``compute_s`` is the whole batch's wall time.
+        """
+        t0 = time.perf_counter()
+        results: list[StepOutput | Exception | None] = [None] * len(steps)
+        taken: list[tuple[int, _RequestState]] = []
+        with self._lock:  # check and take every row's cache at once (as step())
+            seen: set[str] = set()
+            for i, s in enumerate(steps):
+                try:
+                    if s.request_id in seen:
+                        raise CacheStateError(f"request {s.request_id!r} twice in one batch")
+                    seen.add(s.request_id)
+                    taken.append((i, self._take_locked(s)))
+                except (ExecutorInputError, CacheFullError) as exc:
+                    results[i] = exc
+        rows: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, int | None]] = {}
+        try:
+            decodes = [(i, st) for i, st in taken if steps[i].kind == "decode"]
+            if len(decodes) > 1:
+                rows.update(self._decode_batch([steps[i] for i, _ in decodes], decodes))
+            for i, st in taken:
+                if i not in rows:
+                    s = steps[i]
+                    rows[i] = self._one(st, s.x, s.start_pos)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as exc:  # a model failure fails every row of the batch
+            with self._lock:
+                for i, _ in taken:
+                    if steps[i].kind == "prefill":
+                        self._partial.pop(steps[i].request_id, None)
+                    results[i] = exc
+            return [r if r is not None else exc for r in results]
+        compute_s = time.perf_counter() - t0
+        now = time.monotonic()
+        with self._lock:
+            for i, st in taken:
+                s = steps[i]
+                st.length = s.start_pos + int(s.x.shape[1])
+                st.last_used_s = now
+                if s.kind == "prefill" and s.last_chunk:
+                    if self._partial.pop(s.request_id, None) is not None:  # not released
+                        self._requests[s.request_id] = st
+                hidden, logits, token = rows[i]
+                results[i] = StepOutput(hidden, logits, token, st.length, compute_s)
+        return [r for r in results if r is not None]
+
+    def _take_locked(self, s: BatchStep) -> _RequestState:
+        """Check a batch row and return the cache it runs on (a prefill opens one)."""
+        from transformers import DynamicCache
+
+        rid = s.request_id
+        if s.kind == "prefill" and s.start_pos > 0:  # the next chunk of a prompt
+            state = self._partial.get(rid)
+            if state is None:
+                raise CacheStateError(
+                    f"request {rid!r}: no prefill under way to continue at {s.start_pos}"
+                )
+            if state.length != s.start_pos:
+                raise CacheStateError(
+                    f"request {rid!r}: prefill chunk at {s.start_pos} but the cache holds "
+                    f"{state.length} tokens"
+                )
+            check_step(  # shape and token checks of a prefill (position checked above)
+                "prefill", s.x, 0, rid, start=self.start, end=self.end,
+                is_first=self.is_first, vocab_size=self.info.vocab_size,
+                hidden_size=self.info.hidden_size, max_context=self.max_context - s.start_pos,
+                cached_length=None, held=0, max_requests=1,
+            )  # fmt: skip
+            return state
+        self._check_locked(s.kind, s.x, s.start_pos, rid)
+        if rid in self._opening or rid in self._partial:
+            raise CacheStateError(f"request {rid!r} is already being prefilled")
+        if s.kind == "prefill":
+            state = _RequestState(cache=DynamicCache())
+            self._partial[rid] = state
+            return state
+        return self._requests[rid]
+
+    def _one(
+        self, state: _RequestState, x: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
+        """One request's step on its own cache (the unbatched path)."""
+        x = x.to(self.device)
+        hidden = self.embed(x.to(torch.long)) if self.embed is not None else x.to(self.dtype)
+        hidden = self.run_layers(hidden, state.cache, start_pos, int(x.shape[1]))
+        out, logits, tokens = self._head(hidden)
+        return out, logits, None if tokens is None else tokens[0]
+
+    def _decode_batch(
+        self, steps: list[BatchStep], rows: list[tuple[int, _RequestState]]
+    ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None, int | None]]:
+        """B decode rows (one token each, own cache and position) as one [B, 1] forward."""
+        x = torch.cat([s.x.to(self.device) for s in steps], dim=0)
+        hidden = self.embed(x.to(torch.long)) if self.embed is not None else x.to(self.dtype)
+        positions = [s.start_pos for s in steps]
+        position_ids = torch.tensor(positions, device=self.device)[:, None]
+        lengths = [p + 1 for p in positions]
+        additive = self.config._attn_implementation == "eager"
+        masks = {
+            t: batch_mask(
+                lengths,
+                window=self._sliding_window if t == "sliding_attention" else None,
+                additive=additive,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for t in set(self.layer_types)
+        }
+        view = BatchCacheView([st.cache for _, st in rows])
+        position_embeddings = self.rotary(hidden, position_ids)
+        for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[layer_type],
+                position_ids=position_ids,
+                past_key_values=view,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+        out, logits, tokens = self._head(hidden)
+        return {
+            i: (
+                None if out is None else out[k : k + 1],
+                None if logits is None else logits[k : k + 1],
+                None if tokens is None else tokens[k],
+            )
+            for k, (i, _) in enumerate(rows)
+        }
 
     def mask(self, layer_type: str, start_pos: int, q: int) -> torch.Tensor:
         """The attention mask of ``q`` new tokens at ``start_pos`` for one layer type."""
@@ -300,35 +448,6 @@ class LayerRangeExecutor:
         from testbed.model.profiling import time_parts
 
         return time_parts(self, prompt_tokens, context_tokens, repeats)
-
-
-def causal_mask(
-    start_pos: int,
-    q: int,
-    *,
-    window: int | None,
-    additive: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """The [1, 1, q, start_pos + q] attention mask of q new tokens over a full KV cache.
-
-    Query i (absolute position start_pos + i) sees keys 0..start_pos + i, and with a sliding
-    window only the last ``window`` of them (HF's convention: kv > q - window). Boolean (True =
-    attend) for SDPA, additive (0 / dtype min) for eager attention. Built here rather than with
-    transformers' internal mask helpers, whose signatures change between releases; the caches
-    are full (not sliding) layers, so the window lives in the mask alone.
-    """
-    q_pos = torch.arange(start_pos, start_pos + q, device=device)[:, None]
-    kv_pos = torch.arange(start_pos + q, device=device)[None, :]
-    allowed = kv_pos <= q_pos
-    if window is not None:
-        allowed &= kv_pos > q_pos - window
-    allowed = allowed[None, None]
-    if not additive:
-        return allowed
-    zeros = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _layer_types(config: Any) -> list[str]:

@@ -8,9 +8,15 @@ queue or refuse it). C_hat_k starts at the snapshot's ``capacity`` prior and is 
 EWMA of observed speed = predicted_work_s / service_s from completions, clamped to
 [min_capacity, max_capacity].
 
+Batch-aware (ours): a node that batches decodes serves its queue ``batch_speedup`` times
+faster than one request at a time (the snapshot's :attr:`NodeState.batch_speedup`, from the
+cost model's roofline of the batch), so the predicted delay is divided by it. With no
+batching (speedup 1, max_batch 1) the choice is exactly the original rule.
+
 Over many replicas (a simulated cluster of 1,000 nodes), :meth:`Arts.route_ledger` takes the
 same decision from the ledger's per-stage arrays with numpy (the same float operations, so the
-same argmin and tie-breaks) instead of a snapshot and a Python loop per replica.
+same argmin and tie-breaks) instead of a snapshot and a Python loop per replica
+(it assumes no batching: every ``batch_speedup`` is 1 there, as in the simulator).
 """
 
 from __future__ import annotations
@@ -89,7 +95,8 @@ class Arts(PerStageScheduler):
         best, best_key = live[0], None
         for n in fits or live:  # argmin of _key, written out: it runs for every replica
             c = max(self.capacity(n), self.min_capacity)
-            key = ((n.queued_work_s + request.work_s[n.name]) / c, -c, n.name)
+            rate = c * max(n.batch_speedup, 1.0)  # batch-aware service rate
+            key = ((n.queued_work_s + request.work_s[n.name]) / rate, -c, n.name)
             if best_key is None or key < best_key:
                 best, best_key = n, key
         return best

@@ -36,6 +36,9 @@ class NodeState:
         1.0  # prior speed factor (from the profile: 1.0 unless the broker knows better)
     )
     mem_free_bytes: int = 2**62  # memory headroom left for KV caches on this node
+    # how many times faster than one at a time the node serves its queue by batching decodes
+    # (testbed.cost.model.batch_speedup of its queue, capped by its max_batch; 1 = no batching)
+    batch_speedup: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,12 @@ class RequestView:
     output_tokens: int  # expected output length (the trace's)
     work_s: Mapping[str, float]  # node name -> predicted work of this request's stage on that node
     kv_bytes: tuple[int, ...] = ()  # per stage: KV-cache bytes this request will hold there
+    # the request's class and its targets (scenario ``classes``; None = no target)
+    slo_class: str | None = None
+    priority: int = 0  # higher is served first at the stages
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+    e2e_slo_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +108,9 @@ class Scheduler(abc.ABC):
     """
 
     name: ClassVar[str]
+    # True: the stages order their batches by the request's priority and slack (the broker
+    # sends both with every step); False: first come, first served at the stages
+    orders_stage_queues: ClassVar[bool] = False
 
     @abc.abstractmethod
     def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:

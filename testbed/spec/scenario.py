@@ -13,6 +13,8 @@ duration: 2min                         # stop admitting after this long (optiona
 requests: 40                           # or after this many (optional)
 seed: 0
 slo: {ttft: 2s, tpot: 200ms, e2e: 30s}
+classes: [{name: chat, share: 0.7, slo: {ttft: 1s, tpot: 100ms}, priority: 1},
+          {name: batch, share: 0.3, slo: {e2e: 60s}}]   # optional (testbed/spec/classes.py)
 runtime: local                         # local | docker
 output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
@@ -29,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from testbed.errors import ConfigError
+from testbed.spec.classes import RequestClass, check_classes
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
 from testbed.spec.quantities import LongSeconds, Seconds, StrictInt
@@ -78,6 +81,7 @@ class Scenario(BaseModel):
     requests: StrictInt | None = Field(default=None, gt=0, le=MAX_REQUESTS)
     seed: StrictInt = Field(default=0, ge=0, lt=2**63)
     slo: SLO = SLO()
+    classes: tuple[RequestClass, ...] = ()  # request classes with their own SLOs (classes.py)
     runtime: Literal["local", "docker"] = "local"
     output: Path = Path("results")
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
@@ -88,6 +92,8 @@ class Scenario(BaseModel):
     dilation: float = Field(default=1.0, ge=1.0, le=1000.0)
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
+
+    _classes = field_validator("classes")(lambda cls, v: check_classes(v))
 
     @field_validator("compare")
     @classmethod

@@ -136,6 +136,7 @@ class ForwardResult:
     link_s: float  # time spent awaiting the hop hook before sending
     bytes_sent: int
     bytes_received: int
+    batch_size: int = 1  # requests in the stage's batched step that computed this one
 
     @property
     def transfer_s(self) -> float:
@@ -349,11 +350,24 @@ class StageClient:
         *,
         want_logits: bool = False,
         timeout_s: float | None = None,
+        slo_class: str | None = None,
+        priority: int = 0,
+        slack_s: float | None = None,
     ) -> ForwardResult:
-        """Send one prefill/decode step: token ids (first stage) or hidden states."""
+        """Send one prefill/decode step: token ids (first stage) or hidden states.
+
+        ``slo_class`` / ``priority`` / ``slack_s``: the request's class, its priority (higher
+        is batched first) and the seconds this step may wait and still meet its SLO (least
+        slack is batched first among equal priorities)."""
         meta: dict[str, Any] = {"request_id": request_id, "kind": kind, "start_pos": start_pos}
         if want_logits:
             meta["want_logits"] = True
+        if slo_class is not None:
+            meta["class"] = slo_class
+        if priority:
+            meta["priority"] = priority
+        if slack_s is not None:
+            meta["slack_s"] = slack_s
         parts = encode_parts(meta, {"input": _input_tensor(data)})
         nbytes = sum(p.nbytes for p in parts)
         use_tcp = await self._use_tcp()
@@ -408,6 +422,7 @@ class StageClient:
                 link_s=link_s,
                 bytes_sent=nbytes,
                 bytes_received=msg.nbytes,
+                batch_size=int(meta_out.get("batch_size", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StageProtocolError(self.name, f"response meta lacks {exc}") from None

@@ -14,7 +14,16 @@ from testbed.model.contract import ExecutorInputError
 from testbed.stage.wire import WireMessage
 
 MAX_REQUEST_ID = 128
-_META_KEYS = {"request_id", "kind", "start_pos", "want_logits", "op"}
+_META_KEYS = {
+    "request_id",
+    "kind",
+    "start_pos",
+    "want_logits",
+    "op",
+    "class",
+    "priority",
+    "slack_s",
+}
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,9 @@ class ForwardRequest:
     start_pos: int
     want_logits: bool
     input: torch.Tensor  # token ids int64[1, q] (first stage) or hidden states float[1, q, H]
+    slo_class: str | None = None  # the request's class (scenario ``classes``), for metrics
+    priority: int = 0  # higher is batched first
+    slack_s: float | None = None  # seconds this step may wait and still meet its SLO
 
 
 @dataclass(frozen=True)
@@ -60,4 +72,20 @@ def parse_forward(msg: WireMessage) -> ForwardRequest:
         )
     # finiteness is checked by the executor's step validator (check_step), on the values it
     # computes with: an emulated device's wire tensor is packed bytes, not values
-    return ForwardRequest(rid, kind, start_pos, want_logits, msg.tensors["input"])
+    return ForwardRequest(rid, kind, start_pos, want_logits, msg.tensors["input"], *_slo(meta))
+
+
+def _slo(meta: dict[str, Any]) -> tuple[str | None, int, float | None]:
+    """The optional request class, priority and slack a broker sends with a step."""
+    cls = meta.get("class")
+    if cls is not None and (not isinstance(cls, str) or not 0 < len(cls) <= MAX_REQUEST_ID):
+        raise ExecutorInputError(f"meta.class must be a string of 1..{MAX_REQUEST_ID} chars")
+    priority = meta.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ExecutorInputError(f"meta.priority must be an integer, got {priority!r}")
+    slack = meta.get("slack_s")
+    if slack is not None and (
+        isinstance(slack, bool) or not isinstance(slack, (int, float)) or slack != slack
+    ):
+        raise ExecutorInputError(f"meta.slack_s must be a number of seconds, got {slack!r}")
+    return cls, priority, None if slack is None else float(slack)

@@ -51,9 +51,16 @@ class StageMetrics:
     evicted: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    batches: int = 0  # batched iterations run
+    batch_rows: int = 0  # steps over all iterations (mean batch = batch_rows / batches)
+
+    def count_batch(self, rows: int, compute_s: float) -> None:
+        """One iteration of the step queue: its wall time is the stage's busy time."""
+        self.busy_s += compute_s
+        self.batches += 1
+        self.batch_rows += rows
 
     def count_step(self, kind: str, tokens: int, compute_s: float, bytes_out: int) -> None:
-        self.busy_s += compute_s
         self.tokens[kind] += tokens
         self.steps[kind].observe(compute_s)
         self.bytes_out += bytes_out
@@ -88,6 +95,12 @@ class StageMetrics:
             "# HELP testbed_stage_busy_seconds_total Seconds spent computing steps.",
             "# TYPE testbed_stage_busy_seconds_total counter",
             f"testbed_stage_busy_seconds_total{{{lbl}}} {self.busy_s:.9f}",
+            "# HELP testbed_stage_batches_total Batched iterations run.",
+            "# TYPE testbed_stage_batches_total counter",
+            f"testbed_stage_batches_total{{{lbl}}} {self.batches}",
+            "# HELP testbed_stage_batch_rows_total Steps run over all batched iterations.",
+            "# TYPE testbed_stage_batch_rows_total counter",
+            f"testbed_stage_batch_rows_total{{{lbl}}} {self.batch_rows}",
             "# HELP testbed_stage_tokens_total Tokens processed, by step kind.",
             "# TYPE testbed_stage_tokens_total counter",
         ]

@@ -26,7 +26,12 @@ the same keys in its answer's meta), the code one of :class:`testbed.stage.error
 ``busy`` (queue full), 503 ``cache_full`` or ``shutting_down``, 500 ``model_error``; one table
 (:func:`testbed.stage.errors.status_and_code`) maps executor exceptions to them. The server
 keeps serving the others in every case. Torch work runs on worker threads (``max_inflight`` of them,
-default 1), never on the event loop; at most ``max_queue`` more steps may wait for a worker.
+default 1), never on the event loop; at most ``max_queue`` more steps may wait for a batch.
+
+Steps are batched at the iteration level (:mod:`testbed.stage.batcher`): every waiting decode
+and chunks of waiting prefills run as one ``executor.step_batch`` call, up to
+``config.batch`` limits; each reply's meta carries the ``batch_size`` of its step, and a
+/forward meta may carry the request's ``class``, ``priority`` and ``slack_s`` (batch order).
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from testbed.errors import ConfigError, TestbedError
-from testbed.model.contract import CacheFullError, StageExecutor
+from testbed.model.batch import BatchStep
+from testbed.model.contract import CacheFullError, StageExecutor, StepOutput
+from testbed.stage.batcher import BatchLimits, Pending, StepQueue
 from testbed.stage.client import WirePayload
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
@@ -67,8 +74,9 @@ class StageConfig:
     device: str | None = None  # None = cuda when present, else cpu
     dtype: str | None = None  # None/"auto" = checkpoint dtype on cuda, float32 on cpu
     threads: int | None = None  # torch intra-op threads; None = torch's default
-    max_inflight: int = 1  # steps computed at once (worker threads)
-    max_queue: int = 32  # steps allowed to wait for a worker beyond those
+    max_inflight: int = 1  # batches computed at once (worker threads)
+    max_queue: int = 32  # steps allowed to wait for a batch beyond those running
+    batch: BatchLimits = field(default_factory=BatchLimits)  # continuous batching limits
     max_requests: int = 256  # request caches held at once
     request_ttl_s: float = 600.0  # caches idle longer than this are dropped
     # when every cache slot is taken, a prefill evicts the least recently used cache idle
@@ -132,9 +140,8 @@ class StageServer:
         self._pool = ThreadPoolExecutor(
             max_workers=config.max_inflight, thread_name_prefix=f"{config.label}-worker"
         )
-        self._slots = asyncio.Semaphore(config.max_inflight)
-        self._waiting = 0
-        self._running = 0
+        self._queue: StepQueue | None = None  # made in start() (needs the running loop)
+        self._waiting = 0  # steps being read or checked (the step queue counts its own)
         self._req_locks: dict[str, asyncio.Lock] = {}
         self._recent = RecentRequests(config.evict_idle_s, 2 * config.max_requests)
         self._intake: Intake | None = None  # made in start(), once the executor is known
@@ -211,6 +218,8 @@ class StageServer:
             refuse=self._refuse,
             refuse_exc=self._refuse_exc,
         )
+        self._queue = StepQueue(self._run_batch, cfg.batch, cfg.max_inflight)
+        self._queue.start()
         # client_max_size bounds the JSON routes; wire bodies stream through read_message
         app = web.Application(client_max_size=JSON_BODY_MAX_BYTES)
         app.router.add_get("/health", self._health)
@@ -254,6 +263,8 @@ class StageServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        if self._queue is not None:
+            await self._queue.aclose()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> StageServer:
@@ -323,6 +334,9 @@ class StageServer:
             "requests": len(ex.request_ids),
             "max_requests": self.config.max_requests,
             "max_inflight": self.config.max_inflight,
+            "max_batch": self.config.batch.max_batch,
+            "max_batch_tokens": self.config.batch.max_batch_tokens,
+            "chunk_tokens": self.config.batch.chunk_tokens,
             "max_queue": self.config.max_queue,
             "tensor_port": self.tensor_port,
             "pid": os.getpid(),
@@ -385,7 +399,7 @@ class StageServer:
     async def _metrics_text(self, request: web.Request) -> web.Response:
         ex = self.executor
         gauges = Gauges(
-            waiting=self._waiting,
+            waiting=self._waiting_steps,
             running=self._running,
             requests=len(ex.request_ids),
             kv_bytes=ex.kv_bytes(),
@@ -470,16 +484,28 @@ class StageServer:
         label = self.config.label
         return self._refuse(503, ErrorCode.SHUTTING_DOWN, f"stage {label} is shutting down")
 
+    @property
+    def _running(self) -> int:
+        """Steps in batches being computed."""
+        return 0 if self._queue is None else self._queue.running_rows
+
+    @property
+    def _waiting_steps(self) -> int:
+        """Steps admitted and not computing: being read, checked, or queued for a batch."""
+        return self._waiting + (0 if self._queue is None else self._queue.waiting)
+
     def _admit(self) -> None:
         """Raise the refusal when no step may be admitted now (stopping, or queue full)."""
         cfg = self.config
         if self._closing:
             raise self._shutting_down()
-        if self._running >= cfg.max_inflight and self._waiting >= cfg.max_queue:
+        workers_busy = self._queue is not None and self._queue.running_batches >= cfg.max_inflight
+        if workers_busy and self._waiting_steps >= cfg.max_queue:
             raise self._refuse(
                 429,
                 ErrorCode.BUSY,
-                f"stage {cfg.label} is busy: {self._running} running, {self._waiting} waiting "
+                f"stage {cfg.label} is busy: {self._running} running, {self._waiting_steps} "
+                "waiting "
                 f"(max_inflight={cfg.max_inflight}, max_queue={cfg.max_queue}); retry later",
             )
 
@@ -499,20 +525,13 @@ class StageServer:
             try:
                 req = parse_forward(msg)
                 self._check_input(req)
-                t_ready = time.perf_counter()
                 lock = self._req_locks.setdefault(req.request_id, asyncio.Lock())
-                async with lock, self._slots:
+                async with lock:
+                    assert self._queue is not None
                     self._waiting -= 1
                     waiting = False
-                    self._running += 1
-                    queue_s = time.perf_counter() - t_ready
-                    try:
-                        loop = asyncio.get_running_loop()
-                        reply, compute_s = await loop.run_in_executor(
-                            self._pool, self._compute, req, queue_s
-                        )
-                    finally:
-                        self._running -= 1
+                    done = await self._queue.submit(req, req.priority, req.slack_s)
+                    reply, compute_s = self._reply(req, done.future.result(), done)
             except Exception as exc:  # a refusal or a model failure: report it, keep serving
                 raise self._refuse_exc(exc) from None
             if not ex.has_request(req.request_id):
@@ -528,15 +547,25 @@ class StageServer:
             if waiting:
                 self._waiting -= 1
 
-    def _compute(self, req: ForwardRequest, queue_s: float) -> tuple[ForwardReply, float]:
-        """On a worker thread: the step, and its answer encoded for the wire."""
+    async def _run_batch(self, steps: list[BatchStep]) -> list[StepOutput | Exception]:
+        """One batch on a worker thread (the step queue's runner)."""
+        loop = asyncio.get_running_loop()
+        outs = await loop.run_in_executor(self._pool, self.executor.step_batch, steps)
+        ok = [o for o in outs if isinstance(o, StepOutput)]
+        self._metrics.count_batch(len(ok), ok[0].compute_s if ok else 0.0)
+        return outs
+
+    def _reply(
+        self, req: ForwardRequest, out: StepOutput, done: Pending
+    ) -> tuple[ForwardReply, float]:
+        """A finished step's answer, encoded for the wire."""
         ex = self.executor
-        out = ex.step(req.request_id, req.kind, req.input, req.start_pos)
         tensors = {}
         if out.hidden is not None:
             tensors["hidden"] = out.hidden
         if req.want_logits and out.logits is not None:
             tensors["logits"] = out.logits
+        first = done.first_run_s if done.first_run_s is not None else done.ready_s
         meta = {
             "request_id": req.request_id,
             "kind": req.kind,
@@ -544,7 +573,8 @@ class StageServer:
             "length": out.length,
             "token_id": out.token_id,
             "service_s": out.compute_s,
-            "queue_s": queue_s,
+            "queue_s": first - done.ready_s,
+            "batch_size": done.batch_size,
             "stage": [ex.start, ex.end],
             "status": 200,
         }

@@ -176,6 +176,11 @@ class _Gate:
         assert self.gate.wait(30)
         return self._inner.step(*args)
 
+    def step_batch(self, steps):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self._inner.step_batch(steps)
+
 
 async def test_full_queue_answers_429_and_recovers(tiny_model):
     path = tiny_model("phi3")
@@ -188,7 +193,7 @@ async def test_full_queue_answers_429_and_recovers(tiny_model):
         await asyncio.to_thread(gated.entered.wait, 10)
         waiting = asyncio.create_task(post(url, fwd("b", "prefill", 0, torch.tensor([[3]]))))
         for _ in range(200):  # until "b" is queued
-            if server._waiting == 1:
+            if server._waiting_steps == 1:
                 break
             await asyncio.sleep(0.01)
         status, text = await post(url, fwd("c", "prefill", 0, torch.tensor([[3]])))

@@ -126,3 +126,12 @@ def test_bad_parameters_are_config_errors(params: dict[str, float]) -> None:
 def test_unknown_parameter_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="alpha"):
         SCHEDULERS.create("arts", {"alhpa": 0.1})
+
+
+def test_batch_aware_rate_divides_the_delay_and_speedup_one_is_the_original() -> None:
+    a = NodeState("a", 0, queued_work_s=5.0)
+    b = NodeState("b", 0, queued_work_s=1.0)
+    assert Arts().route(req({"a": 1.0, "b": 1.0}), snap(a, b)) == ("b",)
+    # a batches its queue 4x faster: d_a = 6 / 4 = 1.5 < d_b = 2
+    a_batch = NodeState("a", 0, queued_work_s=5.0, batch_speedup=4.0)
+    assert Arts().route(req({"a": 1.0, "b": 1.0}), snap(a_batch, b)) == ("a",)

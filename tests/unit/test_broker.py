@@ -288,3 +288,29 @@ async def test_arts_learns_capacity_from_reported_service_times() -> None:
     assert c_hat["edge-2"] > 2 * c_hat["edge-1"]
     edges = [r.route[0] for r in res.records[8:]]
     assert edges.count("edge-2") > edges.count("edge-1")
+
+
+async def test_request_classes_travel_with_the_steps_and_reach_the_records() -> None:
+    from testbed.metrics.summary import SLO, summarize
+    from testbed.spec.classes import RequestClass, class_of
+
+    classes = (
+        RequestClass.model_validate(
+            {"name": "chat", "share": 0.5, "slo": {"ttft": "5s", "tpot": "1s"}, "priority": 1}
+        ),
+        RequestClass.model_validate({"name": "batch", "share": 0.5, "slo": {"e2e": "30s"}}),
+    )
+    _, _, plan = _setup()
+    reqs = _requests(12, gap_s=0.0, prompt=4, out=3)
+    cfg = BrokerConfig(call_timeout_s=5.0, classes=classes, class_seed=3)
+    async with echo_stages(_ranges(plan), num_blocks=4, compute_s=0.01) as stages:
+        res, _ = await _replay(stages, reqs, scheduler="slo", config=cfg)
+    assert all(r.status == "completed" for r in res.records)
+    want = [class_of(r.request_id, classes, 3).name for r in reqs]  # type: ignore[union-attr]
+    assert [r.slo_class for r in res.records] == want and set(want) == {"chat", "batch"}
+    batches = [s.batch for r in res.records for s in r.spans if s.kind == "compute"]
+    assert all(b is not None and b >= 1 for b in batches) and max(batches) > 1  # type: ignore[operator]
+    slos = {c.name: SLO(c.slo.ttft_s, c.slo.tpot_s, c.slo.e2e_s) for c in classes}
+    summary = summarize(res.records, classes=slos)
+    assert summary.classes["chat"]["slo_attainment"] == 1.0
+    assert summary.classes["batch"]["requests"] == want.count("batch")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import torch
@@ -33,6 +34,9 @@ class _Failing(EchoExecutor):
     """An echo whose step fails inside "the model" (a bug, an OOM)."""
 
     def step(self, request_id: str, kind: str, x: torch.Tensor, start_pos: int) -> StepOutput:
+        raise RuntimeError("CUDA out of memory (on purpose)")
+
+    def step_batch(self, steps: Any) -> list[StepOutput | Exception]:
         raise RuntimeError("CUDA out of memory (on purpose)")
 
 

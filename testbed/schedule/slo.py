@@ -1,0 +1,112 @@
+"""``slo``: multi-SLO routing - the cheapest route predicted to meet the request's TTFT, TPOT
+and end-to-end targets (after HyperFlexis; see the README for what is from its abstract).
+
+For every candidate route (one up replica per stage; all combinations up to ``max_routes``,
+else each stage's replica is chosen alone) it predicts, from the snapshot's live queues and
+capacities (ours):
+
+- the request's time per step on node k: ``step_k = work_s[k] / max(output_tokens, 1) / c_k``
+  (its predicted work spread over its steps; ``c_k`` the node's capacity);
+- one iteration of node k's batch: ``iter_k = (queue_len_k + 1) * step_k / batch_speedup_k``
+  (continuous batching: a request joins at the next step boundary, and the B rows of a step
+  cost ``B / speedup`` single steps);
+- TTFT = sum over stages of (one iteration waited + the prefill, one iteration) + hops;
+  TPOT = sum over stages of iter_k + hops (each token crosses every stage);
+  E2E = TTFT + (output_tokens - 1) * TPOT.
+
+A route *meets* the request's SLOs when every declared target holds; among those it takes the
+cheapest (least device time ``sum work_s[k] / c_k``, then least predicted E2E, then names).
+When none does it takes the least predicted violation (sum over targets of
+``max(0, predicted / target - 1)``). A request without targets gets the least predicted E2E.
+The stage servers then order each batch by (priority, least slack) - the request's class and
+priority travel with its steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from testbed.schedule.base import (
+    SCHEDULERS,
+    ClusterSnapshot,
+    NodeState,
+    RequestView,
+    Route,
+    Scheduler,
+    up_nodes,
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    cost_s: float  # device seconds the request uses on the route
+
+    def violation(self, request: RequestView) -> float:
+        """Sum over the request's targets of how far the prediction misses (0 = all met)."""
+        pairs = (
+            (self.ttft_s, request.ttft_slo_s),
+            (self.tpot_s, request.tpot_slo_s),
+            (self.e2e_s, request.e2e_slo_s),
+        )
+        return sum(max(0.0, p / t - 1.0) for p, t in pairs if t)
+
+
+def predict(request: RequestView, nodes: tuple[NodeState, ...], hop_s: float) -> Prediction:
+    """TTFT, TPOT and E2E of ``request`` on the route ``nodes`` (see the module docstring)."""
+    steps = max(request.output_tokens, 1)
+    ttft = tpot = cost = 0.0
+    for n in nodes:
+        c = max(n.capacity, 1e-9)
+        work = request.work_s.get(n.name, 0.0) / c
+        step = work / steps
+        iteration = (n.queue_len + 1) * step / max(n.batch_speedup, 1.0)
+        ttft += iteration + max(iteration, step)
+        tpot += iteration
+        cost += work
+    ttft += hop_s
+    tpot += hop_s
+    return Prediction(ttft, tpot, ttft + (steps - 1) * tpot, cost)
+
+
+@SCHEDULERS.register("slo")
+@dataclass
+class SloAware(Scheduler):
+    """Cheapest route predicted to meet the request's SLOs; least violation when none does."""
+
+    orders_stage_queues: ClassVar[bool] = True  # stages batch by (priority, least slack)
+    max_routes: int = 4096  # combinations scored; above this each stage is chosen alone
+
+    def __post_init__(self) -> None:
+        if self.max_routes < 1:
+            raise ValueError(f"max_routes must be >= 1, got {self.max_routes}")
+
+    def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:
+        live = [up_nodes(stage, s) for s, stage in enumerate(snapshot.stages)]
+        hop_s = sum(snapshot.hop_s)
+        if math.prod(len(x) for x in live) > self.max_routes:
+            return tuple(  # each stage alone, as if it were the whole route
+                min(nodes, key=lambda n: self._key(request, (n,), hop_s / len(live))).name
+                for nodes in live
+            )
+        best = min(itertools.product(*live), key=lambda r: self._key(request, r, hop_s))
+        return tuple(n.name for n in best)
+
+    @staticmethod
+    def _key(
+        request: RequestView, nodes: tuple[NodeState, ...], hop_s: float
+    ) -> tuple[float, float, float, tuple[str, ...]]:
+        p = predict(request, nodes, hop_s)
+        names = tuple(n.name for n in nodes)
+        has_targets = any((request.ttft_slo_s, request.tpot_slo_s, request.e2e_slo_s))
+        if not has_targets:
+            return (0.0, p.e2e_s, p.cost_s, names)
+        miss = p.violation(request)
+        if miss > 0:
+            return (1.0 + miss, p.e2e_s, p.cost_s, names)  # after every route that meets them
+        return (0.0, p.cost_s, p.e2e_s, names)
