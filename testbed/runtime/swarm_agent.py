@@ -126,7 +126,7 @@ def run_agent_job(
     argv: Sequence[str],
     env: Mapping[str, str],
     mounts: Sequence[tuple[str, str]],
-    timeout_s: float = 120.0,
+    timeout_s: float = 300.0,
 ) -> list[dict[str, Any]]:
     """Run the agent as a global job on every ready node; returns its JSON lines. Blocking.
 

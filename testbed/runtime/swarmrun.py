@@ -376,9 +376,13 @@ def remove_swarm_by_label(c: Any, label_filter: str) -> tuple[int, int]:
     deadline = time.monotonic() + GONE_TIMEOUT_S
     while time.monotonic() < deadline:
         left = c.containers.list(all=True, filters={"label": label_filter}, sparse=True)
-        if not left:
+        if not left or not svcs:
             break
         time.sleep(0.5)
+    # what the engine has not reaped (a finished agent task's container): remove it here
+    for ctr in c.containers.list(all=True, filters={"label": label_filter}, sparse=True):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            ctr.remove(force=True)
     nets = c.networks.list(filters={"label": label_filter})
     removed = 0
     for net in nets:
