@@ -17,6 +17,7 @@ manager reads the job's logs and checks every planned node was shaped somewhere.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -183,6 +184,13 @@ def run_agent_job(
             svc.remove()
         except docker.errors.NotFound:
             pass
+        # the engine (20.10) keeps a finished job task's container even after the service is
+        # removed: remove this host's; other hosts keep an exited one (labelled with the run;
+        # `docker container prune --filter label=testbed.run` there)
+        flt = {"label": [f"{LABEL_RUN}={run_id}", f"{LABEL_ROLE}=agent"]}
+        for ctr in c.containers.list(all=True, filters=flt, sparse=True):
+            with contextlib.suppress(docker.errors.APIError):
+                ctr.remove(force=True)
     out = []
     for line in text.splitlines():
         line = line.strip()

@@ -68,7 +68,9 @@ def single_node_swarm(c: Any) -> Iterator[None]:
                     net.remove()
 
 
-def _cli(environ: dict[str, str], *args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
+def _cli(
+    environ: dict[str, str], *args: str, timeout: float = 1200
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", CLI, *args],
         env=environ,

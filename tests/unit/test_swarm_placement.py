@@ -193,3 +193,32 @@ def test_swarm_request_builds_real_sdk_resources() -> None:
     assert res["Reservations"]["GenericResources"] == [
         {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 2}}
     ]
+
+
+# -- the agent's instructions ----------------------------------------------------------------
+
+
+def test_shape_plan_round_trips_into_the_builders_shapes() -> None:
+    import json
+
+    from testbed.net.shaping import DirShape, Iface, egress_ops
+    from testbed.runtime.swarm_agent import shape_plan
+
+    down = DirShape(50e6, 0.005, 0.001, 0.0)
+    up = DirShape(None, 0.005, 0.001, 0.0)
+    plan = json.loads(shape_plan("tb00000001", "kernel", {"fog-1": (down, up)}))
+    assert plan["run"] == "tb00000001" and plan["backend"] == "kernel"
+    got = plan["nodes"]["fog-1"]
+    assert DirShape(**got["down"]) == down and DirShape(**got["up"]) == up
+    ops = egress_ops(Iface(7, "veth0"), DirShape(**got["down"]), "kernel-rate+app-delay")
+    assert [op.kind for op in ops] == ["", "htb", "htb"]  # no netem without sch_netem
+
+
+def test_swarm_runtime_is_registered() -> None:
+    from testbed.runtime.interface import RUNTIMES
+
+    assert "swarm" in RUNTIMES.names()
+    rt = RUNTIMES.create("swarm", {"image_mode": "offline"})
+    assert rt.name == "swarm"
+    with pytest.raises(ConfigError):
+        RUNTIMES.create("swarm", {"image_mode": "nope"})
