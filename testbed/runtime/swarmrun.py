@@ -141,8 +141,6 @@ class SwarmTestbed:
         return tb
 
     async def _up(self, tb: RunningTestbed, health_timeout_s: float) -> None:
-        from testbed.runtime.measure import wait_healthy
-
         c = await asyncio.to_thread(client)
         await asyncio.to_thread(require_manager, c)
         nodes = await asyncio.to_thread(swarm_nodes, c)
@@ -228,7 +226,7 @@ class SwarmTestbed:
             c, tb, {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}, info.mounts
         )
         _log(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
-        await wait_healthy(tb, health_timeout_s)
+        await wait_stages(tb, services, health_timeout_s)
         tb.status = "up"
         await asyncio.to_thread(tb.save)
 
@@ -327,6 +325,41 @@ def wait_running(svc: Any, timeout_s: float) -> tuple[str, dict[int, int]]:
             last = f"{st['State']} ({st.get('Message', '')})"
         time.sleep(0.5)
     raise RuntimeBackendError(f"service {svc.name} not running after {timeout_s:g}s: {last}")
+
+
+def task_ended(svc: Any) -> str | None:
+    """Why the service's task can no longer serve (it ended), or None while it runs."""
+    for t in svc.tasks():
+        st = t["Status"]
+        if st["State"] in ("failed", "rejected", "shutdown", "orphaned", "complete"):
+            return f"ended ({st['State']}: {st.get('Err') or st.get('Message')})"
+    return None
+
+
+async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: float) -> None:
+    """Wait until every stage answers /health; a task that ends fails the wait at once (a
+    watcher polls the tasks off the loop, the health wait reads what it found)."""
+    from testbed.runtime.measure import wait_urls_healthy
+
+    ended: dict[str, str] = {}
+
+    async def watch() -> None:
+        while True:
+            for name, svc in services.items():
+                why = await asyncio.to_thread(task_ended, svc)
+                if why is not None:
+                    ended[name] = why
+            await asyncio.sleep(2.0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await wait_urls_healthy(
+            {n.name: n.url for n in tb.stage_nodes()}, timeout_s, gone=ended.get
+        )
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
 
 async def shape_nodes(
