@@ -81,20 +81,22 @@ def _overlay_check(c: Any) -> Check:
 
 def _shaping_checks(c: Any) -> list[Check]:
     """Every host's qdiscs, probed by the agent (needs the node image; not built here)."""
-    from testbed.runtime.image import NODE_REPO, python_mounts
+    from testbed.runtime.image import NODE_REPO, node_tag, python_mounts
     from testbed.runtime.swarm_agent import run_agent_job
 
     images = [t for img in c.images.list(name=NODE_REPO) for t in img.tags]
+    current = [node_tag(m) for m in ("offline", "dockerfile")]  # this code's image, if built
+    images = [t for t in current if t in images]
     if not images:
         return [
             Check(
                 "per-host shaping",
                 "warn",
-                "not probed: no node image yet",
+                "not probed: no node image of this code yet",
                 "`testbed up --runtime swarm` builds it; then run `testbed doctor` again",
             )
         ]
-    tag = sorted(images)[-1]
+    tag = images[0]
     mounts = python_mounts("offline") if ":offline-" in tag else ()
     try:
         recs = run_agent_job(
