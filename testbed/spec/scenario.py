@@ -13,7 +13,7 @@ duration: 2min                         # stop admitting after this long (optiona
 requests: 40                           # or after this many (optional)
 seed: 0
 slo: {ttft: 2s, tpot: 200ms, e2e: 30s}
-runtime: local                         # local | docker
+runtime: local                         # local | docker | swarm
 output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
 """
@@ -76,11 +76,20 @@ class Scenario(BaseModel):
     requests: StrictInt | None = Field(default=None, gt=0, le=MAX_REQUESTS)
     seed: StrictInt = Field(default=0, ge=0, lt=2**63)
     slo: SLO = SLO()
-    runtime: Literal["local", "docker"] = "local"
+    runtime: str = "local"  # a name in testbed.runtime.interface.RUNTIMES
     output: Path = Path("results")
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        from testbed.runtime.interface import RUNTIMES
+
+        if v not in RUNTIMES.names():
+            raise ValueError(f"{v!r} is not a runtime; use one of {', '.join(RUNTIMES.names())}")
+        return v
 
     @field_validator("compare")
     @classmethod
