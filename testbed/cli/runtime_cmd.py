@@ -132,12 +132,15 @@ def up(
         list[str] | None, typer.Option("--param", "-p", help="partitioner KEY=VALUE")
     ] = None,
     runtime: Annotated[
-        str, typer.Option(help="a registered runtime: docker (containers) or local (processes)")
+        str,
+        typer.Option(
+            help="a registered runtime: docker (containers), local (processes), swarm (services)"
+        ),
     ] = "docker",
     image_mode: Annotated[
         str | None,
         typer.Option(
-            help="docker: auto (default: dockerfile if python:3.11-slim can be pulled, else "
+            help="docker, swarm: auto (default: dockerfile if python:3.11-slim can be pulled, else "
             "offline), offline (Debian base made with debootstrap) or dockerfile"
         ),
     ] = None,

@@ -39,6 +39,7 @@ from testbed.runtime.base import (
     new_run_id,
     stage_serve_argv,
 )
+from testbed.runtime.gpus import docker_device_request, gpu_ask
 from testbed.runtime.image import ImageMode, ensure_image
 
 if TYPE_CHECKING:
@@ -265,6 +266,7 @@ class DockerTestbed:
                     info.tag,
                     info.mounts,
                     gpu and dev.kind == "gpu",
+                    node.gpus,
                 )
                 await asyncio.to_thread(tb.save)
         for i, n in enumerate(sorted(tb.nodes)):
@@ -331,6 +333,7 @@ class DockerTestbed:
         image: str,
         mounts: tuple[tuple[str, str], ...],
         use_gpu: bool,
+        gpus: tuple[int, ...] | int | None = None,
     ) -> Any:
         import docker
         from docker.types import DeviceRequest
@@ -359,7 +362,7 @@ class DockerTestbed:
             kwargs["mem_limit"] = ep.mem_limit_bytes
             kwargs["memswap_limit"] = ep.mem_limit_bytes
         if use_gpu:
-            kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+            kwargs["device_requests"] = [DeviceRequest(**docker_device_request(gpu_ask(gpus)))]
         env = {"OMP_NUM_THREADS": str(max(1, round(ep.cpus or 1))), "TESTBED_NODE": ep.name}
         try:
             ctr = c.containers.run(

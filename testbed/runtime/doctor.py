@@ -148,6 +148,13 @@ def run_checks() -> list[Check]:
                 )
         except Exception as exc:
             out.append(Check("node image", "warn", str(exc)))
+    if c is not None:
+        from testbed.runtime.doctor_swarm import swarm_checks
+
+        try:
+            out.extend(swarm_checks(c))
+        except Exception as exc:  # a check reports, it does not raise
+            out.append(Check("swarm", "warn", f"could not inspect the swarm: {exc}"))
     out.extend(_system_tool_checks())
     py_ok = sys.version_info[:2] == (3, 11)
     out.append(

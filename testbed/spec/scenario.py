@@ -15,7 +15,7 @@ seed: 0
 slo: {ttft: 2s, tpot: 200ms, e2e: 30s}
 classes: [{name: chat, share: 0.7, slo: {ttft: 1s, tpot: 100ms}, priority: 1},
           {name: batch, share: 0.3, slo: {e2e: 60s}}]   # optional (testbed/spec/classes.py)
-runtime: local                         # local | docker
+runtime: local                         # local | docker | swarm
 output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
 execution: real                        # real | emulated (nodes emulate their devices running
@@ -82,7 +82,7 @@ class Scenario(BaseModel):
     seed: StrictInt = Field(default=0, ge=0, lt=2**63)
     slo: SLO = SLO()
     classes: tuple[RequestClass, ...] = ()  # request classes with their own SLOs (classes.py)
-    runtime: Literal["local", "docker"] = "local"
+    runtime: str = "local"  # a name in testbed.runtime.interface.RUNTIMES
     output: Path = Path("results")
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
     # emulated: each node is its device running `model`'s blocks in time (testbed.emulation)
@@ -94,6 +94,15 @@ class Scenario(BaseModel):
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
     _classes = field_validator("classes")(lambda cls, v: check_classes(v))
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        from testbed.runtime.interface import RUNTIMES
+
+        if v not in RUNTIMES.names():
+            raise ValueError(f"{v!r} is not a runtime; use one of {', '.join(RUNTIMES.names())}")
+        return v
 
     @field_validator("compare")
     @classmethod

@@ -63,6 +63,21 @@ class Node(BaseModel):
 
     name: str = Field(pattern=_NAME)
     device: DeviceProfile
+    # runtime swarm: the swarm node to run on (its hostname, its `testbed.host` label, or a
+    # `key=value` node label); None: the engine places it
+    host: str | None = Field(default=None, min_length=1, max_length=255)
+    # GPU nodes: which GPUs of its host it gets (a list of indices) or how many (a count);
+    # None: every GPU of the host (docker) / one GPU (swarm)
+    gpus: tuple[int, ...] | int | None = None
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"gpus: a count must be >= 1, got {v}; or list indices, e.g. [0]")
+        if isinstance(v, tuple) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"gpus: {list(v)} must be distinct GPU indices >= 0, e.g. [0, 1]")
+        return v
 
     @field_validator("device", mode="before")
     @classmethod

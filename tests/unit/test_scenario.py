@@ -62,7 +62,11 @@ CASES = [
         ["workload", "kind"],
     ),
     ("negative request count", {"requests": -3}, ["requests", "greater than 0"]),
-    ("unknown runtime", {"runtime": "kubernetes"}, ["runtime", "'local' or 'docker'"]),
+    (
+        "unknown runtime",
+        {"runtime": "kubernetes"},
+        ["runtime", "'kubernetes' is not a runtime", "swarm"],
+    ),
 ]
 
 

@@ -1,0 +1,435 @@
+"""Bring a plan up as Docker Swarm services, one per node, from a swarm manager.
+
+- **Networks**: one attachable overlay per tier (``tb-<run>-<tier>``) and one per inter-tier
+  link (``tb-<run>-<a>-<b>``, joining the nodes of both tiers, for stage-to-stage traffic),
+  subnets from ``$TESTBED_SWARM_SUBNET_POOL`` (default 10.214.0.0/16). They are not
+  ``internal``: a host-mode published port needs the container's ``docker_gwbridge`` leg.
+- **Services**: replicated, one task, no restart (a crashed stage fails the run, as on one
+  host), placed by :func:`testbed.runtime.swarm.place`, CPU and memory limits, the stage
+  server and the link probe in one container. Their two ports are published in **host
+  mode** on the node that runs the task (random ports, read back from the task): the broker
+  on the manager reaches each stage at ``<swarm node address>:<port>`` without the ingress
+  mesh's extra NAT hop. The host cannot join an overlay, so this is how it talks to them.
+- **Shaping**: the broker's traffic enters each container through its ``docker_gwbridge``
+  NIC, so the link feeding the node is shaped there (downlink on the host-side veth,
+  uplink inside), by the per-host agent (:mod:`testbed.runtime.swarm_agent`); what the kernel
+  lacks (no sch_netem) goes to the app shaper, as on one host.
+- **Labels**: services, containers and networks carry ``testbed.run=<id>``; ``down`` removes
+  by label and waits until the tasks' containers are gone before removing the networks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from testbed.errors import RuntimeBackendError
+from testbed.net.links import plan_shaping
+from testbed.net.shaping import DirShape, ShapingBackend
+from testbed.runtime import owner
+from testbed.runtime.base import (
+    LABEL_NODE,
+    LABEL_RUN,
+    LABEL_TIER,
+    PROBE_PORT,
+    STAGE_PORT,
+    NodeEndpoint,
+    RunningTestbed,
+    cli_launcher,
+    new_run_id,
+    stage_serve_argv,
+)
+from testbed.runtime.docker import MODEL_IN_CONTAINER, SHM_BYTES, client, free_subnets
+from testbed.runtime.gpus import GpuAsk, gpu_ask, swarm_gpu_request
+from testbed.runtime.image import ImageMode, ensure_image
+from testbed.runtime.swarm import (
+    distribute_image,
+    place,
+    require_manager,
+    swarm_nodes,
+    swarm_state,
+    wanted_of,
+)
+from testbed.runtime.swarm_agent import PLAN_ENV, run_agent_job, shape_plan
+
+if TYPE_CHECKING:
+    from testbed.spec.plan import Plan
+    from testbed.spec.topology import Topology
+
+SUBNET_POOL = os.environ.get("TESTBED_SWARM_SUBNET_POOL", "10.214.0.0/16")
+RUNNING_TIMEOUT_S = 180.0
+GONE_TIMEOUT_S = 60.0
+
+
+def _log(msg: str) -> None:
+    print(f"[up] {msg}", file=sys.stderr, flush=True)
+
+
+def network_names(run_id: str, tiers: list[str]) -> list[tuple[str, str]]:
+    """(network name, what it joins) for every tier and every inter-tier link."""
+    out = [(f"tb-{run_id}-{t}", t) for t in tiers]
+    out += [(f"tb-{run_id}-{a}-{b}", f"{a}-{b}") for a, b in itertools.pairwise(tiers)]
+    return out
+
+
+def node_networks(run_id: str, tiers: list[str], j: int) -> list[str]:
+    """A node of tier ``j`` joins its tier's overlay and the overlays of its two links."""
+    nets = [f"tb-{run_id}-{tiers[j]}"]
+    if j > 0:
+        nets.append(f"tb-{run_id}-{tiers[j - 1]}-{tiers[j]}")
+    if j < len(tiers) - 1:
+        nets.append(f"tb-{run_id}-{tiers[j]}-{tiers[j + 1]}")
+    return nets
+
+
+class SwarmTestbed:
+    """Brings a plan up as services; ``up`` returns the RunningTestbed (state saved)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        topology_path: str,
+        plan: Plan,
+        model_dir: Path,
+        *,
+        backend: ShapingBackend,
+        image_mode: ImageMode = "auto",
+        registry: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.topology = topology
+        self.topology_path = topology_path
+        self.plan = plan
+        self.model_dir = model_dir.resolve()
+        self.backend = backend
+        self.image_mode = image_mode
+        self.registry = registry
+        self.seed = seed
+        self.run_id = new_run_id()
+
+    async def up(self, *, health_timeout_s: float = 180.0) -> RunningTestbed:
+        tb = RunningTestbed(
+            self.run_id,
+            "swarm",
+            self.backend,
+            self.topology_path,
+            self.topology.name,
+            str(self.model_dir),
+            {},
+            seed=self.seed,
+            owner=owner.me(),
+        )
+        await asyncio.to_thread(tb.save)
+        try:
+            await self._up(tb, health_timeout_s)
+        except BaseException:
+            tb.status = "failed"
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.to_thread(tb.save))
+            _log(f"up failed: removing everything of {self.run_id}")
+            await asyncio.shield(asyncio.to_thread(down_swarm, self.run_id))
+            with contextlib.suppress(OSError):
+                tb.state_path.unlink()
+            raise
+        return tb
+
+    async def _up(self, tb: RunningTestbed, health_timeout_s: float) -> None:
+        c = await asyncio.to_thread(client)
+        await asyncio.to_thread(require_manager, c)
+        nodes = await asyncio.to_thread(swarm_nodes, c)
+        staged = {n.name for _, n in self.topology.nodes() if self.plan.stage_of_node(n.name)}
+        placement = place(wanted_of(self.topology, staged), nodes)  # decide before acting
+        info = await asyncio.to_thread(ensure_image, self.image_mode)
+        local_id = str(swarm_state(c).get("NodeID"))
+        targets = {i for p in placement.values() for i in p.candidates}
+        image = await asyncio.to_thread(
+            distribute_image,
+            c,
+            info.tag,
+            [n for n in nodes if n.id in targets],
+            local_id,
+            self.registry,
+        )
+        tb.image = image
+        gpu_units = sum(n.gpus for n in nodes)
+        tiers = list(self.topology.tier_names)
+        nets = network_names(self.run_id, tiers)
+        subnets = await asyncio.to_thread(free_subnets, c, len(nets), SUBNET_POOL)
+        for (name, joins), subnet in zip(nets, subnets, strict=True):
+            await asyncio.to_thread(self._create_network, c, name, str(subnet), joins)
+            tb.networks.append(name)
+        await asyncio.to_thread(tb.save)
+
+        shaping = plan_shaping(self.topology, self.backend)
+        services: dict[str, Any] = {}
+        for j, tier in enumerate(self.topology.tiers):
+            for node in tier.nodes:
+                stage = self.plan.stage_of_node(node.name)
+                if stage is None:
+                    tb.notes.append(f"{node.name}: holds no blocks in this plan; not started")
+                    continue
+                dev = node.device
+                device = "cpu"
+                use_gpu = dev.kind == "gpu" and gpu_units > 0
+                if dev.kind == "gpu":
+                    device = "cuda" if use_gpu else "cpu (no swarm node advertises NVIDIA-GPU)"
+                ns = shaping[node.name]
+                ep = NodeEndpoint(
+                    name=node.name,
+                    tier=tier.name,
+                    tier_index=j,
+                    url="",  # known once the task runs (published port)
+                    start=stage.start,
+                    end=stage.end,
+                    device=device,
+                    address="",
+                    probe_port=PROBE_PORT,
+                    cpus=dev.cpus,
+                    mem_limit_bytes=dev.container_mem_limit,
+                    container=f"tb-{self.run_id}-{node.name}",
+                    link=ns.link,
+                    link_rtt_s=ns.configured_rtt_s,
+                    link_rate_bps=ns.configured_rate_bps,
+                    hop=ns.hop,
+                )
+                tb.nodes[node.name] = ep
+                services[node.name] = await asyncio.to_thread(
+                    self._create_service,
+                    c,
+                    ep,
+                    node_networks(self.run_id, tiers, j),
+                    image,
+                    info.mounts,
+                    placement[node.name].constraints,
+                    gpu_ask(node.gpus) if use_gpu else None,
+                )
+        await asyncio.to_thread(tb.save)
+        addr_of = {n.id: n.addr for n in nodes}
+        for name, svc in services.items():
+            node_id, ports = await asyncio.to_thread(wait_running, svc, RUNNING_TIMEOUT_S)
+            ep = tb.nodes[name]
+            ep.address = addr_of.get(node_id) or "127.0.0.1"
+            ep.url = f"http://{ep.address}:{ports[STAGE_PORT]}"
+            ep.probe_port = ports[PROBE_PORT]
+            tb.notes.append(f"{name}: on swarm node {node_id[:12]} ({ep.address})")
+        for i, n in enumerate(sorted(tb.nodes)):
+            tb.nodes[n].make_hook(self.seed * 1000 + i)
+        await asyncio.to_thread(tb.save)
+        await shape_nodes(
+            c, tb, {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}, info.mounts
+        )
+        _log(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
+        await wait_stages(tb, services, health_timeout_s)
+        tb.status = "up"
+        await asyncio.to_thread(tb.save)
+
+    def _create_network(self, c: Any, name: str, subnet: str, joins: str) -> None:
+        import docker
+        from docker.types import IPAMConfig, IPAMPool
+
+        try:
+            c.networks.create(
+                name,
+                driver="overlay",
+                attachable=True,
+                check_duplicate=True,
+                ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=subnet)]),
+                labels={LABEL_RUN: self.run_id, LABEL_TIER: joins},
+            )
+        except docker.errors.APIError as exc:
+            raise RuntimeBackendError(f"creating overlay {name} ({subnet}) failed: {exc}") from exc
+
+    def _create_service(
+        self,
+        c: Any,
+        ep: NodeEndpoint,
+        networks: list[str],
+        image: str,
+        mounts: tuple[tuple[str, str], ...],
+        constraints: tuple[str, ...],
+        gpu: GpuAsk | None,
+    ) -> Any:
+        import docker
+        from docker.types import Mount, Resources, RestartPolicy
+
+        serve = stage_serve_argv(
+            cli_launcher("python3"),
+            MODEL_IN_CONTAINER,
+            (ep.start, ep.end),
+            host="0.0.0.0",
+            port=STAGE_PORT,
+            name=ep.name,
+        )
+        probe = ["python3", "-m", "testbed.net.probe", "serve", "--port", str(PROBE_PORT)]
+        cmd = ["sh", "-c", f"{shlex.join(probe)} & exec {shlex.join(serve)}"]
+        mount_list = [Mount(MODEL_IN_CONTAINER, str(self.model_dir), type="bind", read_only=True)]
+        mount_list += [Mount(dst, src, type="bind", read_only=True) for src, dst in mounts]
+        mount_list.append(Mount("/dev/shm", None, type="tmpfs", tmpfs_size=SHM_BYTES))
+        env = {"OMP_NUM_THREADS": str(max(1, round(ep.cpus or 1))), "TESTBED_NODE": ep.name}
+        generic = None
+        if gpu is not None:
+            req = swarm_gpu_request(gpu)
+            env |= req.env
+            generic = req.generic_resources
+        res = Resources(
+            cpu_limit=round(ep.cpus * 1e9) if ep.cpus else None,
+            mem_limit=ep.mem_limit_bytes,
+            generic_resources=generic,
+        )
+        labels = {LABEL_RUN: self.run_id, LABEL_NODE: ep.name, LABEL_TIER: ep.tier}
+        ports = [
+            {"Protocol": "tcp", "TargetPort": p, "PublishMode": "host"}
+            for p in (STAGE_PORT, PROBE_PORT)
+        ]
+        try:
+            return c.services.create(
+                image,
+                cmd,
+                name=ep.container,
+                hostname=ep.name,
+                networks=networks,
+                env=[f"{k}={v}" for k, v in env.items()],
+                labels=labels,
+                container_labels=labels,
+                mounts=mount_list,
+                resources=res,
+                constraints=list(constraints),
+                restart_policy=RestartPolicy(condition="none"),
+                endpoint_spec={"Mode": "vip", "Ports": ports},
+            )
+        except docker.errors.APIError as exc:
+            raise RuntimeBackendError(f"creating the service of {ep.name} failed: {exc}") from exc
+
+
+def wait_running(svc: Any, timeout_s: float) -> tuple[str, dict[int, int]]:
+    """Wait for the service's task to run with its ports published: (node id, target->port)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no task yet"
+    while time.monotonic() < deadline:
+        for t in svc.tasks():
+            st = t["Status"]
+            if st["State"] in ("failed", "rejected", "shutdown", "orphaned", "complete"):
+                raise RuntimeBackendError(
+                    f"service {svc.name}: task {st['State']}: {st.get('Err') or st.get('Message')}"
+                )
+            ports = (st.get("PortStatus") or {}).get("Ports") or []
+            if st["State"] == "running" and ports:
+                return t["NodeID"], {p["TargetPort"]: p["PublishedPort"] for p in ports}
+            last = f"{st['State']} ({st.get('Message', '')})"
+        time.sleep(0.5)
+    raise RuntimeBackendError(f"service {svc.name} not running after {timeout_s:g}s: {last}")
+
+
+def task_ended(svc: Any) -> str | None:
+    """Why the service's task can no longer serve (it ended), or None while it runs."""
+    for t in svc.tasks():
+        st = t["Status"]
+        if st["State"] in ("failed", "rejected", "shutdown", "orphaned", "complete"):
+            return f"ended ({st['State']}: {st.get('Err') or st.get('Message')})"
+    return None
+
+
+async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: float) -> None:
+    """Wait until every stage answers /health; a task that ends fails the wait at once (a
+    watcher polls the tasks off the loop, the health wait reads what it found)."""
+    from testbed.runtime.measure import wait_urls_healthy
+
+    ended: dict[str, str] = {}
+
+    async def watch() -> None:
+        while True:
+            for name, svc in services.items():
+                why = await asyncio.to_thread(task_ended, svc)
+                if why is not None:
+                    ended[name] = why
+            await asyncio.sleep(2.0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await wait_urls_healthy(
+            {n.name: n.url for n in tb.stage_nodes()}, timeout_s, gone=ended.get
+        )
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def shape_nodes(
+    c: Any,
+    tb: RunningTestbed,
+    shapes: dict[str, tuple[DirShape, DirShape]],
+    mounts: tuple[tuple[str, str], ...],
+) -> None:
+    """Run the shaping agent on every host; every node of ``shapes`` must be reported."""
+    assert tb.image is not None
+    plan = shape_plan(tb.run_id, tb.backend, shapes)
+    recs = await asyncio.to_thread(
+        lambda: run_agent_job(
+            c,
+            run_id=tb.run_id,
+            name=f"shape-{int(time.time() * 1000) % 10**8}",
+            image=tb.image,  # type: ignore[arg-type]
+            argv=["python3", "-m", "testbed.runtime.swarm_agent", "shape"],
+            env={PLAN_ENV: plan},
+            mounts=mounts,
+        )
+    )
+    shaped = {r["shaped"]: r for r in recs if "shaped" in r}
+    missing = sorted(set(shapes) - set(shaped))
+    if missing:
+        raise RuntimeBackendError(f"shaping agent found no container for {', '.join(missing)}")
+    for name, r in shaped.items():
+        if name in tb.nodes:
+            tb.nodes[name].down_iface = {"ifname": r["down"], "host": r["host"]}
+            tb.nodes[name].up_iface = {"ifname": r["up"], "host": r["host"]}
+
+
+# -- teardown -----------------------------------------------------------------------------
+
+
+def remove_swarm_by_label(c: Any, label_filter: str) -> tuple[int, int]:
+    """Remove services, then (once their containers are gone) networks; returns counts."""
+    import docker
+
+    try:
+        svcs = c.services.list(filters={"label": label_filter})
+    except docker.errors.APIError:  # not (or no longer) a swarm manager: no services here
+        svcs = []
+    for s in svcs:
+        with contextlib.suppress(docker.errors.NotFound):
+            s.remove()
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        left = c.containers.list(all=True, filters={"label": label_filter}, sparse=True)
+        if not left or not svcs:
+            break
+        time.sleep(0.5)
+    # what the engine has not reaped (a finished agent task's container): remove it here
+    for ctr in c.containers.list(all=True, filters={"label": label_filter}, sparse=True):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            ctr.remove(force=True)
+    nets = c.networks.list(filters={"label": label_filter})
+    removed = 0
+    for net in nets:
+        for _ in range(20):  # an endpoint may linger a moment after its container
+            try:
+                net.remove()
+                removed += 1
+                break
+            except docker.errors.NotFound:
+                break
+            except docker.errors.APIError:
+                time.sleep(0.5)
+    return len(svcs), removed
+
+
+def down_swarm(run_id: str) -> tuple[int, int]:
+    return remove_swarm_by_label(client(), f"{LABEL_RUN}={run_id}")
