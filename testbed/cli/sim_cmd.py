@@ -64,8 +64,20 @@ def simulate_cmd(
         Path | None, typer.Option("--output", help="results root (default: the scenario's)")
     ] = None,
     requests: Annotated[
-        int | None, typer.Option("--requests", min=1, help="simulate only the first N requests")
+        int | None,
+        typer.Option(
+            "--max-requests", "--requests", min=1, help="simulate only the first N requests"
+        ),
     ] = None,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            "--max-batch",
+            min=1,
+            max=4096,
+            help="continuous batching: steps a node runs together (1 = one at a time)",
+        ),
+    ] = 1,
     slow: Annotated[
         list[str] | None,
         typer.Option(
@@ -86,7 +98,7 @@ def simulate_cmd(
         pair=policy,
         output=output.resolve() if output else None,
         requests=requests,
-        config=SimConfig(slowdown=_slowdown(slow)),
+        config=SimConfig(slowdown=_slowdown(slow), max_batch=max_batch),
         plots=not no_plots,
     )
     console.print(summary_table(run.summary.to_dict(), title=f"{run.label}: simulated"))

@@ -25,7 +25,7 @@ from testbed.experiment.lifecycle import testbed_for
 from testbed.experiment.prepare import Prepared, load_parts, prepare, with_model_dir
 from testbed.experiment.provenance import run_metadata, testbed_description
 from testbed.metrics.records import RequestRecord
-from testbed.metrics.summary import SLO, Summary, summarize
+from testbed.metrics.summary import SLO, Summary, class_slos, summarize
 from testbed.paths import results_dir
 from testbed.runtime.base import RunningTestbed
 from testbed.runtime.interface import RUNTIMES
@@ -179,6 +179,9 @@ async def replay_once(
     from testbed.metrics.report import write_run_report
 
     k = prep.dilation
+    config = config or BrokerConfig()
+    if prep.loaded.spec.classes and not config.classes:  # the scenario's request classes
+        config = replace(config, classes=prep.loaded.spec.classes, class_seed=prep.loaded.spec.seed)
     layout = Layout.from_running(tb, prep.topology, prep.cost)
     urls = {n.name: n.url for n in tb.stage_nodes()}
     steps_before = await fidelity.step_counts(urls) if prep.emulated else {}
@@ -222,8 +225,9 @@ async def replay_once(
         result.records,
         slo=SLO(spec.slo.ttft_s, spec.slo.tpot_s, spec.slo.e2e_s),
         nodes=layout.node_names(),
+        classes=class_slos(spec.classes),
     )
-    meta = await run_metadata(prep, tb, layout, result, config or BrokerConfig())
+    meta = await run_metadata(prep, tb, layout, result, config)
     extra = {
         "run": {
             "label": prep.pair,

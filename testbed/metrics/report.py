@@ -255,6 +255,8 @@ def write_run_report(
         files["latency_cdf"] = plot_latency_cdf(out / "latency_cdf.png", [(run_name, records)])
         files["latency_over_time"] = plot_latency_over_time(out / "latency_over_time.png", records)
         files["utilisation"] = plot_utilisation(out / "utilisation.png", [(run_name, sd)])
+        if batch_series(records):
+            files["batch_sizes"] = plot_batch_sizes(out / "batch_sizes.png", records)
     return files
 
 

@@ -141,6 +141,12 @@ def run_wall_s(records: Sequence[RequestRecord]) -> float:
     return max(0.0, max(ends) - min(r.arrival_s for r in records))
 
 
+def class_slos(classes: Iterable[Any]) -> dict[str, SLO] | None:
+    """Each request class's SLO (a scenario's ``classes``), for :func:`summarize`."""
+    out = {c.name: SLO(c.slo.ttft_s, c.slo.tpot_s, c.slo.e2e_s) for c in classes}
+    return out or None
+
+
 def summarize(
     records: Sequence[RequestRecord],
     *,
