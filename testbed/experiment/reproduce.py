@@ -82,7 +82,7 @@ class ReproConfig:
     topology: Path = TOPOLOGY
     seed: int = 0
     # (a) rate sweep: lengths drawn jointly from the Azure 2023 conversation trace, clipped
-    requests: int = 200
+    requests: int = 80
     max_prompt_tokens: int = 2048
     max_output_tokens: int = 512
     idle_fraction: float = 0.05  # "near idle": the weakest plan this busy
@@ -91,8 +91,8 @@ class ReproConfig:
     # (b) long sequences: fixed prompt, each output length, Hyperion vs GPipe
     long_prompt_tokens: int = 512
     long_outputs: tuple[int, ...] = (512, 1024, 2048)
-    long_requests: int = 40
-    long_fractions: tuple[float, ...] = (0.05, 0.5, 0.8)  # of the weaker plan's capacity
+    long_requests: int = 16
+    long_fractions: tuple[float, ...] = (0.05, 0.8)  # of the weaker plan's capacity
     # --emulate: short requests, few of them, at loads where every pair is stable
     emu_requests: int = 12
     emu_max_prompt_tokens: int = 256
@@ -108,11 +108,11 @@ class ReproConfig:
         """Under 5 minutes on a loaded 2-core machine: fewer requests, rates and lengths."""
         base: dict[str, Any] = dict(
             size="quick",
-            requests=30,
+            requests=24,
             best_fractions=(0.5, 0.9),
             baseline_fractions=(0.9,),
             long_outputs=(512,),
-            long_requests=8,
+            long_requests=6,
             long_fractions=(0.05, 0.8),
             emu_requests=6,
             emu_fractions=(0.5,),
@@ -145,6 +145,7 @@ class Point:
     busiest_node: str  # measured: the most utilised node of the run
     busiest_util: float
     tier_util: dict[str, float] = field(default_factory=dict)  # measured, mean over the tier
+    cluster_util: float = 0.0  # measured, mean over every node of the topology
 
     @property
     def stable(self) -> bool:
@@ -315,6 +316,11 @@ def tier_utilisation(topology: Any, node_util: dict[str, float]) -> dict[str, fl
     }
 
 
+def cluster_utilisation(topology: Any, node_util: dict[str, float]) -> float:
+    names = [n.name for t in topology.tiers for n in t.nodes]
+    return sum(node_util.get(n, 0.0) for n in names) / len(names) if names else 0.0
+
+
 def point_from(
     mode: str, experiment: str, model: str, pair: str, rate: float, reqs: Sequence[Any],
     cap: Any, summary: Any, topology: Any,
@@ -330,6 +336,7 @@ def point_from(
         summary.e2e_s.mean, summary.e2e_s.p50, summary.e2e_s.p99,
         summary.ttft_s.mean, summary.tpot_s.mean,
         busiest, util.get(busiest, 0.0), tier_utilisation(topology, util),
+        cluster_utilisation(topology, util),
     )  # fmt: skip
 
 

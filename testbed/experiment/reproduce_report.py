@@ -147,21 +147,15 @@ def utilisation_rows(res: ReproResult, model: str) -> list[str]:
     pts = [p for p in res.points if p.experiment == "rate" and p.model == model]
     tiers = list(pts[0].tier_util) if pts else []
     head = ["rate req/s", "pair", "plan util (predicted)"] + [f"{t} (measured)" for t in tiers]
-    head += ["cluster mean"]
+    head += ["cluster (measured, all nodes)"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for rate in utilisation_loads(res, model):
         for p in (p for p in pts if p.rate_rps == rate):
             vals = [p.tier_util[t] for t in tiers]
             cells = [_rate(rate), p.pair, _u(p.utilisation) + ("" if p.stable else " unstable")]
-            cells += [_u(v) for v in vals] + [_u(cluster_mean(p))]
+            cells += [_u(v) for v in vals] + [_u(p.cluster_util)]
             rows.append("| " + " | ".join(cells) + " |")
     return rows
-
-
-def cluster_mean(p: Point) -> float:
-    """Node-weighted mean is not kept per point; the tiers' means averaged (3 nodes, 3 nodes,
-    2 nodes on three-tier: close to it)."""
-    return sum(p.tier_util.values()) / len(p.tier_util) if p.tier_util else 0.0
 
 
 def agreement_rows(res: ReproResult) -> list[str]:
