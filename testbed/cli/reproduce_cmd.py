@@ -39,6 +39,10 @@ def hyperion_cmd(
         Path | None,
         typer.Option("-o", "--output", help="folder for reproduction.md, plots and CSV files"),
     ] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option("--runtime", help="with --emulate: docker (default) or local (processes)"),
+    ] = None,
     models: Annotated[
         str | None,
         typer.Option("--models", help="comma-separated model presets (default: both papers')"),
@@ -54,9 +58,11 @@ def hyperion_cmd(
 
     if simulate and emulate:
         raise ConfigError("give one of --simulate and --emulate, not both", field="--emulate")
+    if runtime is not None and not emulate:
+        raise ConfigError("--runtime applies to --emulate runs only; drop it", field="--runtime")
     cfg = rp.ReproConfig.quick() if quick else rp.ReproConfig.full()
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    cfg = rp.with_models(cfg, names)
+    cfg = rp.with_options(cfg, names, runtime)
     if emulate:
         rp.require_emulation()  # before anything runs
     mode = "emulate" if emulate else "simulate"

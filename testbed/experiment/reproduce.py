@@ -98,6 +98,7 @@ class ReproConfig:
     emu_max_prompt_tokens: int = 256
     emu_max_output_tokens: int = 32
     emu_fractions: tuple[float, ...] = (0.3, 0.8)  # of the weakest plan's capacity
+    emu_runtime: str = "docker"  # a registered runtime (local: processes, no Docker)
 
     @classmethod
     def full(cls, **kw: Any) -> ReproConfig:
@@ -480,11 +481,13 @@ async def run_emulated(
             data = yaml.safe_load(base.path.read_text(encoding="utf-8"))
             data["name"] = f"hyperion-{model}-emulated-{frac:g}"
             data["workload"]["rate_rps"] = rate
-            data.update(execution="emulated", runtime="docker")
+            data.update(execution="emulated", runtime=cfg.emu_runtime)
             loaded = write_scenario(folder, data)
             res.scenarios.append(loaded.path)
             progress(f"{model}: emulated, {rate:.3g} req/s ({frac:g} of the weakest capacity)")
-            opts = ReplayOptions(output=out_dir / "emulated", progress=False, plots=False)
+            opts = ReplayOptions(
+                runtime=cfg.emu_runtime, output=out_dir / "emulated", progress=False, plots=False
+            )
             cmp = await compare_scenario(loaded, list(cfg.pairs), opts, console)
             for run in cmp.runs:
                 setup = await asyncio.to_thread(prepare_sim, loaded, run.label)
@@ -500,5 +503,15 @@ async def run_emulated(
     return res
 
 
-def with_models(cfg: ReproConfig, models: Sequence[str] | None) -> ReproConfig:
-    return cfg if not models else replace(cfg, models=tuple(models))
+def with_options(
+    cfg: ReproConfig, models: Sequence[str] | None = None, runtime: str | None = None
+) -> ReproConfig:
+    """``cfg`` with the command line's model list and emulation runtime, where given."""
+    from testbed.runtime.interface import RUNTIMES
+
+    if models:
+        cfg = replace(cfg, models=tuple(models))
+    if runtime is not None:
+        RUNTIMES.get(runtime)  # a ConfigError naming the registered ones
+        cfg = replace(cfg, emu_runtime=runtime)
+    return cfg

@@ -48,6 +48,10 @@ def test_both_flags_and_a_missing_emulation_exit_2(
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "hyperion", "--simulate", "--emulate", "-o", str(tmp_path)])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "hyperion", "--runtime", "local", "-o", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--runtime" in capsys.readouterr().err
     monkeypatch.setattr(rp, "emulation_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "hyperion", "--emulate", "-o", str(tmp_path)])
