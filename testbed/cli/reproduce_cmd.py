@@ -53,6 +53,7 @@ def hyperion_cmd(
     import asyncio
 
     from testbed.experiment import reproduce as rp
+    from testbed.experiment import reproduce_emulate as rpe
     from testbed.experiment.reproduce_report import headline_rows, write_report
     from testbed.paths import results_dir
 
@@ -64,7 +65,7 @@ def hyperion_cmd(
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     cfg = rp.with_options(cfg, names, runtime)
     if emulate:
-        rp.require_emulation()  # before anything runs
+        rpe.require_emulation()  # before anything runs
     mode = "emulate" if emulate else "simulate"
     out = (output or results_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-reproduce-hyperion-"
            f"{mode}{'-quick' if quick else ''}").resolve()  # fmt: skip
@@ -74,7 +75,7 @@ def hyperion_cmd(
 
     console.print(f"reproduce hyperion ({mode}, {cfg.size}) -> [bold]{out}[/]")
     if emulate:
-        res = asyncio.run(rp.run_emulated(cfg, out, console, say))
+        res = asyncio.run(rpe.run_emulated(cfg, out, console, say))
     else:
         res = rp.run_simulated(cfg, out, say)
     files = write_report(res, out)

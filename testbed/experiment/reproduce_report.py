@@ -198,7 +198,9 @@ def assumptions(res: ReproResult) -> list[str]:
         "- **Utilisation**: predicted = rate / the plan's capacity (`testbed/cost/capacity.py`, "
         "reference request = the mean lengths; round robin spreads requests evenly, so its "
         "slowest replica limits a tier); measured = each node's busy time / the run's length, "
-        "averaged over the tier's nodes (nodes that hold no blocks count as idle).",
+        "averaged over the tier's nodes (nodes that hold no blocks count as idle). Runs are short "
+        "(ramp-up and drain included), so measured utilisation stays below the predicted "
+        "steady state.",
         "- **Baselines**: GPipe = `even` partition + `round_robin`; HEFT = classic HEFT "
         "(`heft` partitioner, myopic, with communication costs) + `heft` scheduler; "
         "`min_latency+arts` (ours): the exact single-request latency-optimal split. The "

@@ -11,6 +11,7 @@ import pytest
 
 from testbed.cli.main import main
 from testbed.experiment import reproduce as rp
+from testbed.experiment import reproduce_emulate as rpe
 
 
 def test_rate_grid_covers_idle_each_baseline_and_the_best_plan() -> None:
@@ -52,7 +53,7 @@ def test_both_flags_and_a_missing_emulation_exit_2(
         main(["reproduce", "hyperion", "--runtime", "local", "-o", str(tmp_path)])
     assert exc.value.code == 2
     assert "--runtime" in capsys.readouterr().err
-    monkeypatch.setattr(rp, "emulation_available", lambda: False)
+    monkeypatch.setattr(rpe, "emulation_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "hyperion", "--emulate", "-o", str(tmp_path)])
     assert exc.value.code == 2
