@@ -437,6 +437,14 @@ def with_options(
     from testbed.runtime.interface import RUNTIMES
 
     if models:
+        from testbed.spec.model_profile import PRESETS
+
+        for m in models:  # before anything is written
+            if m not in PRESETS:
+                raise ConfigError(
+                    f"{m!r} is not a model preset; choose from {', '.join(sorted(PRESETS))}",
+                    field="--models",
+                )
         cfg = replace(cfg, models=tuple(models))
     if runtime is not None:
         RUNTIMES.get(runtime)  # a ConfigError naming the registered ones

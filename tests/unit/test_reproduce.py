@@ -53,6 +53,10 @@ def test_both_flags_and_a_missing_emulation_exit_2(
         main(["reproduce", "hyperion", "--runtime", "local", "-o", str(tmp_path)])
     assert exc.value.code == 2
     assert "--runtime" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "hyperion", "--models", "gpt-9", "-o", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--models" in capsys.readouterr().err
     monkeypatch.setattr(rpe, "emulation_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "hyperion", "--emulate", "-o", str(tmp_path)])
