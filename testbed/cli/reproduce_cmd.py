@@ -43,6 +43,10 @@ def hyperion_cmd(
         str | None,
         typer.Option("--runtime", help="with --emulate: docker (default) or local (processes)"),
     ] = None,
+    dilation: Annotated[
+        float | None,
+        typer.Option("--dilation", help="with --emulate: time dilation k (host too small)"),
+    ] = None,
     models: Annotated[
         str | None,
         typer.Option("--models", help="comma-separated model presets (default: both papers')"),
@@ -59,11 +63,12 @@ def hyperion_cmd(
 
     if simulate and emulate:
         raise ConfigError("give one of --simulate and --emulate, not both", field="--emulate")
-    if runtime is not None and not emulate:
-        raise ConfigError("--runtime applies to --emulate runs only; drop it", field="--runtime")
+    for name, value in (("--runtime", runtime), ("--dilation", dilation)):
+        if value is not None and not emulate:
+            raise ConfigError(f"{name} applies to --emulate runs only; drop it", field=name)
     cfg = rp.ReproConfig.quick() if quick else rp.ReproConfig.full()
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    cfg = rp.with_options(cfg, names, runtime)
+    cfg = rp.with_options(cfg, names, runtime, dilation)
     if emulate:
         rpe.require_emulation()  # before anything runs
     mode = "emulate" if emulate else "simulate"

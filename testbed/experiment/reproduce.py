@@ -99,6 +99,7 @@ class ReproConfig:
     emu_max_output_tokens: int = 32
     emu_fractions: tuple[float, ...] = (0.3, 0.8)  # of the weakest plan's capacity
     emu_runtime: str = "docker"  # a registered runtime (local: processes, no Docker)
+    emu_dilation: float = 1.0  # time dilation k of the emulated runs (README, Emulated devices)
 
     @classmethod
     def full(cls, **kw: Any) -> ReproConfig:
@@ -147,6 +148,7 @@ class Point:
     busiest_util: float
     tier_util: dict[str, float] = field(default_factory=dict)  # measured, mean over the tier
     cluster_util: float = 0.0  # measured, mean over every node of the topology
+    overrun_fraction: float | None = None  # emulated runs: steps that overran their window
 
     @property
     def stable(self) -> bool:
@@ -431,9 +433,12 @@ def run_simulated(
 
 
 def with_options(
-    cfg: ReproConfig, models: Sequence[str] | None = None, runtime: str | None = None
+    cfg: ReproConfig,
+    models: Sequence[str] | None = None,
+    runtime: str | None = None,
+    dilation: float | None = None,
 ) -> ReproConfig:
-    """``cfg`` with the command line's model list and emulation runtime, where given."""
+    """``cfg`` with the command line's model list and emulation settings, where given."""
     from testbed.runtime.interface import RUNTIMES
 
     if models:
@@ -449,4 +454,8 @@ def with_options(
     if runtime is not None:
         RUNTIMES.get(runtime)  # a ConfigError naming the registered ones
         cfg = replace(cfg, emu_runtime=runtime)
+    if dilation is not None:
+        if not (1.0 <= dilation <= 1000.0):
+            raise ConfigError(f"{dilation!r} must be in [1, 1000]", field="--dilation")
+        cfg = replace(cfg, emu_dilation=dilation)
     return cfg

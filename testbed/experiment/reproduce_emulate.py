@@ -5,6 +5,7 @@ also simulated on the same requests for the agreement table."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ async def run_emulated(
             data["name"] = f"hyperion-{model}-emulated-{frac:g}"
             data["workload"]["rate_rps"] = rate
             data.update(execution="emulated", runtime=cfg.emu_runtime)
+            if cfg.emu_dilation != 1.0:
+                data["dilation"] = cfg.emu_dilation
             loaded = write_scenario(folder, data)
             res.scenarios.append(loaded.path)
             progress(f"{model}: emulated, {rate:.3g} req/s ({frac:g} of the weakest capacity)")
@@ -87,6 +90,9 @@ async def run_emulated(
                 sim_summary, _ = await asyncio.to_thread(simulate_at, setup, None)
                 sim = point_from("simulated", "emulated", model, run.label, rate, reqs,
                                  caps[run.label], sim_summary, setup.topology)  # fmt: skip
+                pacing = getattr(run, "emulation", None)  # fidelity of the emulated run
+                if isinstance(pacing, dict) and "overrun_fraction" in pacing:
+                    emu = replace(emu, overrun_fraction=float(pacing["overrun_fraction"]))
                 res.points.append(emu)
                 res.agreement.append((emu, sim))
     res.wall_s = time.perf_counter() - t0

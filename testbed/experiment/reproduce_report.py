@@ -160,16 +160,18 @@ def utilisation_rows(res: ReproResult, model: str) -> list[str]:
 
 def agreement_rows(res: ReproResult) -> list[str]:
     rows = [
-        "| model | pair | rate req/s | emulated E2E s | simulated E2E s | emulated / simulated |",
-        "|" + " --- |" * 6,
+        "| model | pair | rate req/s | emulated E2E s | simulated E2E s | emulated / simulated "
+        "| overrun steps |",
+        "|" + " --- |" * 7,
     ]
     for emu, sim in res.agreement:
         ratio = (
             f"{emu.e2e_mean_s / sim.e2e_mean_s:.3f}" if emu.e2e_mean_s and sim.e2e_mean_s else "-"
         )
+        over = "-" if emu.overrun_fraction is None else f"{100 * emu.overrun_fraction:.2f} %"
         rows.append(
             f"| {emu.model} | {emu.pair} | {_rate(emu.rate_rps)} | {_s(emu.e2e_mean_s)} | "
-            f"{_s(sim.e2e_mean_s)} | {ratio} |"
+            f"{_s(sim.e2e_mean_s)} | {ratio} | {over} |"
         )
     return rows
 
