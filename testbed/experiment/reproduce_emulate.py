@@ -22,6 +22,7 @@ from testbed.experiment.reproduce import (
     sweep_scenario,
     write_scenario,
 )
+from testbed.sim.sweep import mean_rate
 
 
 def emulation_available() -> bool:
@@ -85,10 +86,11 @@ async def run_emulated(
             for run in cmp.runs:
                 setup = await asyncio.to_thread(prepare_sim, loaded, run.label)
                 reqs = setup.requests
-                emu = point_from("emulated", "emulated", model, run.label, rate, reqs,
+                offered = mean_rate(reqs) or rate  # the drawn arrivals' rate, not the nominal
+                emu = point_from("emulated", "emulated", model, run.label, offered, reqs,
                                  caps[run.label], run.summary, setup.topology)  # fmt: skip
                 sim_summary, _ = await asyncio.to_thread(simulate_at, setup, None)
-                sim = point_from("simulated", "emulated", model, run.label, rate, reqs,
+                sim = point_from("simulated", "emulated", model, run.label, offered, reqs,
                                  caps[run.label], sim_summary, setup.topology)  # fmt: skip
                 pacing = getattr(run, "emulation", None)  # fidelity of the emulated run
                 if isinstance(pacing, dict) and "overrun_fraction" in pacing:

@@ -178,7 +178,14 @@ def agreement_rows(res: ReproResult) -> list[str]:
 
 def assumptions(res: ReproResult) -> list[str]:
     c = res.config
-    return [
+    emulated = [
+        f"- **Emulated runs**: lengths from the same trace clipped to {c.emu_max_prompt_tokens} "
+        f"prompt / {c.emu_max_output_tokens} output tokens, {c.emu_requests} requests per "
+        f"point, at {', '.join(f'{100 * f:g} %' for f in c.emu_fractions)} of the weakest "
+        f"plan's capacity (the rate shown is that of the drawn arrivals), runtime "
+        f"{c.emu_runtime}, time dilation {c.emu_dilation:g}.",
+    ]
+    lines = [
         "The paper (arXiv 2511.14450) publishes none of the following; these are ours:",
         "",
         f"- **Hardware and bandwidths**: `{c.topology.name}` (its comments): edge 2 x Jetson AGX "
@@ -215,6 +222,7 @@ def assumptions(res: ReproResult) -> list[str]:
         "table shows our lowest ratio over the loads where both plans are stable, with the "
         "range beside it.",
     ]
+    return lines + (emulated if res.mode == "emulated" else [])
 
 
 def git_revision() -> str:
@@ -299,8 +307,9 @@ def markdown(res: ReproResult, files: dict[str, Path]) -> str:
         lines += [
             "## Emulated vs simulated",
             "",
-            "The same scenario and requests run on the Docker testbed with emulated devices "
-            "and in the simulator.",
+            f"The same scenario and requests run on the {c.emu_runtime} testbed with emulated "
+            "devices and in the simulator. Overruns above 1 % mean the host could not keep up: "
+            "those steps, and so those runs, took longer than the emulated devices would.",
             "",
             *agreement_rows(res),
             "",
