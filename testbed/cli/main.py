@@ -26,6 +26,7 @@ def _register() -> None:
         model_cmd,
         plan_cmd,
         replay_cmd,
+        reproduce_cmd,
         runtime_cmd,
         sim_cmd,
         stage_cmd,
