@@ -16,6 +16,7 @@ slo: {ttft: 2s, tpot: 200ms, e2e: 30s}
 runtime: local                         # local | docker
 output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
+timeline: [{at: 60s, link: edge->fog, bandwidth: 10Mbit}]   # see testbed.spec.timeline
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from testbed.errors import ConfigError
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
 from testbed.spec.quantities import LongSeconds, Seconds, StrictInt
+from testbed.spec.timeline import TimelineEvent
 from testbed.workload.knobs import MAX_REQUESTS
 
 
@@ -79,6 +81,7 @@ class Scenario(BaseModel):
     runtime: Literal["local", "docker"] = "local"
     output: Path = Path("results")
     compare: tuple[str, ...] = ()  # policy pairs "partitioner+scheduler" for `testbed compare`
+    timeline: tuple[TimelineEvent, ...] = ()  # changes during the run (testbed.spec.timeline)
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
@@ -129,6 +132,7 @@ def load_scenario(path: str | Path) -> LoadedScenario:
     from testbed.partition import PARTITIONERS
     from testbed.schedule import SCHEDULERS
     from testbed.spec.model_profile import check_fits_context, load_model_profile
+    from testbed.spec.timeline import check_timeline
     from testbed.spec.topology import load_topology
     from testbed.workload.spec import parse_workload_spec
 
@@ -152,7 +156,8 @@ def load_scenario(path: str | Path) -> LoadedScenario:
             source=src,
             field="topology",
         )
-    load_topology(topo_path)
+    topology = load_topology(topo_path)
+    check_timeline(spec.timeline, topology, end_s=spec.duration_s, source=src)
     try:
         profile = load_model_profile(spec.model, dtype=spec.dtype, base_dir=base)
     except ConfigError as exc:
