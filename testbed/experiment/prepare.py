@@ -116,6 +116,7 @@ def prepare(
     ``requests_limit`` keeps the first N requests (with the scenario's own ``requests``, the
     smaller wins)."""
     from testbed.partition import PARTITIONERS
+    from testbed.spec.timeline import scale_arrivals
 
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
     loaded = parts.loaded
@@ -135,6 +136,7 @@ def prepare(
     limits = [x for x in (spec.requests, requests_limit) if x is not None]
     if limits:
         reqs = reqs[: min(limits)]
+    reqs = scale_arrivals(reqs, spec.timeline)  # a timeline's load changes
     if not reqs:
         raise ConfigError(
             "the workload has no request to replay (check its window and limits)",

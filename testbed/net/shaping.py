@@ -215,3 +215,21 @@ def egress_ops(
             )
         )
     return ops
+
+
+def _layout(shape: DirShape, backend: ShapingBackend) -> tuple[bool, bool]:
+    """Which qdiscs ``shape`` needs under ``backend``: (netem in the kernel, rate in the kernel)."""
+    return (
+        backend == "kernel" and shape.has_impairment,
+        backend != "app" and shape.rate_bps is not None,
+    )
+
+
+def change_ops(iface: Iface, old: DirShape, new: DirShape, backend: ShapingBackend) -> list[TcOp]:
+    """A link change while running: when the same qdiscs serve ``old`` and ``new``, only their
+    parameters are replaced in place (the handles exist: the kernel changes them, keeping the
+    queued packets and every connection); otherwise the root is rebuilt (:func:`egress_ops`)."""
+    ops = egress_ops(iface, new, backend)
+    if _layout(old, backend) == _layout(new, backend) and len(ops) > 1:
+        return ops[1:]  # without the clear of the root
+    return ops

@@ -36,7 +36,7 @@ from testbed.sim.steps import StepTimes
 from testbed.workload.request import TraceRequest
 
 CLIENT = "client"
-_DONE, _ARRIVE, _TOKEN, _ADMIT = 0, 1, 2, 3
+_DONE, _ARRIVE, _TOKEN, _ADMIT, _EXTERNAL = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,11 @@ class Simulator:
             n.gid = steps.group(n.name)
 
     # -- the loop -------------------------------------------------------------------------------
+    def at(self, t: float, fn: Callable[[Simulator, float], None]) -> None:
+        """Call ``fn(self, now)`` at simulated time ``t`` (after the requests' events of that
+        instant): the hook scenario timelines use (:mod:`testbed.sim.timeline`)."""
+        self._push(t, _EXTERNAL, fn)
+
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
         heapq.heappush(self._heap, (t, kind, self._seq, obj, s))
         self._seq += 1
@@ -156,8 +161,10 @@ class Simulator:
                 self._arrive(obj, s, now)
             elif kind == _TOKEN:
                 self._token(obj, now)
-            else:
+            elif kind == _ADMIT:
                 self._admit(obj, now)
+            else:
+                obj(self, now)  # an external event (testbed.sim.timeline): it acts on the state
         links = {
             f"hop{h}.{d}[{k}]": p.busy_s
             for h in range(len(self.net.fwd))
