@@ -19,9 +19,11 @@ For each request, in order:
 
 Per node, at most ``max_inflight_per_node`` calls are outstanding (the rest wait in the broker,
 recorded as queueing): backpressure is explicit. A node that does not answer (timeout, refused,
-reset) is marked down; the request restarts on a new route (its caches are lost) up to
-``max_retries`` times, else it fails with the reason. Every request ends completed or failed
-with a reason; none is lost.
+reset) is marked down; the request resumes on a new route up to ``max_retries`` times, its
+caches rebuilt there by one prefill of the prompt plus the tokens generated so far, else it
+fails with the reason. Every ``probe_interval_s`` the nodes marked down are health-checked; one
+that answers is re-admitted (``scheduler.on_node_change``). Every request ends completed or
+failed with a reason; none is lost.
 """
 
 from __future__ import annotations
@@ -337,6 +339,9 @@ class Broker:
             )
             for node, ok in zip(down, results, strict=True):
                 if ok is True and not self.ledger.book(node).up:
+                    reconnect = getattr(self.transport, "reconnect", None)
+                    if reconnect is not None:  # a restarted server: new ports, no old sockets
+                        await reconnect(node)
                     self.ledger.mark_up(node)
                     ev = NodeEvent(node, self.now_s(), True, "health check answers again")
                     self._events.append(ev)
