@@ -161,6 +161,7 @@ class SimTimeline:
             sim.ledger.check_route(route)
         except (NoRouteError, InvalidRouteError) as exc:
             r.req = replace(r.req, prompt_tokens=p0, output_tokens=o0)
+            self._orig[rid] = (p0, o0, tries)  # not re-routed after all
             sim._finish(r, now, f"{reason}; no route: {exc}")
             return
         sim.ledger.charge(rid, route, [pred.work_s[n] for n in route], pred.kv_bytes)
