@@ -4,7 +4,7 @@ every request completed or failed with a reason, the events on record."""
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import json
 import os
 from pathlib import Path
@@ -82,7 +82,7 @@ async def test_every_event_kind_through_local_stage_processes(
 ) -> None:
     loaded = load_scenario(_scenario(tmp_path))
     prep = prepare(loaded)
-    gaps = [b.arrival_s - a.arrival_s for a, b in zip(prep.requests, prep.requests[1:])]
+    gaps = [b.arrival_s - a.arrival_s for a, b in itertools.pairwise(prep.requests)]
     assert min(gaps) < 0.7 * max(gaps)  # rate_scale made the arrivals after 5 s denser
     tb = await bring_up(prep, RUNTIMES.create("local"), health_timeout_s=180)
     pid_before = tb.nodes["edge-1"].pid
