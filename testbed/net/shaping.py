@@ -231,5 +231,8 @@ def change_ops(iface: Iface, old: DirShape, new: DirShape, backend: ShapingBacke
     queued packets and every connection); otherwise the root is rebuilt (:func:`egress_ops`)."""
     ops = egress_ops(iface, new, backend)
     if _layout(old, backend) == _layout(new, backend) and len(ops) > 1:
-        return ops[1:]  # without the clear of the root
+        # without the clear of the root, and without the root htb itself: its only parameter
+        # (the default class) never changes, and the kernel has no "change" for an htb root
+        # (a replace of an existing one is EINVAL); its class and netem are changed in place
+        return [o for o in ops[1:] if not (o.kind == "htb" and o.command == "replace")]
     return ops
