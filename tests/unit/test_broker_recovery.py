@@ -68,7 +68,7 @@ async def test_a_node_that_answers_again_is_re_admitted() -> None:
     from testbed.stage.server import StageConfig, StageServer
 
     _, _, plan = _setup()
-    reqs = [TraceRequest(i, i * 0.02, 6, 4, source_row=i) for i in range(40)]
+    reqs = [TraceRequest(i, i * 0.05, 6, 4, source_row=i) for i in range(60)]  # 3 s of arrivals
     async with echo_stages(_ranges(plan), num_blocks=4, compute_s=0.002) as stages:
         broker = _broker(stages)
         old = stages.servers["edge-1"]
