@@ -19,9 +19,11 @@ For each request, in order:
 
 Per node, at most ``max_inflight_per_node`` calls are outstanding (the rest wait in the broker,
 recorded as queueing): backpressure is explicit. A node that does not answer (timeout, refused,
-reset) is marked down; the request restarts on a new route (its caches are lost) up to
-``max_retries`` times, else it fails with the reason. Every request ends completed or failed
-with a reason; none is lost.
+reset) is marked down; the request resumes on a new route up to ``max_retries`` times, its
+caches rebuilt there by one prefill of the prompt plus the tokens generated so far, else it
+fails with the reason. Every ``probe_interval_s`` the nodes marked down are health-checked; one
+that answers is re-admitted (``scheduler.on_node_change``). Every request ends completed or
+failed with a reason; none is lost.
 """
 
 from __future__ import annotations
@@ -86,9 +88,16 @@ class BrokerConfig:
     admission_spin_s: float = 0.0015  # last stretch before an arrival: yield, don't sleep
     classes: tuple[RequestClass, ...] = ()  # request classes (scenario ``classes``)
     class_seed: int = 0  # seeds each request's class draw (testbed.spec.classes.class_of)
+    probe_interval_s: float = 1.0  # how often a node marked down is probed for re-admission
 
     def __post_init__(self) -> None:
-        for name in ("call_timeout_s", "health_timeout_s", "release_timeout_s", "drain_timeout_s"):
+        for name in (
+            "call_timeout_s",
+            "health_timeout_s",
+            "release_timeout_s",
+            "drain_timeout_s",
+            "probe_interval_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}", field=name)
         if self.max_inflight_per_node < 1 or self.max_active_requests < 1:
@@ -135,6 +144,7 @@ class _Tracker:
     sent_s: float | None = None  # first send (first attempt)
     route: Route = ()
     retries: int = 0
+    tokens: list[int] = field(default_factory=list)  # generated so far (kept across re-routes)
     token_times_s: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     slo_class: RequestClass | None = None
@@ -206,6 +216,7 @@ class Broker:
         self._records: dict[int, RequestRecord] = {}
         self._trackers: dict[int, _Tracker] = {}
         self._started = False
+        self.clock_started = asyncio.Event()  # set when run() fixed the run clock's start
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -271,6 +282,8 @@ class Broker:
         admitted = [r for r in reqs if stop_after_s is None or r.arrival_s <= stop_after_s]
         slots = asyncio.Semaphore(self.config.max_active_requests)
         self._t0 = self.clock() + self.config.start_delay_s
+        self.clock_started.set()
+        prober = asyncio.create_task(self._probe_down_nodes(), name="probe-down-nodes")
         try:
             async with asyncio.timeout(
                 (admitted[-1].arrival_s if admitted else 0.0)
@@ -297,6 +310,9 @@ class Broker:
                         )
         except TimeoutError:
             pass  # recorded below: every unfinished request fails with the drain timeout
+        finally:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
         wall = self.now_s()
         for rid, tr in self._trackers.items():
             if tr.state < RequestState.FINISHED:
@@ -313,6 +329,31 @@ class Broker:
             scheduler=self.scheduler.describe(),
             not_admitted=len(reqs) - len(admitted),
         )
+
+    async def _probe_down_nodes(self) -> None:
+        """Every ``probe_interval_s``: a node marked down whose health check answers again is
+        re-admitted (the ledger marks it up; the scheduler hears ``on_node_change``)."""
+        while True:
+            await asyncio.sleep(self.config.probe_interval_s)
+            down = list(self.ledger.down_nodes())
+            if not down:
+                continue
+            results = await asyncio.gather(
+                *(self.transport.health(n, timeout_s=self.config.health_timeout_s) for n in down),
+                return_exceptions=True,
+            )
+            for node, ok in zip(down, results, strict=True):
+                if ok is True and not self.ledger.book(node).up:
+                    reconnect = getattr(self.transport, "reconnect", None)
+                    if reconnect is not None:  # a restarted server: new ports, no old sockets
+                        await reconnect(node)
+                    self.ledger.mark_up(node)
+                    ev = NodeEvent(node, self.now_s(), True, "health check answers again")
+                    self._events.append(ev)
+                    log.warning("node %s re-admitted", node)
+                    self.scheduler.on_node_change(node, True, ev.at_s)
+                    if self.on_node_event is not None:
+                        self.on_node_event(ev)
 
     async def _until(self, due: float) -> None:
         """Wait for the absolute clock time ``due``: sleep, then yield for the last stretch."""
@@ -383,8 +424,7 @@ class Broker:
                         raise _Failed(
                             f"node {node} down ({reason}); gave up after {tr.retries} re-routes"
                         ) from None
-                    tr.retries += 1
-                    tr.token_times_s.clear()
+                    tr.retries += 1  # resumed: the new route re-runs prompt + tokens so far
                     route = self._decide(tr)
         except _Failed as exc:
             self.ledger.leave(rid)
@@ -410,15 +450,20 @@ class Broker:
         if tr.sent_s is None:
             tr.sent_s = self.now_s()
         tr.state = RequestState.RUNNING
-        data: object = prompt
+        # a resumed request rebuilds its caches on the new route: prefill of the prompt and
+        # every token generated so far, then decoding goes on from there
+        prefix = prompt + tr.tokens
+        data: object = prefix
         pos = 0
-        for step in range(req.output_tokens):
-            kind: StepKind = "prefill" if step == 0 else "decode"
+        for step in range(len(tr.tokens), req.output_tokens):
+            first = data is prefix
+            kind: StepKind = "prefill" if first else "decode"
             for s in range(len(route)):
                 data = await self._call(tr, pred, s, route, sid, kind, step, pos, data)
             token = _as_token(data, route[-1])
+            tr.tokens.append(token)
             tr.token_times_s.append(self.now_s())
-            pos += len(prompt) if step == 0 else 1
+            pos += len(prefix) if first else 1
             data = [token]  # forced length: whatever the token, it is fed back
         self.ledger.leave(req.request_id)
         await self._release(tr, route)

@@ -66,6 +66,17 @@ class HttpStageTransport:
             # closed transports release their sockets on the next loop iterations
             await asyncio.sleep(0.01)
 
+    async def reconnect(self, node: str) -> None:
+        """A fresh client for ``node`` (a restarted stage server: new tensor port, no cached
+        connections); the broker calls it when it re-admits the node."""
+        if self._session is None or node not in self._clients:
+            return
+        old = self._clients[node]
+        self._clients[node] = StageClient(
+            self.urls[node], session=self._session, hook=self.hooks.get(node), name=node
+        )
+        await old.aclose()
+
     def _client(self, node: str) -> StageClient:
         try:
             return self._clients[node]

@@ -145,6 +145,7 @@ def prepare(
     ``requests_limit`` keeps the first N requests (with the scenario's own ``requests``, the
     smaller wins)."""
     from testbed.partition import PARTITIONERS
+    from testbed.spec.timeline import scale_arrivals
 
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
     loaded = parts.loaded
@@ -163,6 +164,13 @@ def prepare(
     topo = parts.topology
     serve_args = None
     k = spec.dilation
+    if k != 1 and spec.timeline:
+        raise ConfigError(
+            "a timeline cannot be combined with time dilation yet (its event times and link "
+            "changes are not dilated); drop `dilation:` or the timeline",
+            source=str(loaded.path),
+            field="dilation",
+        )
     if spec.execution == "emulated":
         from testbed.emulation.dilation import dilate_topology
         from testbed.emulation.plumbing import emulation_specs
@@ -176,6 +184,7 @@ def prepare(
     limits = [x for x in (spec.requests, requests_limit) if x is not None]
     if limits:
         reqs = reqs[: min(limits)]
+    reqs = scale_arrivals(reqs, spec.timeline)  # a timeline's load changes
     if not reqs:
         raise ConfigError(
             "the workload has no request to replay (check its window and limits)",

@@ -19,11 +19,13 @@ from typing import IO, Any
 from rich.console import Console
 
 from testbed.broker.broker import Broker, BrokerConfig, BrokerResult, NodeEvent
+from testbed.broker.gate import GatedTransport
 from testbed.broker.http import HttpStageTransport
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.experiment.lifecycle import testbed_for
 from testbed.experiment.prepare import Prepared, load_parts, prepare, with_model_dir
 from testbed.experiment.provenance import run_metadata, testbed_description
+from testbed.experiment.timeline import AppliedEvent, TimelineApplier
 from testbed.metrics.records import RequestRecord
 from testbed.metrics.summary import SLO, Summary, class_slos, summarize
 from testbed.paths import results_dir
@@ -50,10 +52,13 @@ class ReplayRun:
         return self.result.records
 
 
-def make_transport(tb: RunningTestbed) -> HttpStageTransport:
+def make_transport(tb: RunningTestbed) -> GatedTransport:
+    """HTTP to every stage node through its app-level hop hook; a node partitioned at app
+    level (a timeline event, non-kernel shaping) holds its messages (:mod:`testbed.broker.gate`)."""
     urls = {n.name: n.url for n in tb.stage_nodes()}
     hooks = {n: tb.hook_for(n) for n in urls}
-    return HttpStageTransport(urls, {n: h.before_send for n, h in hooks.items() if h is not None})
+    http = HttpStageTransport(urls, {n: h.before_send for n, h in hooks.items() if h is not None})
+    return GatedTransport(http, lambda node: tb.nodes[node].partitioned)
 
 
 class RecordStream:
@@ -89,8 +94,10 @@ async def run_broker(
     progress: bool = True,
     on_node_event: Callable[[NodeEvent], None] | None = None,
     on_record: Callable[[RequestRecord], None] | None = None,
+    timeline: TimelineApplier | None = None,
 ) -> BrokerResult:
-    """Replay ``prep.requests`` through ``layout`` with the scenario's scheduler."""
+    """Replay ``prep.requests`` through ``layout`` with the scenario's scheduler; ``timeline``
+    fires its events on the broker's run clock while the replay runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console(quiet=True)
@@ -115,7 +122,8 @@ async def run_broker(
         bar.update(task, advance=1, status=f"{counts['completed']} ok, {counts['failed']} failed")
 
     def node_event(ev: NodeEvent) -> None:
-        console.print(f"[yellow]node {ev.node} down[/] at {ev.at_s:.2f}s: {ev.reason}")
+        state = "up" if ev.up else "down"
+        console.print(f"[yellow]node {ev.node} {state}[/] at {ev.at_s:.2f}s: {ev.reason}")
         if on_node_event is not None:
             on_node_event(ev)
 
@@ -129,12 +137,33 @@ async def run_broker(
         on_record=record,
         on_node_event=node_event,
     )
+    stop = prep.loaded.spec.duration_s
+    stop_s = None if stop is None else stop * prep.dilation  # a dilated run is k times longer
     with bar:
         async with broker:
-            stop = prep.loaded.spec.duration_s
-            return await broker.run(
-                prep.requests, stop_after_s=None if stop is None else stop * prep.dilation
-            )
+            if timeline is None:
+                return await broker.run(prep.requests, stop_after_s=stop_s)
+            return await _run_with_timeline(broker, prep, timeline, stop_s)
+
+
+async def _run_with_timeline(
+    broker: Broker, prep: Prepared, timeline: TimelineApplier, stop_s: float | None
+) -> BrokerResult:
+    """The replay and its timeline side by side; the timeline stops with the replay, and a
+    failed timeline step aborts the replay (an unapplied change invalidates the results)."""
+
+    async def drive() -> None:
+        await broker.clock_started.wait()
+        await timeline.run(broker.now_s)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(broker.run(prep.requests, stop_after_s=stop_s))
+            side = tg.create_task(drive())
+            run.add_done_callback(lambda _: side.cancel())
+    except BaseExceptionGroup as eg:
+        raise eg.exceptions[0] from None
+    return run.result()
 
 
 def run_folder(output: Path, scenario: str, pair: str) -> Path:
@@ -192,6 +221,14 @@ async def replay_once(
     )
     stream = RecordStream(out_dir / RECORDS_FILE)
     await asyncio.to_thread(stream.open)
+    spec = prep.loaded.spec
+    applier = None
+    if spec.timeline:
+
+        def said(ev: AppliedEvent) -> None:
+            console.print(f"[cyan]timeline[/] {ev.applied_s:.2f}s: {ev.what}")
+
+        applier = TimelineApplier(tb, prep.topology, spec.timeline, on_event=said)
     try:
         result = await run_broker(
             prep,
@@ -204,9 +241,11 @@ async def replay_once(
             on_record=stream.write
             if k == 1
             else lambda r: stream.write(undilate_records([r], k)[0]),
+            timeline=applier,
         )
     finally:
         stream.close()
+    applied = [e.to_dict() for e in applier.applied] if applier is not None else []
     if k != 1:  # back on the emulated clock
         result = replace(
             result, records=undilate_records(result.records, k), wall_s=result.wall_s / k
@@ -240,6 +279,7 @@ async def replay_once(
             "routed": result.routed,
             "node_events": [asdict(e) for e in result.node_events],
             "not_admitted": result.not_admitted,
+            "timeline": applied,
         },
         "workload": prep.workload.stats.to_dict(),
         "load": load,
@@ -254,6 +294,7 @@ async def replay_once(
         extra=extra,
         run_name=prep.pair,
         plots=plots,
+        markers=run_markers(applied, result.node_events),
     )
     cfg_path = out_dir / "config.json"
     await asyncio.to_thread(
@@ -262,6 +303,15 @@ async def replay_once(
     files["config"] = cfg_path
     files["run"] = out_dir / RUN_FILE
     return ReplayRun(prep.pair, out_dir, summary, result, files, emulation, load)
+
+
+def run_markers(applied: list[dict[str, Any]], node_events: Any) -> list[tuple[float, str]]:
+    """(run time, label) of every timeline event and broker node change, for the plots and
+    the trace."""
+    out = [(float(e["applied_s"]), str(e["what"])) for e in applied]
+    for ne in node_events:
+        out.append((ne.at_s, f"broker: {ne.node} {'re-admitted' if ne.up else 'marked down'}"))
+    return sorted(out)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ https://ui.perfetto.dev or chrome://tracing to see pipeline bubbles.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from testbed.metrics.records import RequestRecord, Span
@@ -22,7 +22,17 @@ def _name(s: Span) -> str:
     return f"{phase} r{s.request_id}{step}"
 
 
-def chrome_trace(records: Iterable[RequestRecord], *, run_name: str = "run") -> dict[str, Any]:
+Marker = tuple[float, str]  # (run time in s, label): a timeline event, a node change
+
+
+def chrome_trace(
+    records: Iterable[RequestRecord],
+    *,
+    run_name: str = "run",
+    markers: Sequence[Marker] = (),
+) -> dict[str, Any]:
+    """The trace; ``markers`` become global instant events ("i", scope "g"): a line across
+    every track at that time."""
     spans = [s for r in records for s in r.spans]
     nodes = sorted({s.node for s in spans} | {s.peer for s in spans if s.peer})
     pid = {n: i + 1 for i, n in enumerate(nodes)}
@@ -64,6 +74,11 @@ def chrome_trace(records: Iterable[RequestRecord], *, run_name: str = "run") -> 
         events.append(
             {"name": "batch size", "ph": "C", "ts": start_s * 1e6, "pid": pid[node],
              "args": {"batch": batch}}
+        )  # fmt: skip
+    for at_s, label in markers:
+        events.append(
+            {"name": label, "cat": "timeline", "ph": "i", "s": "g", "ts": at_s * 1e6,
+             "pid": 0, "tid": 0}
         )  # fmt: skip
     meta: list[dict[str, Any]] = []
     for n, p in pid.items():

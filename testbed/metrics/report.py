@@ -93,11 +93,15 @@ def load_summary(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_chrome_trace(path: Path, records: Sequence[RequestRecord], run_name: str = "run") -> Path:
+def write_chrome_trace(
+    path: Path,
+    records: Sequence[RequestRecord],
+    run_name: str = "run",
+    markers: Sequence[tuple[float, str]] = (),
+) -> Path:
     path = Path(path)
-    path.write_text(
-        json.dumps(chrome_trace(records, run_name=run_name), allow_nan=False), encoding="utf-8"
-    )
+    trace = chrome_trace(records, run_name=run_name, markers=markers)
+    path.write_text(json.dumps(trace, allow_nan=False), encoding="utf-8")
     return path
 
 
@@ -143,8 +147,11 @@ def plot_latency_cdf(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecor
     return _save(fig, Path(path))
 
 
-def plot_latency_over_time(path: Path, records: Sequence[RequestRecord]) -> Path:
-    """E2E and TTFT of each request against its arrival time; failures marked on the axis."""
+def plot_latency_over_time(
+    path: Path, records: Sequence[RequestRecord], markers: Sequence[tuple[float, str]] = ()
+) -> Path:
+    """E2E and TTFT of each request against its arrival time; failures marked on the axis;
+    ``markers`` (run time, label), e.g. timeline events, as labelled vertical lines."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax = fig.subplots()
     done = [r for r in records if r.status == "completed" and r.e2e_s is not None]
@@ -160,6 +167,13 @@ def plot_latency_over_time(path: Path, records: Sequence[RequestRecord]) -> Path
             color="red",
             label="failed",
         )
+    for at_s, label in markers:
+        ax.axvline(at_s, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(
+            label, (at_s, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+            fontsize="x-small", va="top", ha="right", xytext=(-2, -2),
+            textcoords="offset points",
+        )  # fmt: skip
     ax.set_xlabel("arrival (s from start)")
     ax.set_ylabel("latency (ms)")
     ax.grid(alpha=0.3)
@@ -240,20 +254,24 @@ def write_run_report(
     extra: Mapping[str, Any] | None = None,
     run_name: str = "run",
     plots: bool = True,
+    markers: Sequence[tuple[float, str]] = (),
 ) -> dict[str, Path]:
-    """Everything for one run under ``out_dir``; returns name -> path."""
+    """Everything for one run under ``out_dir``; returns name -> path. ``markers`` (run time,
+    label): timeline events, shown on latency_over_time.png and in the trace."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "requests": write_requests_jsonl(out / "requests.jsonl", records),
         "requests_csv": write_requests_csv(out / "requests.csv", records),
         "summary": write_summary_json(out / "summary.json", summary, extra),
-        "trace": write_chrome_trace(out / "trace.json", records, run_name),
+        "trace": write_chrome_trace(out / "trace.json", records, run_name, markers),
     }
     if plots:
         sd = summary.to_dict()
         files["latency_cdf"] = plot_latency_cdf(out / "latency_cdf.png", [(run_name, records)])
-        files["latency_over_time"] = plot_latency_over_time(out / "latency_over_time.png", records)
+        files["latency_over_time"] = plot_latency_over_time(
+            out / "latency_over_time.png", records, markers
+        )
         files["utilisation"] = plot_utilisation(out / "utilisation.png", [(run_name, sd)])
         if batch_series(records):
             files["batch_sizes"] = plot_batch_sizes(out / "batch_sizes.png", records)

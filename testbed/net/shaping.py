@@ -215,3 +215,24 @@ def egress_ops(
             )
         )
     return ops
+
+
+def _layout(shape: DirShape, backend: ShapingBackend) -> tuple[bool, bool]:
+    """Which qdiscs ``shape`` needs under ``backend``: (netem in the kernel, rate in the kernel)."""
+    return (
+        backend == "kernel" and shape.has_impairment,
+        backend != "app" and shape.rate_bps is not None,
+    )
+
+
+def change_ops(iface: Iface, old: DirShape, new: DirShape, backend: ShapingBackend) -> list[TcOp]:
+    """A link change while running: when the same qdiscs serve ``old`` and ``new``, only their
+    parameters are replaced in place (the handles exist: the kernel changes them, keeping the
+    queued packets and every connection); otherwise the root is rebuilt (:func:`egress_ops`)."""
+    ops = egress_ops(iface, new, backend)
+    if _layout(old, backend) == _layout(new, backend) and len(ops) > 1:
+        # without the clear of the root, and without the root htb itself: its only parameter
+        # (the default class) never changes, and the kernel has no "change" for an htb root
+        # (a replace of an existing one is EINVAL); its class and netem are changed in place
+        return [o for o in ops[1:] if not (o.kind == "htb" and o.command == "replace")]
+    return ops

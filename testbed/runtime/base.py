@@ -117,6 +117,7 @@ class NodeEndpoint:
     address: str  # IP the node has on its tier network (127.0.0.1 locally)
     probe_port: int
     cpus: float | None = None
+    base_cpus: float | None = None  # the topology's cpus (speed 1.0), before any slowdown
     mem_limit_bytes: int | None = None
     container: str | None = None  # docker: container name
     pid: int | None = None  # local: process id
@@ -124,6 +125,7 @@ class NodeEndpoint:
     link_rtt_s: float = 0.0  # configured round trip of that link (2 x one-way delay)
     link_rate_bps: float | None = None  # configured rate of that link
     hop: HopShape | None = None  # app-level part of that link (None: nothing at app level)
+    partitioned: bool = False  # cut off at app level (a timeline partition, non-kernel shaping)
     # kernel-side shaping, for changes while running (docker): ifindex/netns per direction
     down_iface: dict[str, Any] | None = None
     up_iface: dict[str, Any] | None = None

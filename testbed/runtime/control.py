@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from testbed.errors import ConfigError, RuntimeBackendError
 from testbed.net.detect import PROBE_NETNS_PREFIX
 from testbed.net.links import node_shaping_for_link
-from testbed.net.shaping import BACKENDS
+from testbed.net.shaping import BACKENDS, DirShape
 from testbed.runtime import owner as ownership
 from testbed.runtime.base import (
     RunningTestbed,
@@ -190,11 +190,19 @@ def _clean_netns(everything: bool) -> list[str]:
     return done
 
 
-async def set_link(tb: RunningTestbed, src_tier: str, dst_tier: str, link: LinkSpec) -> None:
+async def set_link(
+    tb: RunningTestbed,
+    src_tier: str,
+    dst_tier: str,
+    link: LinkSpec,
+    *,
+    previous: LinkSpec | None = None,
+) -> None:
     """Change the link between two consecutive tiers while running (kernel and app parts).
 
     ``link`` is a topology ``LinkSpec`` (parsed units); it applies to every node of the
-    downstream tier, in both directions.
+    downstream tier, in both directions. ``previous``: the link as applied now; given, the
+    kernel qdiscs are changed in place rather than rebuilt.
     """
     tiers = {n.tier: n.tier_index for n in tb.nodes.values()}
     if src_tier not in tiers and dst_tier not in tiers:
@@ -209,7 +217,13 @@ async def set_link(tb: RunningTestbed, src_tier: str, dst_tier: str, link: LinkS
     runtime = runtime_of(tb)
     for ep in targets:
         ns = node_shaping_for_link(ep.name, ep.tier, ep.tier_index, ep.link, link, tb.backend)
-        await runtime.set_link(tb, ep.name, ns.downlink, ns.uplink)
+        old = None
+        if previous is not None:
+            o = node_shaping_for_link(
+                ep.name, ep.tier, ep.tier_index, ep.link, previous, tb.backend
+            )
+            old = (o.downlink, o.uplink)
+        await runtime.set_link(tb, ep.name, ns.downlink, ns.uplink, previous=old)
         ep.hop = ns.hop
         if ep.hook is not None and ns.hop is not None:
             ep.hook.set_shape(ns.hop)
@@ -227,7 +241,52 @@ async def set_node_cpu(tb: RunningTestbed, node: str, cpus: float) -> None:
     if not cpus > 0:
         raise ConfigError(f"cpus must be > 0, got {cpus!r}")
     await runtime_of(tb).set_cpu(tb, node, cpus)
-    tb.nodes[node] = replace(tb.nodes[node], cpus=cpus)
+    ep = tb.nodes[node]
+    tb.nodes[node] = replace(ep, cpus=cpus, base_cpus=ep.base_cpus or ep.cpus)
+    await asyncio.to_thread(tb.save)
+
+
+# -- a scenario timeline's node events ------------------------------------------------------
+
+CUT = DirShape(loss_pct=100.0)  # a partitioned direction: every packet dropped
+
+
+def _link_now(tb: RunningTestbed, node: str, link: LinkSpec | None) -> tuple[DirShape, DirShape]:
+    ep = tb.nodes[node]
+    ns = node_shaping_for_link(ep.name, ep.tier, ep.tier_index, ep.link, link, tb.backend)
+    return ns.downlink, ns.uplink
+
+
+async def crash_node(tb: RunningTestbed, node: str) -> None:
+    """The node's stage server is killed (a container killed, a process SIGKILLed)."""
+    await runtime_of(tb).kill_node(tb, node)
+
+
+async def restart_node(tb: RunningTestbed, node: str, link: LinkSpec | None) -> None:
+    """A crashed node started again; ``link``: its feeding link as it is now."""
+    down, up = _link_now(tb, node, link)
+    await runtime_of(tb).restart_node(tb, node, down, up)
+
+
+async def partition_node(tb: RunningTestbed, node: str, cut: bool, link: LinkSpec | None) -> None:
+    """Cut (or heal) every link of ``node``: with kernel netem both directions drop every
+    packet (connections stay, TCP retransmits once healed); otherwise the broker's transport
+    holds every message to the node until healed or timed out (:mod:`testbed.broker.gate`)."""
+    ep = tb.nodes[node]
+    if tb.backend == "kernel":
+        now = _link_now(tb, node, link)
+        new, old = ((CUT, CUT), now) if cut else (now, (CUT, CUT))
+        await runtime_of(tb).set_link(tb, node, new[0], new[1], previous=old)
+    else:
+        ep.partitioned = cut
+    await asyncio.to_thread(tb.save)
+
+
+async def set_node_speed(tb: RunningTestbed, node: str, speed: float) -> None:
+    """Run ``node`` at ``speed`` x its compute (CPU quota, or a duty cycle locally)."""
+    if node not in tb.nodes:
+        raise ConfigError(f"unknown node {node!r}; nodes: {', '.join(sorted(tb.nodes))}")
+    await runtime_of(tb).set_speed(tb, node, speed)
     await asyncio.to_thread(tb.save)
 
 
@@ -246,4 +305,15 @@ def summary_rows(tb: RunningTestbed) -> list[dict[str, Any]]:
     ]
 
 
-__all__ = ["bring_up", "clean_sync", "detach", "down_sync", "set_link", "set_node_cpu"]
+__all__ = [
+    "bring_up",
+    "clean_sync",
+    "crash_node",
+    "detach",
+    "down_sync",
+    "partition_node",
+    "restart_node",
+    "set_link",
+    "set_node_cpu",
+    "set_node_speed",
+]

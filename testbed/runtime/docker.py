@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from testbed.errors import RuntimeBackendError
 from testbed.net.links import plan_shaping
-from testbed.net.shaping import DirShape, Iface, ShapingBackend, egress_ops
+from testbed.net.shaping import DirShape, Iface, ShapingBackend, change_ops, egress_ops
 from testbed.net.tc import apply_ops, links_sync
 from testbed.runtime import owner
 from testbed.runtime.base import (
@@ -391,7 +391,13 @@ class DockerTestbed:
 # -- changes while running ----------------------------------------------------------------
 
 
-async def set_link_docker(tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
+async def set_link_docker(
+    tb: RunningTestbed,
+    node: str,
+    down: DirShape,
+    up: DirShape,
+    previous: tuple[DirShape, DirShape] | None = None,
+) -> None:
     ep = tb.nodes[node]
     if ep.down_iface is None or ep.up_iface is None:
         raise RuntimeBackendError(f"{node}: no shaped interfaces recorded")
@@ -400,7 +406,14 @@ async def set_link_docker(tb: RunningTestbed, node: str, down: DirShape, up: Dir
     pid = ctr.attrs["State"]["Pid"]
     host_if = Iface(ep.down_iface["ifindex"], ep.down_iface["ifname"], None)
     inside = Iface(ep.up_iface["ifindex"], ep.up_iface["ifname"], f"/proc/{pid}/ns/net")
-    await apply_ops(shaping_ops(host_if, inside, down, up, tb.backend))
+    if previous is None:
+        await apply_ops(shaping_ops(host_if, inside, down, up, tb.backend))
+    else:
+        old_down, old_up = previous
+        await apply_ops(
+            change_ops(host_if, old_down, down, tb.backend)
+            + change_ops(inside, old_up, up, tb.backend)
+        )
 
 
 async def set_cpu_docker(tb: RunningTestbed, node: str, cpus: float) -> None:
@@ -412,3 +425,39 @@ async def set_cpu_docker(tb: RunningTestbed, node: str, cpus: float) -> None:
 
 def _quota_us(cpus: float) -> int:
     return max(1000, round(cpus * CPU_PERIOD_US))
+
+
+async def kill_docker(tb: RunningTestbed, node: str) -> None:
+    """A crash: SIGKILL the node's container (it stays, stopped, for a restart)."""
+    ep = tb.nodes[node]
+    c = await asyncio.to_thread(client)
+    ctr = await asyncio.to_thread(c.containers.get, ep.container)
+    await asyncio.to_thread(ctr.kill)
+
+
+async def restart_docker(tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
+    """Start the killed container again (same address, blocks loaded anew) and shape its new
+    veth pair as ``down``/``up`` before it serves (a restarted container gets a new veth)."""
+    import docker
+
+    ep = tb.nodes[node]
+    c = await asyncio.to_thread(client)
+    ctr = await asyncio.to_thread(c.containers.get, ep.container)
+    try:
+        await asyncio.to_thread(ctr.start)
+        await asyncio.to_thread(ctr.reload)
+    except docker.errors.APIError as exc:
+        raise RuntimeBackendError(f"restarting the container of {node} failed: {exc}") from exc
+    pid = ctr.attrs["State"]["Pid"]
+    if not pid:
+        raise RuntimeBackendError(f"container of {node} did not start again")
+    host_if, inside = await asyncio.to_thread(_container_ifaces, pid, ep.address)
+    await apply_ops(shaping_ops(host_if, inside, down, up, tb.backend))
+    ep.down_iface = {"ifindex": host_if.ifindex, "ifname": host_if.ifname}
+    ep.up_iface = {"ifindex": inside.ifindex, "ifname": inside.ifname, "pid": pid}
+    await asyncio.to_thread(
+        ctr.exec_run,
+        ["python3", "-m", "testbed.net.probe", "serve", "--port", str(PROBE_PORT)],
+        detach=True,
+    )
+    await asyncio.to_thread(tb.save)

@@ -69,13 +69,43 @@ class Runtime(ABC):
         return True
 
     @abstractmethod
-    async def set_link(self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
-        """Apply the kernel part of a changed link into ``node`` (app parts are the hooks')."""
+    async def set_link(
+        self,
+        tb: RunningTestbed,
+        node: str,
+        down: DirShape,
+        up: DirShape,
+        *,
+        previous: tuple[DirShape, DirShape] | None = None,
+    ) -> None:
+        """Apply the kernel part of a changed link into ``node`` (app parts are the hooks').
+        ``previous`` (down, up): what is applied now, so that a change of values is made in
+        place (the same qdiscs changed, no queue dropped, no connection reset)."""
 
     async def set_cpu(self, tb: RunningTestbed, node: str, cpus: float) -> None:
         raise RuntimeBackendError(
             f"changing a node's CPU needs a runtime with CPU quotas; {self.name} has none"
         )
+
+    async def set_speed(self, tb: RunningTestbed, node: str, speed: float) -> None:
+        """Run ``node`` at ``speed`` x its own compute (a timeline slowdown): by default its
+        CPU quota scaled (the topology's cpus, or 1 CPU when it names none)."""
+        ep = tb.nodes[node]
+        base = ep.base_cpus or ep.cpus or 1.0
+        await self.set_cpu(tb, node, base * speed)
+        ep.base_cpus, ep.cpus = base, base * speed
+
+    async def kill_node(self, tb: RunningTestbed, node: str) -> None:
+        """A crash: the node's stage server dies at once (no clean shutdown)."""
+        raise RuntimeBackendError(f"the {self.name} runtime cannot crash a node")
+
+    async def restart_node(
+        self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape
+    ) -> None:
+        """Start a crashed node again at the same address, loading its blocks, with the kernel
+        part of its link as ``down``/``up`` (the link as it is now); returns once it runs, not
+        once it is healthy (the broker re-admits it when its health check answers)."""
+        raise RuntimeBackendError(f"the {self.name} runtime cannot restart a node")
 
     async def engine_version(self) -> str | None:
         """Version of the engine under the nodes, for provenance (None: none or unknown)."""

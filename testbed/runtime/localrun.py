@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from testbed.errors import RuntimeBackendError
@@ -27,7 +30,7 @@ from testbed.runtime import owner
 from testbed.runtime.base import NodeEndpoint, RunningTestbed, new_run_id, stage_serve_argv
 from testbed.runtime.interface import UpRequest
 from testbed.runtime.measure import wait_healthy
-from testbed.runtime.processes import kill_pids
+from testbed.runtime.processes import is_testbed_process, kill_pids, pid_alive
 
 
 def _free_port() -> int:
@@ -148,6 +151,85 @@ def remove_local(run_id: str, tb: RunningTestbed | None) -> str:
     """Stop the run's processes (SIGTERM, then SIGKILL), remove its state file and logs."""
     from testbed.runtime.control import forget
 
+    stop_throttles(run_id)
     n = kill_pids(tb.pids()) if tb is not None else 0
     forget(run_id)
     return f"{run_id}: stopped {n} processes, removed its state and logs"
+
+
+# -- changes while running (a scenario timeline) ------------------------------------------
+
+
+def kill_local_node(tb: RunningTestbed, node: str) -> None:
+    """A crash: SIGKILL the node's stage server (no clean shutdown) and wait until it is gone."""
+    ep = tb.nodes[node]
+    pid = ep.pid
+    if pid and pid_alive(pid) and is_testbed_process(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while pid_alive(pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)  # ours when this process started the run
+            time.sleep(0.02)
+
+
+async def restart_local_node(tb: RunningTestbed, node: str) -> None:
+    """The node's stage server again, on the same port, loading its blocks anew."""
+    ep = tb.nodes[node]
+    port = int(ep.url.rsplit(":", 1)[1])
+    argv = stage_serve_argv(
+        [*_leash(tb), "cli"], tb.model_dir, (ep.start, ep.end), host="127.0.0.1", port=port,
+        name=node,
+    )  # fmt: skip
+    log = state_dir() / f"{tb.run_id}-logs" / f"{node}.log"
+    ep.pid = await asyncio.to_thread(_spawn, argv, log)
+    await asyncio.to_thread(tb.save)
+    speed = _speeds.get((tb.run_id, node))
+    if speed is not None and speed < 1.0:
+        await asyncio.to_thread(throttle, tb, node, speed)
+
+
+THROTTLE_PERIOD_S = 0.1
+_speeds: dict[tuple[str, str], float] = {}
+_throttles: dict[tuple[str, str], tuple[threading.Thread, threading.Event]] = {}
+
+
+def _duty_cycle(pid: int, speed: float, stop: threading.Event) -> None:
+    try:
+        while not stop.is_set():
+            os.kill(pid, signal.SIGCONT)
+            if stop.wait(speed * THROTTLE_PERIOD_S):
+                break
+            os.kill(pid, signal.SIGSTOP)
+            stop.wait((1.0 - speed) * THROTTLE_PERIOD_S)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+def throttle(tb: RunningTestbed, node: str, speed: float) -> None:
+    """Run the node's process ``speed`` of each period (1.0 or more: unthrottled)."""
+    key = (tb.run_id, node)
+    old = _throttles.pop(key, None)
+    if old is not None:
+        old[1].set()
+        old[0].join(timeout=1.0)
+    _speeds[key] = speed
+    pid = tb.nodes[node].pid
+    if speed >= 1.0 or not pid or not (pid_alive(pid) and is_testbed_process(pid)):
+        return
+    stop = threading.Event()
+    t = threading.Thread(target=_duty_cycle, args=(pid, speed, stop), daemon=True)
+    t.start()
+    _throttles[key] = (t, stop)
+
+
+def stop_throttles(run_id: str) -> None:
+    for key in [k for k in _throttles if k[0] == run_id]:
+        t, stop = _throttles.pop(key)
+        stop.set()
+        t.join(timeout=1.0)
+    for key in [k for k in _speeds if k[0] == run_id]:
+        del _speeds[key]

@@ -2,6 +2,10 @@
 check that the optimised :mod:`testbed.sim.engine` gives exactly the same records. Slow: one
 heap event per arrival, step end and token. Do not optimise this file; use ``Simulator``.
 
+It is also the engine of scenarios with a ``timeline:`` (:mod:`testbed.sim.timeline`): an event
+that changes a link or takes a node down invalidates the exact shortcuts of the optimised
+engine (arrival and token times it settles ahead), so timelines run here, one event per step.
+
 The event loop: requests through routes of stage servers and links, in simulated time.
 
 Per request: admission (bounded by ``max_active_requests``, as the broker), then the broker's
@@ -41,7 +45,7 @@ from testbed.sim.steps import StepTimes
 from testbed.workload.request import TraceRequest
 
 CLIENT = "client"
-_DONE, _ARRIVE, _TOKEN, _ADMIT = 0, 1, 2, 3
+_DONE, _ARRIVE, _TOKEN, _ADMIT, _EXTERNAL = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -122,6 +126,11 @@ class ReferenceSimulator:
             n.gid = steps.group(n.name)
 
     # -- the loop -------------------------------------------------------------------------------
+    def at(self, t: float, fn: Callable[[ReferenceSimulator, float], None]) -> None:
+        """Call ``fn(self, now)`` at simulated time ``t`` (after the requests' events of that
+        instant): the hook scenario timelines use (:mod:`testbed.sim.timeline`)."""
+        self._push(t, _EXTERNAL, fn)
+
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
         heapq.heappush(self._heap, (t, kind, self._seq, obj, s))
         self._seq += 1
@@ -143,8 +152,10 @@ class ReferenceSimulator:
                 self._arrive(obj, s, now)
             elif kind == _TOKEN:
                 self._token(obj, now)
-            else:
+            elif kind == _ADMIT:
                 self._admit(obj, now)
+            else:
+                obj(self, now)  # an external event (testbed.sim.timeline): it acts on the state
         links = {
             f"hop{h}.{d}[{k}]": p.busy_s
             for h in range(len(self.net.fwd))

@@ -23,6 +23,7 @@ from testbed.metrics.summary import SLO, Summary, summarize
 from testbed.schedule.base import Scheduler
 from testbed.sim.engine import SimConfig, SimOutcome, Simulator
 from testbed.sim.links import Network
+from testbed.sim.reference import ReferenceSimulator
 from testbed.sim.steps import (
     CalibratedProfile,
     StepTimes,
@@ -94,6 +95,7 @@ def prepare_sim(
 ) -> SimSetup:
     """Plan, layout and workload of the scenario (``pair`` overrides its policies)."""
     from testbed.partition import PARTITIONERS
+    from testbed.spec.timeline import scale_arrivals
     from testbed.workload.spec import load_workload
 
     spec = loaded.spec
@@ -126,6 +128,7 @@ def prepare_sim(
     limits = [x for x in (spec.requests, requests_limit) if x is not None]
     if limits:
         reqs = reqs[: min(limits)]
+    reqs = scale_arrivals(reqs, spec.timeline)  # a timeline's load changes
     if not reqs:
         raise ConfigError(
             "the workload has no request to simulate (check its window and limits)",
@@ -144,10 +147,15 @@ def simulate(
     config: SimConfig | None = None,
     requests: Sequence[TraceRequest] | None = None,
     scheduler: Scheduler | None = None,
+    timeline_log: list[dict[str, Any]] | None = None,
 ) -> SimOutcome:
-    """One simulated replay of ``requests`` (default: the setup's) with a fresh scheduler."""
+    """One simulated replay of ``requests`` (default: the setup's) with a fresh scheduler,
+    under the scenario's timeline (what each event did is appended to ``timeline_log``)."""
+    from testbed.sim.timeline import SimTimeline
+
     overhead = setup.calibrated.hop_overhead_s if setup.calibrated else 0.0
-    sim = Simulator(
+    events = setup.loaded.spec.timeline
+    parts = (
         setup.layout,
         WorkPredictor(setup.layout, setup.cost),
         scheduler or setup.make_scheduler(),
@@ -155,7 +163,19 @@ def simulate(
         Network(setup.layout.hop_links, overhead_s=overhead),
         config,
     )
-    return sim.run(requests or setup.requests, stop_after_s=setup.loaded.spec.duration_s)
+    stop_s = setup.loaded.spec.duration_s
+    if not events:
+        return Simulator(*parts).run(requests or setup.requests, stop_after_s=stop_s)
+    # a timeline runs on the reference engine: its events invalidate the optimised engine's
+    # exact shortcuts (arrival and token times settled ahead of them)
+    sim = ReferenceSimulator(*parts)
+    tl = SimTimeline(setup.topology, events)
+    tl.install(sim)
+    out = sim.run(requests or setup.requests, stop_after_s=stop_s)
+    tl.fix_records(sim)
+    if timeline_log is not None:
+        timeline_log.extend(tl.applied)
+    return replace(out, records=tuple(sim._records[r.request_id] for r in out.records))
 
 
 def summarize_outcome(setup: SimSetup, outcome: SimOutcome) -> Summary:
@@ -194,6 +214,7 @@ def write_sim_run(
     plots: bool = True,
     wall_s: float = 0.0,
     config: SimConfig | None = None,
+    timeline: Sequence[dict[str, Any]] = (),
 ) -> SimRun:
     """The same folder as `replay` writes, marked ``"mode": "simulated"``."""
     from testbed.metrics.report import write_run_report
@@ -213,12 +234,15 @@ def write_sim_run(
             "link_busy_s": outcome.link_busy_s,
             "events": outcome.events,
             "simulator_wall_s": wall_s,
+            "timeline": list(timeline),
         },
         "workload": setup.workload.stats.to_dict(),
     }
+    markers = [(float(e["applied_s"]), str(e["what"])) for e in timeline]
     files = write_run_report(
-        out_dir, outcome.records, summary, extra=extra, run_name=setup.pair, plots=plots
-    )
+        out_dir, outcome.records, summary, extra=extra, run_name=setup.pair, plots=plots,
+        markers=markers,
+    )  # fmt: skip
     meta = {
         "mode": "simulated",
         "scenario": {"path": str(setup.loaded.path), **spec.model_dump(mode="json")},
@@ -263,11 +287,14 @@ def simulate_scenario(
     """`testbed simulate`: one simulated run, written like `replay`'s."""
     setup = prepare_sim(loaded, pair, requests)
     t0 = time.perf_counter()
-    outcome = simulate(setup, config=config)
+    applied: list[dict[str, Any]] = []
+    outcome = simulate(setup, config=config, timeline_log=applied)
     wall = time.perf_counter() - t0
     root = output if output is not None else loaded.resolve(loaded.spec.output)
     out = run_folder(root, loaded.spec.name, f"{setup.pair}-sim")
-    return write_sim_run(setup, outcome, out, plots=plots, wall_s=wall, config=config)
+    return write_sim_run(
+        setup, outcome, out, plots=plots, wall_s=wall, config=config, timeline=applied
+    )
 
 
 def compare_simulated(
@@ -293,8 +320,11 @@ def compare_simulated(
     runs = []
     for pair in pairs:
         setup = prepare_sim(loaded, pair, requests)
-        outcome = simulate(setup, config=config)
-        runs.append(write_sim_run(setup, outcome, out / pair, plots=plots, config=config))
+        applied: list[dict[str, Any]] = []
+        outcome = simulate(setup, config=config, timeline_log=applied)
+        runs.append(
+            write_sim_run(setup, outcome, out / pair, plots=plots, config=config, timeline=applied)
+        )
     write_comparison(
         out,
         [(r.label, r.summary.to_dict()) for r in runs],

@@ -20,6 +20,7 @@ output: ../results
 compare: [bsdp+arts, even+round_robin, heft+heft]
 execution: real                        # real | emulated (nodes emulate their devices running
                                        # `model`; a generated stand-in computes the outputs)
+timeline: [{at: 60s, link: edge->fog, bandwidth: 10Mbit}]   # see testbed.spec.timeline
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from testbed.spec.classes import RequestClass, check_classes
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
 from testbed.spec.quantities import LongSeconds, Seconds, StrictInt
+from testbed.spec.timeline import TimelineEvent
 from testbed.workload.knobs import MAX_REQUESTS
 
 
@@ -90,6 +92,7 @@ class Scenario(BaseModel):
     # emulated only: time dilation k (every emulated time and link delay x k, bandwidth / k,
     # arrivals x k, measured times / k) for hosts too small for the cluster
     dilation: float = Field(default=1.0, ge=1.0, le=1000.0)
+    timeline: tuple[TimelineEvent, ...] = ()  # changes during the run (testbed.spec.timeline)
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
@@ -151,6 +154,7 @@ def load_scenario(path: str | Path) -> LoadedScenario:
     from testbed.partition import PARTITIONERS
     from testbed.schedule import SCHEDULERS
     from testbed.spec.model_profile import check_fits_context, load_model_profile
+    from testbed.spec.timeline import check_timeline
     from testbed.spec.topology import load_topology
     from testbed.workload.spec import parse_workload_spec
 
@@ -180,7 +184,8 @@ def load_scenario(path: str | Path) -> LoadedScenario:
             source=src,
             field="topology",
         )
-    load_topology(topo_path)
+    topology = load_topology(topo_path)
+    check_timeline(spec.timeline, topology, end_s=spec.duration_s, source=src)
     try:
         profile = load_model_profile(spec.model, dtype=spec.dtype, base_dir=base)
     except ConfigError as exc:

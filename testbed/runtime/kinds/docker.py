@@ -82,10 +82,30 @@ class DockerRuntime(Runtime):
             return True  # cannot tell: leave it alone
         return bool(ctrs)
 
-    async def set_link(self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
+    async def set_link(
+        self,
+        tb: RunningTestbed,
+        node: str,
+        down: DirShape,
+        up: DirShape,
+        *,
+        previous: tuple[DirShape, DirShape] | None = None,
+    ) -> None:
         from testbed.runtime.docker import set_link_docker
 
-        await set_link_docker(tb, node, down, up)
+        await set_link_docker(tb, node, down, up, previous)
+
+    async def kill_node(self, tb: RunningTestbed, node: str) -> None:
+        from testbed.runtime.docker import kill_docker
+
+        await kill_docker(tb, node)
+
+    async def restart_node(
+        self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape
+    ) -> None:
+        from testbed.runtime.docker import restart_docker
+
+        await restart_docker(tb, node, down, up)
 
     async def set_cpu(self, tb: RunningTestbed, node: str, cpus: float) -> None:
         from testbed.runtime.docker import set_cpu_docker

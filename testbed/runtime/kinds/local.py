@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,8 +38,35 @@ class LocalRuntime(Runtime):
 
         return remove_local(run_id, tb)
 
-    async def set_link(self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
+    async def set_link(
+        self,
+        tb: RunningTestbed,
+        node: str,
+        down: DirShape,
+        up: DirShape,
+        *,
+        previous: tuple[DirShape, DirShape] | None = None,
+    ) -> None:
         """Nothing in the kernel: the hop hooks carry the whole link here."""
+
+    async def set_speed(self, tb: RunningTestbed, node: str, speed: float) -> None:
+        """No CPU quotas here: the node's process is duty-cycled (SIGSTOP/SIGCONT) to run
+        ``speed`` of each 100 ms period, as a cgroup quota throttles a container."""
+        from testbed.runtime.localrun import throttle
+
+        await asyncio.to_thread(throttle, tb, node, speed)
+
+    async def kill_node(self, tb: RunningTestbed, node: str) -> None:
+        from testbed.runtime.localrun import kill_local_node
+
+        await asyncio.to_thread(kill_local_node, tb, node)
+
+    async def restart_node(
+        self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape
+    ) -> None:
+        from testbed.runtime.localrun import restart_local_node
+
+        await restart_local_node(tb, node)
 
     def present(self, tb: RunningTestbed) -> bool:
         return any(pid_alive(p) and is_testbed_process(p) for p in tb.pids())

@@ -92,7 +92,15 @@ class SwarmRuntime(Runtime):
             return True  # cannot tell: leave it alone
         return bool(svcs)
 
-    async def set_link(self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
+    async def set_link(
+        self,
+        tb: RunningTestbed,
+        node: str,
+        down: DirShape,
+        up: DirShape,
+        *,
+        previous: tuple[DirShape, DirShape] | None = None,  # the agent re-applies every field
+    ) -> None:
         import asyncio
 
         from testbed.runtime.docker import client
