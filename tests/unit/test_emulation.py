@@ -310,3 +310,37 @@ def test_prepare_plans_the_studied_model_and_runs_its_standin(tmp_path, monkeypa
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="dilation: 3 applies to emulated runs only"):
         load_scenario(path)
+
+
+def test_a_batch_is_paced_as_the_roofline_of_the_batch(tiny_model):
+    """Continuous batching on an emulated device: one window for the whole batch, the batch's
+    roofline (weights read once), shorter than the rows one after another; tokens as unbatched."""
+    from testbed.model.batch import BatchStep
+
+    path = _standin(tiny_model)
+    s = EmulationSpec(node="n", profile=_studied(), device=DeviceProfile(**CATALOG["a100-80gb"]))
+    timing = StageTiming(s, 0, 4)
+    clock = FakeClock()
+    ex = EmulatedExecutor(LayerRangeExecutor(path, 0, 4), timing, clock=clock, sleep=clock.sleep)
+    ref = EmulatedExecutor(LayerRangeExecutor(path, 0, 4), timing, sleep=lambda _s: None)
+    prompts = {"a": [5, 6, 7], "b": [9, 10, 11, 12, 13]}
+    first = {}
+    for rid, p in prompts.items():
+        first[rid] = ex.step(rid, "prefill", torch.tensor([p]), 0).token_id
+        assert ref.step(rid, "prefill", torch.tensor([p]), 0).token_id == first[rid]
+    clock.slept.clear()
+    rows = [
+        BatchStep(rid, "decode", torch.tensor([[first[rid]]]), len(p)) for rid, p in prompts.items()
+    ]
+    outs = ex.step_batch(rows)
+    pred = timing.batch_s([("decode", 1, 3), ("decode", 1, 5)])
+    apart = timing.step_s("decode", 1, 3) + timing.step_s("decode", 1, 5)
+    assert pred < apart  # the weights are read once for the batch
+    assert clock.slept == [pytest.approx(pred)]
+    for rid, out in zip(prompts, outs, strict=True):
+        assert not isinstance(out, Exception)
+        assert out.compute_s == pytest.approx(pred)
+        want = ref.step(rid, "decode", torch.tensor([[first[rid]]]), len(prompts[rid]))
+        assert out.token_id == want.token_id
+    assert ex.pacing_report()["steps"][-1][:2] == ["decode", 2]
+    assert timing.batch_s([("decode", 1, 3)]) == pytest.approx(timing.step_s("decode", 1, 3))
