@@ -20,7 +20,7 @@ from testbed.experiment.models import resolve_model_dir, special_token_ids
 from testbed.schedule.base import Scheduler
 from testbed.spec.model_profile import ModelProfile, load_measured_profile, load_model_profile
 from testbed.spec.plan import Plan
-from testbed.spec.scenario import LoadedScenario, parse_pair
+from testbed.spec.scenario import LoadedScenario, policies
 from testbed.spec.topology import Topology, load_topology
 from testbed.workload.request import TraceRequest, Workload
 
@@ -150,13 +150,7 @@ def prepare(
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
     loaded = parts.loaded
     spec = loaded.spec
-    if pair is not None:
-        part, sched = parse_pair(pair)
-        part_params = spec.partitioner.params if part == spec.partitioner.name else {}
-        sched_params = spec.scheduler.params if sched == spec.scheduler.name else {}
-    else:
-        part, part_params = spec.partitioner.name, dict(spec.partitioner.params)
-        sched, sched_params = spec.scheduler.name, dict(spec.scheduler.params)
+    part, part_params, sched, sched_params = policies(spec, pair)
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"
     )

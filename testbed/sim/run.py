@@ -33,7 +33,7 @@ from testbed.sim.steps import (
 )
 from testbed.spec.model_profile import load_measured_profile, load_model_profile
 from testbed.spec.plan import Plan, RequestShape
-from testbed.spec.scenario import LoadedScenario, parse_pair
+from testbed.spec.scenario import LoadedScenario, policies
 from testbed.spec.topology import Topology, load_topology
 from testbed.workload.request import TraceRequest, Workload
 
@@ -99,13 +99,7 @@ def prepare_sim(
     from testbed.workload.spec import load_workload
 
     spec = loaded.spec
-    if pair is not None:
-        part, sched = parse_pair(pair)
-        part_params = dict(spec.partitioner.params) if part == spec.partitioner.name else {}
-        sched_params = dict(spec.scheduler.params) if sched == spec.scheduler.name else {}
-    else:
-        part, part_params = spec.partitioner.name, dict(spec.partitioner.params)
-        sched, sched_params = spec.scheduler.name, dict(spec.scheduler.params)
+    part, part_params, sched, sched_params = policies(spec, pair)
     topo = load_topology(loaded.topology_path)
     profile = load_model_profile(_model_source(loaded), dtype=spec.dtype, base_dir=loaded.base_dir)
     calibrated, measured = None, None

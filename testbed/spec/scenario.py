@@ -148,6 +148,20 @@ def parse_pair(pair: str, source: str = "--policies") -> tuple[str, str]:
     return part, sched
 
 
+def policies(
+    spec: Scenario, pair: str | None = None
+) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
+    """(partitioner, its params, scheduler, its params) of a run: the scenario's, or ``pair``
+    ("bsdp+arts") with the scenario's parameters for a policy it names itself."""
+    if pair is None:
+        part, sched = spec.partitioner.name, spec.scheduler.name
+    else:
+        part, sched = parse_pair(pair)
+    part_params = dict(spec.partitioner.params) if part == spec.partitioner.name else {}
+    sched_params = dict(spec.scheduler.params) if sched == spec.scheduler.name else {}
+    return part, part_params, sched, sched_params
+
+
 def load_scenario(path: str | Path) -> LoadedScenario:
     """Parse and check a scenario file: fields, policy names and parameters, topology file,
     model, workload spec. Errors name the file, the field and the fix (exit code 2)."""
