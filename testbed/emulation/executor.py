@@ -276,7 +276,6 @@ class EmulatedExecutor:
             "predicted_s": predicted,
             "emulated_s": pace.emulated_s,
             "real_s": pace.real_s,
-            "batch": len(taken),
         }
         for (i, _), out in zip(taken, outs, strict=True):
             if isinstance(out, Exception):

@@ -20,7 +20,7 @@ import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -204,13 +204,10 @@ class StepQueue:
                 p.hidden.append(out.hidden)
             if p.tokens_left > 0:
                 continue  # more chunks: stays queued
-            if len(p.hidden) > 1:
-                out = StepOutput(
-                    torch.cat(p.hidden, dim=1), out.logits, out.token_id, out.length, p.compute_s
-                )
-            else:
-                out = StepOutput(out.hidden, out.logits, out.token_id, out.length, p.compute_s)
-            self._finish(p, out=out)
+            # replace() keeps an executor's own output type and fields (an emulated device's
+            # pacing numbers): only the whole prompt's hidden states and compute time change
+            hidden = torch.cat(p.hidden, dim=1) if len(p.hidden) > 1 else out.hidden
+            self._finish(p, out=replace(out, hidden=hidden, compute_s=p.compute_s))
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         """A worker is free (and chunked prefills may have more to do): form the next batch."""
