@@ -45,7 +45,6 @@ from aiohttp import web
 from testbed.model.batch import BatchStep
 from testbed.model.contract import CacheFullError, StageExecutor, StepOutput
 from testbed.stage.batcher import Pending, StepQueue
-from testbed.stage.client import WirePayload
 from testbed.stage.config import StageConfig
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
@@ -55,6 +54,7 @@ from testbed.stage.intake import JSON_BODY_MAX_BYTES, READ_BUFSIZE_BYTES, Intake
 from testbed.stage.limits import Reservation
 from testbed.stage.listen import bind_errors
 from testbed.stage.metrics import Gauges, StageMetrics
+from testbed.stage.payload import WirePayload
 from testbed.stage.slots import RecentRequests
 from testbed.stage.steps import encode_reply, run_batch
 from testbed.stage.tasks import cancel_and_wait
