@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from testbed.errors import ConfigError
-from testbed.model.batch import BatchCacheView, BatchStep, batch_mask, causal_mask
+from testbed.model.batch import BatchStep, causal_mask
+from testbed.model.batched import decode_batch
 from testbed.model.contract import (
     CacheFullError,
     CacheStateError,
@@ -377,42 +378,7 @@ class LayerRangeExecutor:
         self, steps: list[BatchStep], rows: list[tuple[int, _RequestState]]
     ) -> dict[int, tuple[torch.Tensor | None, torch.Tensor | None, int | None]]:
         """B decode rows (one token each, own cache and position) as one [B, 1] forward."""
-        x = torch.cat([s.x.to(self.device) for s in steps], dim=0)
-        hidden = self.embed(x.to(torch.long)) if self.embed is not None else x.to(self.dtype)
-        positions = [s.start_pos for s in steps]
-        position_ids = torch.tensor(positions, device=self.device)[:, None]
-        lengths = [p + 1 for p in positions]
-        additive = self.config._attn_implementation == "eager"
-        masks = {
-            t: batch_mask(
-                lengths,
-                window=self._sliding_window if t == "sliding_attention" else None,
-                additive=additive,
-                dtype=self.dtype,
-                device=self.device,
-            )
-            for t in set(self.layer_types)
-        }
-        view = BatchCacheView([st.cache for _, st in rows])
-        position_embeddings = self.rotary(hidden, position_ids)
-        for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
-            hidden = layer(
-                hidden,
-                attention_mask=masks[layer_type],
-                position_ids=position_ids,
-                past_key_values=view,
-                use_cache=True,
-                position_embeddings=position_embeddings,
-            )
-        out, logits, tokens = self._head(hidden)
-        return {
-            i: (
-                None if out is None else out[k : k + 1],
-                None if logits is None else logits[k : k + 1],
-                None if tokens is None else tokens[k],
-            )
-            for k, (i, _) in enumerate(rows)
-        }
+        return decode_batch(self, steps, [i for i, _ in rows], [st.cache for _, st in rows])
 
     def mask(self, layer_type: str, start_pos: int, q: int) -> torch.Tensor:
         """The attention mask of ``q`` new tokens at ``start_pos`` for one layer type."""

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import aiohttp
 import torch
@@ -30,8 +30,9 @@ from testbed.stage.errors import (
     StageUnreachableError,
     parse_code,
 )
+from testbed.stage.hooks import HopHook, SendHook, as_send_hook
+from testbed.stage.payload import WirePayload
 from testbed.stage.wire import (
-    CONTENT_TYPE,
     WireFormatError,
     WireLimits,
     encode_parts,
@@ -42,6 +43,7 @@ __all__ = [
     "ErrorCode",
     "ForwardResult",
     "HopHook",
+    "SendHook",
     "StageClient",
     "StageError",
     "StageProtocolError",
@@ -49,69 +51,9 @@ __all__ = [
     "StageTimeoutError",
     "StageUnreachableError",
     "WirePayload",
+    "as_send_hook",
     "generate_through",
 ]
-
-
-_WRITE_SLICE = 1 << 20
-
-
-class WirePayload(aiohttp.payload.Payload):
-    """An aiohttp body made of wire buffers, written one after another (no joining copy)."""
-
-    def __init__(self, parts: Sequence[memoryview]):
-        super().__init__(parts, content_type=CONTENT_TYPE)
-        self._parts = list(parts)
-        self._nbytes = sum(p.nbytes for p in self._parts)
-        self._size = self._nbytes
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a tensor message is binary")
-
-    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return b"".join(self._parts)
-
-    async def write(self, writer: Any) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        # Slices with a drain in between: one huge transport.write() makes asyncio copy the
-        # unsent rest into its buffer and memmove it on every partial send (quadratic).
-        left = self._nbytes if content_length is None else content_length
-        for part in self._parts:
-            for off in range(0, part.nbytes, _WRITE_SLICE):
-                if left <= 0:
-                    return
-                chunk = part[off : off + min(_WRITE_SLICE, left)]
-                await writer.write(chunk)
-                await writer.drain()
-                left -= chunk.nbytes
-
-
-@runtime_checkable
-class HopHook(Protocol):
-    """Called before bytes go over a hop (e.g. :class:`testbed.net.appshaper.AppShaper`)."""
-
-    async def before_send(self, nbytes: int) -> None: ...
-
-
-SendHook = Callable[[int], Awaitable[None]]
-
-
-def as_send_hook(hook: HopHook | SendHook | None) -> SendHook | None:
-    """Normalise a hook object or a plain ``async def f(nbytes)`` to a callable (or None)."""
-    if hook is None:
-        return None
-    before = getattr(hook, "before_send", None)
-    if before is not None:
-        return before
-    if callable(hook):
-        return hook
-    raise TypeError(f"hop hook {hook!r} has no before_send(nbytes) and is not callable")
 
 
 class _TensorPortRefused(StageUnreachableError):

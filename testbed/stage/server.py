@@ -37,93 +37,31 @@ and chunks of waiting prefills run as one ``executor.step_batch`` call, up to
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from testbed.errors import ConfigError, TestbedError
 from testbed.model.batch import BatchStep
 from testbed.model.contract import CacheFullError, StageExecutor, StepOutput
-from testbed.stage.batcher import BatchLimits, Pending, StepQueue
-from testbed.stage.client import WirePayload
+from testbed.stage.batcher import Pending, StepQueue
+from testbed.stage.config import StageConfig
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
+from testbed.stage.info import emulation_response, info_body, load_executor
+from testbed.stage.info import error_response as _error
 from testbed.stage.intake import JSON_BODY_MAX_BYTES, READ_BUFSIZE_BYTES, Intake
-from testbed.stage.limits import InputLimits, Reservation
+from testbed.stage.limits import Reservation
 from testbed.stage.listen import bind_errors
 from testbed.stage.metrics import Gauges, StageMetrics
+from testbed.stage.payload import WirePayload
 from testbed.stage.slots import RecentRequests
+from testbed.stage.steps import encode_reply, run_batch
 from testbed.stage.tasks import cancel_and_wait
 from testbed.stage.tensor_port import TensorPortServer, start_tensor_port
-from testbed.stage.wire import WireLimits, WireMessage, encode_parts
+from testbed.stage.wire import WireMessage
 
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Everything a stage server needs; the CLI builds it from flags."""
-
-    model_dir: str
-    start: int  # first block (inclusive)
-    end: int  # last block (exclusive)
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = any free port (the bound one is printed and in .port)
-    name: str | None = None  # label in /info and /metrics; default "stage-<start>-<end>"
-    device: str | None = None  # None = cuda when present, else cpu
-    dtype: str | None = None  # None/"auto" = checkpoint dtype on cuda, float32 on cpu
-    threads: int | None = None  # torch intra-op threads; None = torch's default
-    max_inflight: int = 1  # batches computed at once (worker threads)
-    max_queue: int = 32  # steps allowed to wait for a batch beyond those running
-    batch: BatchLimits = field(default_factory=BatchLimits)  # continuous batching limits
-    max_requests: int = 256  # request caches held at once
-    request_ttl_s: float = 600.0  # caches idle longer than this are dropped
-    # when every cache slot is taken, a prefill evicts the least recently used cache idle
-    # longer than this (a flood of abandoned prefills cannot lock the stage for the TTL)
-    evict_idle_s: float = 5.0
-    tensor_port: int | None = 0  # the TCP tensor port (0 = any free port, None = off)
-    limits: WireLimits = field(default_factory=WireLimits)
-    inputs: InputLimits = field(default_factory=InputLimits)  # memory budget, timeouts
-    emulation: str | None = None  # emulated device: an EmulationSpec's JSON (testbed.emulation)
-
-    def __post_init__(self) -> None:
-        if self.max_inflight < 1:
-            raise ConfigError(f"max_inflight must be >= 1, got {self.max_inflight}")
-        if self.emulation is not None and self.max_inflight != 1:  # a device runs one step
-            raise ConfigError(
-                f"an emulated stage runs one step at a time; max_inflight must be 1, "
-                f"got {self.max_inflight}"
-            )
-        if self.max_queue < 0:
-            raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.max_requests < 1:
-            raise ConfigError(
-                f"{self.max_requests} must be >= 1 (request caches held at once)",
-                field="max_requests",
-            )
-        if not 0 < self.request_ttl_s < float("inf"):
-            raise ConfigError(f"request_ttl_s must be > 0, got {self.request_ttl_s}")
-        if not 0 <= self.evict_idle_s < float("inf"):
-            raise ConfigError(f"evict_idle_s must be >= 0 seconds, got {self.evict_idle_s}")
-
-    @property
-    def label(self) -> str:
-        return self.name or f"stage-{self.start}-{self.end}"
-
-
-def _error(exc: StageRejectedError) -> web.Response:
-    return web.json_response(exc.body(), status=exc.status)
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+__all__ = ["StageConfig", "StageServer"]  # StageConfig lives in testbed.stage.config
 
 
 class StageServer:
@@ -180,36 +118,7 @@ class StageServer:
 
     async def start(self) -> None:
         cfg = self.config
-        if self._executor is None:
-            from testbed.model.executor import LayerRangeExecutor
-
-            try:
-                self._executor = await asyncio.get_running_loop().run_in_executor(
-                    self._pool,
-                    lambda: LayerRangeExecutor(
-                        cfg.model_dir,
-                        cfg.start,
-                        cfg.end,
-                        device=cfg.device,
-                        dtype=cfg.dtype,
-                        max_requests=cfg.max_requests,
-                    ),
-                )
-            except (ValueError, TypeError, KeyError, OSError) as exc:
-                if isinstance(exc, TestbedError):
-                    raise
-                reason = " ".join(str(exc).split()) or type(exc).__name__
-                raise ConfigError(
-                    f"cannot load blocks {cfg.start}:{cfg.end}: {reason}; check its config.json "
-                    "and weights",
-                    source=cfg.model_dir,
-                ) from None
-        if cfg.emulation is not None and not _is_emulated(self._executor):
-            from testbed.emulation.executor import EmulatedExecutor
-            from testbed.emulation.timing import EmulationSpec, StageTiming
-
-            spec = EmulationSpec.from_json(cfg.emulation)
-            self._executor = EmulatedExecutor(self._executor, StageTiming(spec, cfg.start, cfg.end))
+        self._executor = await load_executor(cfg, self._pool, self._executor)
         self._intake = Intake(
             self.config.label,
             cfg.limits,
@@ -302,66 +211,11 @@ class StageServer:
         return web.json_response({"status": "ok", "name": self.config.label})
 
     async def _info(self, request: web.Request) -> web.Response:
-        import torch
-
-        ex = self.executor
-        info = ex.info
-        body = {
-            "name": self.config.label,
-            "model": info.name,
-            "model_path": info.path,
-            "model_type": info.model_type,
-            "architecture": info.architecture,
-            "num_blocks": info.num_blocks,
-            "blocks": [ex.start, ex.end],
-            "is_first": ex.is_first,
-            "is_last": ex.is_last,
-            "hidden_size": info.hidden_size,
-            "vocab_size": info.vocab_size,
-            "eos_token_ids": list(info.eos_token_ids),
-            "device": str(ex.device),
-            "device_name": (
-                torch.cuda.get_device_name(ex.device) if ex.device.type == "cuda" else "cpu"
-            ),
-            "dtype": str(ex.dtype).removeprefix("torch."),
-            "torch_threads": torch.get_num_threads(),
-            "param_bytes": ex.param_bytes,
-            "kv_bytes": ex.kv_bytes(),
-            "rss_bytes": _rss_bytes(),
-            "cuda_allocated_bytes": (
-                torch.cuda.memory_allocated(ex.device) if ex.device.type == "cuda" else 0
-            ),
-            "requests": len(ex.request_ids),
-            "max_requests": self.config.max_requests,
-            "max_inflight": self.config.max_inflight,
-            "max_batch": self.config.batch.max_batch,
-            "max_batch_tokens": self.config.batch.max_batch_tokens,
-            "chunk_tokens": self.config.batch.chunk_tokens,
-            "max_queue": self.config.max_queue,
-            "tensor_port": self.tensor_port,
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-        }
-        return web.json_response(body)
+        return web.json_response(info_body(self))
 
     async def _emulation(self, request: web.Request) -> web.Response:
         """Pacing numbers of an emulated stage (404 when the stage is not emulated)."""
-        report = getattr(self.executor, "pacing_report", None)
-        if report is None:
-            return _error(
-                StageRejectedError(
-                    self.config.label, 404, None, "this stage is not an emulated device"
-                )
-            )
-        try:
-            since = max(0, int(request.query.get("since", "0")))
-        except ValueError:
-            return _error(
-                StageRejectedError(
-                    self.config.label, 400, ErrorCode.BAD_INPUT, "since must be an integer"
-                )
-            )
-        return web.json_response(report(since))
+        return emulation_response(self.executor, self.config.label, request)
 
     async def _release(self, request: web.Request) -> web.Response:
         usage = 'release takes a JSON body {"request_id": "..."}'
@@ -549,42 +403,10 @@ class StageServer:
 
     async def _run_batch(self, steps: list[BatchStep]) -> list[StepOutput | Exception]:
         """One batch on a worker thread (the step queue's runner)."""
-        loop = asyncio.get_running_loop()
-        outs = await loop.run_in_executor(self._pool, self.executor.step_batch, steps)
-        ok = [o for o in outs if isinstance(o, StepOutput)]
-        self._metrics.count_batch(len(ok), ok[0].compute_s if ok else 0.0)
-        return outs
+        return await run_batch(self._pool, self.executor, self._metrics, steps)
 
     def _reply(
         self, req: ForwardRequest, out: StepOutput, done: Pending
     ) -> tuple[ForwardReply, float]:
         """A finished step's answer, encoded for the wire."""
-        ex = self.executor
-        tensors = {}
-        if out.hidden is not None:
-            tensors["hidden"] = out.hidden
-        if req.want_logits and out.logits is not None:
-            tensors["logits"] = out.logits
-        first = done.first_run_s if done.first_run_s is not None else done.ready_s
-        meta = {
-            "request_id": req.request_id,
-            "kind": req.kind,
-            "start_pos": req.start_pos,
-            "length": out.length,
-            "token_id": out.token_id,
-            "service_s": out.compute_s,
-            "queue_s": first - done.ready_s,
-            "batch_size": done.batch_size,
-            "stage": [ex.start, ex.end],
-            "status": 200,
-        }
-        emulation = getattr(out, "emulation", None)  # an emulated device's pacing numbers
-        if emulation:
-            meta["emulation"] = emulation
-        return ForwardReply(meta, encode_parts(meta, tensors)), out.compute_s
-
-
-def _is_emulated(executor: object) -> bool:
-    from testbed.emulation.executor import EmulatedExecutor
-
-    return isinstance(executor, EmulatedExecutor)
+        return encode_reply(self.executor, req, out, done)
