@@ -97,6 +97,13 @@ def serve_cmd(
             "`execution: emulated`); MODEL_DIR is then the studied model's stand-in."
         ),
     ] = None,
+    warmup: Annotated[
+        bool,
+        typer.Option(
+            help="Run throwaway steps after loading, before /health answers (first-call "
+            "kernel and allocator set-up stays out of measured requests)."
+        ),
+    ] = True,
 ) -> None:
     """Serve blocks START:END of MODEL_DIR: /health /info /forward /release /sink /metrics.
 
@@ -161,6 +168,7 @@ def serve_cmd(
         inputs=inputs,
         tensor_port=None if tensor_port < 0 else tensor_port,
         emulation=emulate,
+        warmup=warmup,
     )
     # the server stops cleanly on SIGTERM/SIGINT by itself (exit 0); run_async covers the
     # time before it installs its handlers

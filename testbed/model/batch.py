@@ -130,3 +130,16 @@ def causal_mask(
         return allowed
     zeros = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def cache_kwarg(layer: Any) -> str:
+    """The keyword a decoder layer takes its KV cache under, from its public signature:
+    ``cache`` in transformers >= 5.2x (``past_key_values`` is deprecated there and goes in
+    5.40), ``past_key_values`` before, ``past_key_value`` in 4.x's older layers."""
+    import inspect
+
+    params = inspect.signature(layer.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(layer).__name__}.forward takes no KV cache argument we know")

@@ -42,8 +42,8 @@ def decode_batch(
             hidden,
             attention_mask=masks[layer_type],
             position_ids=position_ids,
-            past_key_values=view,
             use_cache=True,
+            **{ex.cache_kw: view},
             position_embeddings=position_embeddings,
         )
     out, logits, tokens = ex._head(hidden)

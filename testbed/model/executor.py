@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from testbed.errors import ConfigError
-from testbed.model.batch import BatchStep, causal_mask
+from testbed.model.batch import BatchStep, cache_kwarg, causal_mask
 from testbed.model.batched import decode_batch
 from testbed.model.contract import (
     CacheFullError,
@@ -101,6 +101,8 @@ class LayerRangeExecutor:
         base = skeleton.model
         self.config = skeleton.config  # the one the layers hold
         self.layers = nn.ModuleList([base.layers[i] for i in range(start, end)])
+        # the decoder layer's name for the KV cache argument, as its public signature says
+        self.cache_kw = cache_kwarg(base.layers[0])
         self.embed: nn.Module | None = base.embed_tokens if self.is_first else None
         self.norm: nn.Module | None = base.norm if self.is_last else None
         self.lm_head: nn.Module | None = skeleton.lm_head if self.is_last else None
@@ -401,8 +403,8 @@ class LayerRangeExecutor:
                 hidden,
                 attention_mask=masks[layer_type],
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{self.cache_kw: cache},
                 position_embeddings=position_embeddings,
             )
         return hidden

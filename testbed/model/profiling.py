@@ -88,8 +88,8 @@ class _OneLayer:
             hidden,
             attention_mask=ex.mask(ex.layer_types[self.k], start_pos, q),
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{ex.cache_kw: cache},
             position_embeddings=pos,
         )
         cache.layers[self.idx].crop(-q)  # every block and repeat is timed at the same context

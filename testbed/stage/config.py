@@ -35,6 +35,7 @@ class StageConfig:
     limits: WireLimits = field(default_factory=WireLimits)
     inputs: InputLimits = field(default_factory=InputLimits)  # memory budget, timeouts
     emulation: str | None = None  # emulated device: an EmulationSpec's JSON (testbed.emulation)
+    warmup: bool = True  # throwaway steps after loading, before /health answers (model.warmup)
 
     def __post_init__(self) -> None:
         if self.max_inflight < 1:

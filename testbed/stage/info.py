@@ -16,6 +16,7 @@ from testbed.stage.config import StageConfig
 from testbed.stage.errors import ErrorCode, StageRejectedError
 
 if TYPE_CHECKING:
+    from testbed.model.warmup import WarmUp
     from testbed.stage.server import StageServer
 
 
@@ -36,9 +37,11 @@ def rss_bytes() -> int:
 
 async def load_executor(
     cfg: StageConfig, pool: ThreadPoolExecutor, executor: StageExecutor | None
-) -> StageExecutor:
-    """`executor`, or a LayerRangeExecutor loaded on `pool` when None; wrapped in an emulated
-    device when ``cfg.emulation`` asks for one. Raises :class:`ConfigError` on a bad model."""
+) -> tuple[StageExecutor, WarmUp | None]:
+    """`executor`, or a LayerRangeExecutor loaded on `pool` when None (and warmed up when
+    ``cfg.warmup``: what that ran is the second value); wrapped in an emulated device when
+    ``cfg.emulation`` asks for one. Raises :class:`ConfigError` on a bad model."""
+    warmed: WarmUp | None = None
     if executor is None:
         from testbed.model.executor import LayerRangeExecutor
 
@@ -63,13 +66,20 @@ async def load_executor(
                 "and weights",
                 source=cfg.model_dir,
             ) from None
+        if cfg.warmup:  # one-off kernel/allocator set-up, before pacing or /health count
+            from testbed.model.warmup import warm_up
+
+            loaded = executor
+            warmed = await asyncio.get_running_loop().run_in_executor(
+                pool, lambda: warm_up(loaded, batch=min(2, cfg.batch.max_batch))
+            )
     if cfg.emulation is not None and not _is_emulated(executor):
         from testbed.emulation.executor import EmulatedExecutor
         from testbed.emulation.timing import EmulationSpec, StageTiming
 
         spec = EmulationSpec.from_json(cfg.emulation)
         executor = EmulatedExecutor(executor, StageTiming(spec, cfg.start, cfg.end))
-    return executor
+    return executor, warmed
 
 
 def info_body(server: StageServer) -> dict[str, Any]:
@@ -112,6 +122,7 @@ def info_body(server: StageServer) -> dict[str, Any]:
         "chunk_tokens": cfg.batch.chunk_tokens,
         "max_queue": cfg.max_queue,
         "tensor_port": server.tensor_port,
+        "warmup": server.warmup.to_json() if server.warmup is not None else None,
         "pid": os.getpid(),
         "started_at": server.started_at,
     }

@@ -44,6 +44,7 @@ from aiohttp import web
 
 from testbed.model.batch import BatchStep
 from testbed.model.contract import CacheFullError, StageExecutor, StepOutput
+from testbed.model.warmup import WarmUp
 from testbed.stage.batcher import Pending, StepQueue
 from testbed.stage.config import StageConfig
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
@@ -90,6 +91,7 @@ class StageServer:
         self._tensor_server: TensorPortServer | None = None
         self.port: int | None = None
         self.tensor_port: int | None = None
+        self.warmup: WarmUp | None = None  # what the warm-up after loading ran (None: skipped)
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,7 +120,7 @@ class StageServer:
 
     async def start(self) -> None:
         cfg = self.config
-        self._executor = await load_executor(cfg, self._pool, self._executor)
+        self._executor, self.warmup = await load_executor(cfg, self._pool, self._executor)
         self._intake = Intake(
             self.config.label,
             cfg.limits,
