@@ -18,10 +18,10 @@ from testbed.experiment.reproduce import (
     ReproResult,
     pair_capacity,
     point_from,
-    simulate_at,
     sweep_scenario,
     write_scenario,
 )
+from testbed.experiment.reproduce_sim import simulate_at
 from testbed.sim.sweep import mean_rate
 
 

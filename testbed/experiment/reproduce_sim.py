@@ -1,0 +1,108 @@
+"""`testbed reproduce hyperion` in simulation (the default): experiments (a) and (b) of
+:mod:`testbed.experiment.reproduce` for every model, each point one simulated run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from testbed.experiment.reproduce import (
+    GPIPE,
+    HYPERION,
+    Point,
+    Progress,
+    ReproConfig,
+    ReproResult,
+    pair_capacity,
+    point_from,
+    rate_grid,
+    scenario_dict,
+    sweep_scenario,
+    write_scenario,
+)
+
+
+def simulate_at(setup: Any, rate: float | None) -> tuple[Any, Sequence[Any]]:
+    from testbed.sim.run import simulate, summarize_outcome
+    from testbed.sim.sweep import vary
+
+    reqs = list(setup.requests) if rate is None else vary(setup.requests, "rate", rate)
+    return summarize_outcome(setup, simulate(setup, requests=reqs)), reqs
+
+
+def rate_sweep(
+    cfg: ReproConfig, model: str, folder: Path, progress: Progress
+) -> tuple[list[Point], Path]:
+    """(a) every pair at every rate of :func:`rate_grid`."""
+    from testbed.sim.run import prepare_sim
+
+    loaded = sweep_scenario(
+        cfg, folder, model, "rate", cfg.requests, cfg.max_prompt_tokens, cfg.max_output_tokens
+    )
+    setups = {pair: prepare_sim(loaded, pair) for pair in cfg.pairs}
+    caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
+    rates = rate_grid({p: c.capacity_rps for p, c in caps.items()}, cfg)
+    progress(f"{model}: {len(cfg.pairs)} pairs x {len(rates)} rates, {cfg.requests} requests each")
+    points = []
+    for pair, setup in setups.items():
+        for rate in rates:
+            summary, reqs = simulate_at(setup, rate)
+            points.append(
+                point_from("simulated", "rate", model, pair, rate, reqs, caps[pair], summary,
+                           setup.topology)
+            )  # fmt: skip
+        progress(f"  {pair} done")
+    return points, loaded.path
+
+
+def long_sequences(
+    cfg: ReproConfig, model: str, folder: Path, progress: Progress
+) -> tuple[list[Point], list[Path]]:
+    """(b) Hyperion vs GPipe, fixed prompt, each output length, plans made for that length."""
+    from testbed.sim.run import prepare_sim
+
+    points, paths = [], []
+    for out_tokens in cfg.long_outputs:
+        name = f"hyperion-{model}-long{out_tokens}"
+        shape = {"prompt_tokens": cfg.long_prompt_tokens, "output_tokens": out_tokens,
+                 "concurrency": 8}  # fmt: skip
+        work = {"kind": "synthetic", "rate_rps": 1.0, "num_requests": cfg.long_requests,
+                "prompt_tokens": cfg.long_prompt_tokens, "output_tokens": out_tokens,
+                "seed": cfg.seed}  # fmt: skip
+        loaded = write_scenario(
+            folder, scenario_dict(name, model, cfg.topology, shape, work, cfg.seed)
+        )
+        paths.append(loaded.path)
+        setups = {pair: prepare_sim(loaded, pair) for pair in (HYPERION, GPIPE)}
+        caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
+        weaker = min(c.capacity_rps for c in caps.values())
+        for frac in cfg.long_fractions:
+            rate = frac * weaker
+            for pair, setup in setups.items():
+                summary, reqs = simulate_at(setup, rate)
+                points.append(
+                    point_from("simulated", "long", model, pair, rate, reqs, caps[pair], summary,
+                               setup.topology)
+                )  # fmt: skip
+        progress(f"{model}: long sequences, {out_tokens} output tokens done")
+    return points, paths
+
+
+def run_simulated(
+    cfg: ReproConfig, out_dir: Path, progress: Progress = lambda _m: None
+) -> ReproResult:
+    """All three experiments in simulation."""
+    t0 = time.perf_counter()
+    res = ReproResult(cfg, "simulated")
+    folder = out_dir / "scenarios"
+    for model in cfg.models:
+        pts, path = rate_sweep(cfg, model, folder, progress)
+        res.points += pts
+        res.scenarios.append(path)
+        lpts, lpaths = long_sequences(cfg, model, folder, progress)
+        res.points += lpts
+        res.scenarios += lpaths
+    res.wall_s = time.perf_counter() - t0
+    return res
