@@ -65,7 +65,7 @@ async def run_emulated(
             cfg.emu_max_output_tokens,
         )  # fmt: skip
         setups = {pair: prepare_sim(base, pair) for pair in cfg.pairs}
-        caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
+        caps = {pair: pair_capacity(s.prep.plan, pair) for pair, s in setups.items()}
         weakest = min(c.capacity_rps for c in caps.values())
         for frac in cfg.emu_fractions:
             rate = frac * weakest
@@ -88,10 +88,10 @@ async def run_emulated(
                 reqs = setup.requests
                 offered = mean_rate(reqs) or rate  # the drawn arrivals' rate, not the nominal
                 emu = point_from("emulated", "emulated", model, run.label, offered, reqs,
-                                 caps[run.label], run.summary, setup.topology)  # fmt: skip
+                                 caps[run.label], run.summary, setup.prep.topology)  # fmt: skip
                 sim_summary, _ = await asyncio.to_thread(simulate_at, setup, None)
                 sim = point_from("simulated", "emulated", model, run.label, offered, reqs,
-                                 caps[run.label], sim_summary, setup.topology)  # fmt: skip
+                                 caps[run.label], sim_summary, setup.prep.topology)  # fmt: skip
                 pacing = getattr(run, "emulation", None)  # fidelity of the emulated run
                 if isinstance(pacing, dict) and "overrun_fraction" in pacing:
                     emu = replace(emu, overrun_fraction=float(pacing["overrun_fraction"]))

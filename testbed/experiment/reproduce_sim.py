@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from testbed.experiment.reproduce import (
     GPIPE,
@@ -23,8 +23,14 @@ from testbed.experiment.reproduce import (
     write_scenario,
 )
 
+if TYPE_CHECKING:
+    from testbed.metrics.summary import Summary
+    from testbed.sim.run import SimSetup
+    from testbed.workload.request import TraceRequest
 
-def simulate_at(setup: Any, rate: float | None) -> tuple[Any, Sequence[Any]]:
+
+def simulate_at(setup: SimSetup, rate: float | None) -> tuple[Summary, Sequence[TraceRequest]]:
+    """The setup's requests (rescaled to ``rate``, when given) simulated and summarised."""
     from testbed.sim.run import simulate, summarize_outcome
     from testbed.sim.sweep import vary
 
@@ -36,13 +42,15 @@ def rate_sweep(
     cfg: ReproConfig, model: str, folder: Path, progress: Progress
 ) -> tuple[list[Point], Path]:
     """(a) every pair at every rate of :func:`rate_grid`."""
+    from testbed.experiment.prepare import load_parts
     from testbed.sim.run import prepare_sim
 
     loaded = sweep_scenario(
         cfg, folder, model, "rate", cfg.requests, cfg.max_prompt_tokens, cfg.max_output_tokens
     )
-    setups = {pair: prepare_sim(loaded, pair) for pair in cfg.pairs}
-    caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
+    parts = load_parts(loaded, simulate=True)
+    setups = {pair: prepare_sim(parts, pair) for pair in cfg.pairs}
+    caps = {pair: pair_capacity(s.prep.plan, pair) for pair, s in setups.items()}
     rates = rate_grid({p: c.capacity_rps for p, c in caps.items()}, cfg)
     progress(f"{model}: {len(cfg.pairs)} pairs x {len(rates)} rates, {cfg.requests} requests each")
     points = []
@@ -51,7 +59,7 @@ def rate_sweep(
             summary, reqs = simulate_at(setup, rate)
             points.append(
                 point_from("simulated", "rate", model, pair, rate, reqs, caps[pair], summary,
-                           setup.topology)
+                           setup.prep.topology)
             )  # fmt: skip
         progress(f"  {pair} done")
     return points, loaded.path
@@ -61,6 +69,7 @@ def long_sequences(
     cfg: ReproConfig, model: str, folder: Path, progress: Progress
 ) -> tuple[list[Point], list[Path]]:
     """(b) Hyperion vs GPipe, fixed prompt, each output length, plans made for that length."""
+    from testbed.experiment.prepare import load_parts
     from testbed.sim.run import prepare_sim
 
     points, paths = [], []
@@ -75,8 +84,9 @@ def long_sequences(
             folder, scenario_dict(name, model, cfg.topology, shape, work, cfg.seed)
         )
         paths.append(loaded.path)
-        setups = {pair: prepare_sim(loaded, pair) for pair in (HYPERION, GPIPE)}
-        caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
+        parts = load_parts(loaded, simulate=True)
+        setups = {pair: prepare_sim(parts, pair) for pair in (HYPERION, GPIPE)}
+        caps = {pair: pair_capacity(s.prep.plan, pair) for pair, s in setups.items()}
         weaker = min(c.capacity_rps for c in caps.values())
         for frac in cfg.long_fractions:
             rate = frac * weaker
@@ -84,7 +94,7 @@ def long_sequences(
                 summary, reqs = simulate_at(setup, rate)
                 points.append(
                     point_from("simulated", "long", model, pair, rate, reqs, caps[pair], summary,
-                               setup.topology)
+                               setup.prep.topology)
                 )  # fmt: skip
         progress(f"{model}: long sequences, {out_tokens} output tokens done")
     return points, paths
