@@ -16,12 +16,11 @@ from testbed.experiment.reproduce import (
     Progress,
     ReproConfig,
     ReproResult,
-    pair_capacity,
     point_from,
     sweep_scenario,
     write_scenario,
 )
-from testbed.experiment.reproduce_sim import simulate_at
+from testbed.experiment.reproduce_sim import pair_setups, simulate_at
 from testbed.sim.sweep import mean_rate
 
 
@@ -64,8 +63,7 @@ async def run_emulated(
             cfg, folder, model, "emulated-probe", cfg.emu_requests, cfg.emu_max_prompt_tokens,
             cfg.emu_max_output_tokens,
         )  # fmt: skip
-        setups = {pair: prepare_sim(base, pair) for pair in cfg.pairs}
-        caps = {pair: pair_capacity(s.prep.plan, pair) for pair, s in setups.items()}
+        _, caps = pair_setups(base, cfg.pairs)
         weakest = min(c.capacity_rps for c in caps.values())
         for frac in cfg.emu_fractions:
             rate = frac * weakest

@@ -24,8 +24,10 @@ from testbed.experiment.reproduce import (
 )
 
 if TYPE_CHECKING:
+    from testbed.cost.capacity import PlanCapacity as Capacity
     from testbed.metrics.summary import Summary
     from testbed.sim.run import SimSetup
+    from testbed.spec.scenario import LoadedScenario
     from testbed.workload.request import TraceRequest
 
 
@@ -38,29 +40,42 @@ def simulate_at(setup: SimSetup, rate: float | None) -> tuple[Summary, Sequence[
     return summarize_outcome(setup, simulate(setup, requests=reqs)), reqs
 
 
+def pair_setups(
+    loaded: LoadedScenario, pairs: Sequence[str]
+) -> tuple[dict[str, SimSetup], dict[str, Capacity]]:
+    """Every pair prepared for simulation (the scenario's parts loaded once), and the capacity
+    of its plan as its scheduler dispatches."""
+    from testbed.experiment.prepare import load_parts
+    from testbed.sim.run import prepare_sim
+
+    parts = load_parts(loaded, simulate=True)
+    setups = {pair: prepare_sim(parts, pair) for pair in pairs}
+    return setups, {pair: pair_capacity(s.prep.plan, pair) for pair, s in setups.items()}
+
+
+def simulated_point(
+    experiment: str, model: str, setup: SimSetup, cap: Capacity, rate: float
+) -> Point:
+    """The setup's pair simulated at ``rate``, as a point of ``experiment``."""
+    summary, reqs = simulate_at(setup, rate)
+    return point_from(
+        "simulated", experiment, model, setup.pair, rate, reqs, cap, summary, setup.prep.topology
+    )
+
+
 def rate_sweep(
     cfg: ReproConfig, model: str, folder: Path, progress: Progress
 ) -> tuple[list[Point], Path]:
     """(a) every pair at every rate of :func:`rate_grid`."""
-    from testbed.experiment.prepare import load_parts
-    from testbed.sim.run import prepare_sim
-
     loaded = sweep_scenario(
         cfg, folder, model, "rate", cfg.requests, cfg.max_prompt_tokens, cfg.max_output_tokens
     )
-    parts = load_parts(loaded, simulate=True)
-    setups = {pair: prepare_sim(parts, pair) for pair in cfg.pairs}
-    caps = {pair: pair_capacity(s.prep.plan, pair) for pair, s in setups.items()}
+    setups, caps = pair_setups(loaded, cfg.pairs)
     rates = rate_grid({p: c.capacity_rps for p, c in caps.items()}, cfg)
     progress(f"{model}: {len(cfg.pairs)} pairs x {len(rates)} rates, {cfg.requests} requests each")
     points = []
     for pair, setup in setups.items():
-        for rate in rates:
-            summary, reqs = simulate_at(setup, rate)
-            points.append(
-                point_from("simulated", "rate", model, pair, rate, reqs, caps[pair], summary,
-                           setup.prep.topology)
-            )  # fmt: skip
+        points += [simulated_point("rate", model, setup, caps[pair], rate) for rate in rates]
         progress(f"  {pair} done")
     return points, loaded.path
 
@@ -69,9 +84,6 @@ def long_sequences(
     cfg: ReproConfig, model: str, folder: Path, progress: Progress
 ) -> tuple[list[Point], list[Path]]:
     """(b) Hyperion vs GPipe, fixed prompt, each output length, plans made for that length."""
-    from testbed.experiment.prepare import load_parts
-    from testbed.sim.run import prepare_sim
-
     points, paths = [], []
     for out_tokens in cfg.long_outputs:
         name = f"hyperion-{model}-long{out_tokens}"
@@ -84,18 +96,12 @@ def long_sequences(
             folder, scenario_dict(name, model, cfg.topology, shape, work, cfg.seed)
         )
         paths.append(loaded.path)
-        parts = load_parts(loaded, simulate=True)
-        setups = {pair: prepare_sim(parts, pair) for pair in (HYPERION, GPIPE)}
-        caps = {pair: pair_capacity(s.prep.plan, pair) for pair, s in setups.items()}
+        setups, caps = pair_setups(loaded, (HYPERION, GPIPE))
         weaker = min(c.capacity_rps for c in caps.values())
         for frac in cfg.long_fractions:
             rate = frac * weaker
             for pair, setup in setups.items():
-                summary, reqs = simulate_at(setup, rate)
-                points.append(
-                    point_from("simulated", "long", model, pair, rate, reqs, caps[pair], summary,
-                               setup.prep.topology)
-                )  # fmt: skip
+                points.append(simulated_point("long", model, setup, caps[pair], rate))
         progress(f"{model}: long sequences, {out_tokens} output tokens done")
     return points, paths
 
