@@ -13,7 +13,14 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from testbed.broker.transport import StageTimeoutError, StageTransport, StepKind, StepResult
+from testbed.broker.transport import (
+    NO_OPTIONS,
+    StageTimeoutError,
+    StageTransport,
+    StepKind,
+    StepOptions,
+    StepResult,
+)
 
 POLL_S = 0.02  # how often a held message looks whether the partition healed
 
@@ -60,21 +67,11 @@ class GatedTransport:
         data: object,
         *,
         timeout_s: float,
-        slo_class: str | None = None,
-        priority: int = 0,
-        slack_s: float | None = None,
+        options: StepOptions = NO_OPTIONS,
     ) -> StepResult:
         left = await self._through(node, timeout_s, f"{kind} step of {request_id!r}")
         return await self.inner.forward(
-            node,
-            request_id,
-            kind,
-            start_pos,
-            data,
-            timeout_s=left,
-            slo_class=slo_class,
-            priority=priority,
-            slack_s=slack_s,
+            node, request_id, kind, start_pos, data, timeout_s=left, options=options
         )
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from testbed.broker.transport import StepKind, StepResult
+from testbed.broker.transport import NO_OPTIONS, StepKind, StepOptions, StepResult
 from testbed.stage.client import SendHook, StageClient
 from testbed.stage.errors import (
     StageError,
@@ -99,9 +99,7 @@ class HttpStageTransport:
         data: object,
         *,
         timeout_s: float,
-        slo_class: str | None = None,
-        priority: int = 0,
-        slack_s: float | None = None,
+        options: StepOptions = NO_OPTIONS,
     ) -> StepResult:
         client = self._client(node)
         deadline = time.monotonic() + timeout_s
@@ -115,7 +113,7 @@ class HttpStageTransport:
             try:
                 res = await client.forward(
                     request_id, kind, start_pos, data,  # type: ignore[arg-type]
-                    timeout_s=left, slo_class=slo_class, priority=priority, slack_s=slack_s,
+                    timeout_s=left, options=options,
                 )  # fmt: skip
             except StageRejectedError as exc:
                 if exc.code is None or not exc.code.retry_later:

@@ -30,6 +30,7 @@ from testbed.stage.errors import (
     StageUnreachableError,
     marks_node_down,
 )
+from testbed.stage.forward import NO_OPTIONS, StepOptions
 
 StepKind = Literal["prefill", "decode"]
 Hook = Callable[[int], Awaitable[None]]  # before_send(nbytes): the emulated link's delay
@@ -61,9 +62,7 @@ class StageTransport(Protocol):
         data: object,
         *,
         timeout_s: float,
-        slo_class: str | None = None,  # the request's class, priority and slack for the
-        priority: int = 0,  # stage's batch order (see testbed.stage.batcher)
-        slack_s: float | None = None,
+        options: StepOptions = NO_OPTIONS,  # class, priority, slack: passed through unchanged
     ) -> StepResult: ...
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None: ...
@@ -71,6 +70,7 @@ class StageTransport(Protocol):
 
 # The errors a transport raises (re-exported for the broker and other transports).
 __all__ = [
+    "NO_OPTIONS",
     "ErrorCode",
     "StageError",
     "StageProtocolError",
@@ -79,6 +79,7 @@ __all__ = [
     "StageTransport",
     "StageUnreachableError",
     "StepKind",
+    "StepOptions",
     "StepResult",
     "marks_node_down",
 ]

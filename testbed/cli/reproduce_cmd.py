@@ -82,7 +82,9 @@ def hyperion_cmd(
     if emulate:
         res = asyncio.run(rpe.run_emulated(cfg, out, console, say))
     else:
-        res = rp.run_simulated(cfg, out, say)
+        from testbed.experiment.reproduce_sim import run_simulated
+
+        res = run_simulated(cfg, out, say)
     files = write_report(res, out)
     console.print("\n".join(headline_rows(res)), markup=False)
     if res.agreement:

@@ -26,7 +26,7 @@ async def bring_up(
         prep.topology,
         str(prep.loaded.topology_path),
         prep.plan,
-        prep.model_dir,
+        prep.weights,
         seed=prep.loaded.spec.seed,
         health_timeout_s=health_timeout_s,
         extra_serve_args=prep.serve_args,

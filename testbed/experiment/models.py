@@ -85,6 +85,16 @@ def resolve_model_dir(loaded: LoadedScenario) -> Path:
     )
 
 
+def model_source(loaded: LoadedScenario) -> str | Path:
+    """Where the studied model's profile is read from without weights: ``model_dir``, the
+    model if it is a folder, else the model as a planning preset's name."""
+    spec = loaded.spec
+    if spec.model_dir is not None:
+        return loaded.resolve(spec.model_dir)
+    folder = loaded.resolve(Path(spec.model))
+    return folder if (folder / "config.json").exists() else spec.model
+
+
 def special_token_ids(model_dir: Path) -> list[int]:
     """BOS/EOS/PAD ids from config.json (prompts avoid them)."""
     try:

@@ -3,6 +3,12 @@
 What a scenario fixes (topology, weights, profile, cost model, workload) is loaded once into
 :class:`ScenarioParts`; each policy pair then only plans and cuts the request list
 (:func:`prepare`), so `compare` does not reload the same files for every pair.
+
+One path for `replay` and `simulate`: parts loaded with ``simulate=True`` need no weights (a
+planning preset such as ``model: phi-3-medium`` simulates as well as a model folder), accept a
+calibrated profile (``testbed calibrate``; it also feeds the planner), and prepare the studied
+model in real time (no emulated devices, no time dilation). The simulator adds its layout on
+top (:func:`testbed.sim.run.prepare_sim`).
 """
 
 from __future__ import annotations
@@ -16,9 +22,20 @@ from typing import Any
 from testbed.cost.model import CostModel
 from testbed.cost.planner import make_plan
 from testbed.errors import ConfigError
-from testbed.experiment.models import resolve_model_dir, special_token_ids
+from testbed.experiment.models import model_source, resolve_model_dir, special_token_ids
 from testbed.schedule.base import Scheduler
-from testbed.spec.model_profile import ModelProfile, load_measured_profile, load_model_profile
+from testbed.sim.steps import (
+    CalibratedProfile,
+    is_calibrated_profile,
+    load_calibrated_profile,
+    planner_times,
+)
+from testbed.spec.model_profile import (
+    MeasuredProfile,
+    ModelProfile,
+    load_measured_profile,
+    load_model_profile,
+)
 from testbed.spec.plan import Plan
 from testbed.spec.scenario import LoadedScenario, policies
 from testbed.spec.topology import Topology, load_topology
@@ -31,18 +48,30 @@ class ScenarioParts:
 
     loaded: LoadedScenario
     topology: Topology  # as planned (an emulated run's links are dilated at run time)
-    model_dir: Path  # the weights the stages run (an emulated run's stand-in)
+    # the weights the stages run (an emulated run's stand-in); None: loaded to simulate
+    model_dir: Path | None
     profile: ModelProfile  # the studied model's (it drives plan, costs and emulated timing)
     cost: CostModel
     workload: Workload
+    calibrated: CalibratedProfile | None = None  # simulate only: per-node step-time fits
+
+    @property
+    def simulated(self) -> bool:
+        return self.model_dir is None
 
 
-def load_parts(loaded: LoadedScenario) -> ScenarioParts:
+def load_parts(loaded: LoadedScenario, *, simulate: bool = False) -> ScenarioParts:
+    """The scenario's shared parts; ``simulate``: without weights (see the module docstring)."""
     from testbed.workload.spec import load_workload
 
     spec = loaded.spec
-    measured = load_measured_profile(loaded.resolve(spec.profile)) if spec.profile else None
-    if spec.execution == "emulated":  # emulated devices (testbed.emulation)
+    calibrated, measured = _profile_file(loaded, simulate)
+    model_dir: Path | None = None
+    if simulate:
+        profile = load_model_profile(
+            model_source(loaded), dtype=spec.dtype, base_dir=loaded.base_dir
+        )
+    elif spec.execution == "emulated":  # emulated devices (testbed.emulation)
         from testbed.emulation.standin import check_standin, ensure_standin
 
         profile = load_model_profile(spec.model, dtype=spec.dtype, base_dir=loaded.base_dir)
@@ -61,7 +90,28 @@ def load_parts(loaded: LoadedScenario) -> ScenarioParts:
         profile,
         CostModel(profile, measured),
         load_workload(loaded.workload, loaded.base_dir, default_seed=spec.seed),
+        calibrated,
     )
+
+
+def _profile_file(
+    loaded: LoadedScenario, simulate: bool
+) -> tuple[CalibratedProfile | None, MeasuredProfile | None]:
+    """The scenario's ``profile:``: measured block times (`testbed profile`), or, to simulate,
+    a calibrated profile (`testbed calibrate`)."""
+    if loaded.spec.profile is None:
+        return None, None
+    path = loaded.resolve(loaded.spec.profile)
+    if not is_calibrated_profile(path):
+        return None, load_measured_profile(path)
+    if not simulate:
+        raise ConfigError(
+            f"{path} is a calibrated profile (`testbed calibrate`), which only `testbed "
+            "simulate` reads; for a replay give a measured profile (`testbed profile`)",
+            source=str(loaded.path),
+            field="profile",
+        )
+    return load_calibrated_profile(path), None
 
 
 @dataclass(frozen=True)
@@ -74,7 +124,7 @@ class Prepared:
     scheduler: str
     scheduler_params: dict[str, Any]
     topology: Topology
-    model_dir: Path
+    model_dir: Path | None  # None: prepared to simulate (no weights)
     profile: ModelProfile
     cost: CostModel
     plan: Plan
@@ -83,10 +133,21 @@ class Prepared:
     # emulated devices: node -> extra `stage serve` arguments (None: real execution)
     serve_args: dict[str, list[str]] | None = None
     dilation: float = 1.0  # emulated runs: time dilation k (topology and requests dilated)
+    calibrated: CalibratedProfile | None = None  # simulate only: per-node step-time fits
 
     @property
     def emulated(self) -> bool:
         return self.serve_args is not None
+
+    @property
+    def weights(self) -> Path:
+        """The weights the stages run; a ConfigError for a run prepared to simulate."""
+        if self.model_dir is None:
+            raise ConfigError(
+                "this run was prepared to simulate (no weights); prepare it for a replay",
+                source=str(self.loaded.path),
+            )
+        return self.model_dir
 
     @property
     def pair(self) -> str:
@@ -100,8 +161,8 @@ class Prepared:
     def prompt_fn(self) -> Callable[[TraceRequest], list[int]]:
         from testbed.workload.prompts import synthesize_prompt_ids
 
-        vocab = min(self.profile.arch.vocab_size, _executed_vocab(self.model_dir))
-        avoid = special_token_ids(self.model_dir)
+        vocab = min(self.profile.arch.vocab_size, _executed_vocab(self.weights))
+        avoid = special_token_ids(self.weights)
         seed = self.loaded.spec.seed
 
         def prompt(req: TraceRequest) -> list[int]:
@@ -143,7 +204,7 @@ def prepare(
 ) -> Prepared:
     """Plan and workload for the scenario (``pair`` overrides its partitioner+scheduler);
     ``requests_limit`` keeps the first N requests (with the scenario's own ``requests``, the
-    smaller wins)."""
+    smaller wins). A :class:`LoadedScenario` is loaded for a replay."""
     from testbed.partition import PARTITIONERS
     from testbed.spec.timeline import scale_arrivals
 
@@ -154,10 +215,13 @@ def prepare(
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
-    plan = make_plan(parts.topology, parts.cost, partitioner, spec.planning)
+    plan = make_plan(
+        parts.topology, parts.cost, partitioner, spec.planning,
+        node_block_s=planner_times(parts.calibrated),
+    )  # fmt: skip
     topo = parts.topology
     serve_args = None
-    k = spec.dilation
+    k = 1.0 if parts.simulated else spec.dilation  # a simulation runs the studied model's time
     if k != 1 and spec.timeline:
         raise ConfigError(
             "a timeline cannot be combined with time dilation yet (its event times and link "
@@ -165,7 +229,7 @@ def prepare(
             source=str(loaded.path),
             field="dilation",
         )
-    if spec.execution == "emulated":
+    if spec.execution == "emulated" and not parts.simulated:
         from testbed.emulation.dilation import dilate_topology
         from testbed.emulation.plumbing import emulation_specs
         from testbed.emulation.plumbing import serve_args as emulated_serve_args
@@ -181,7 +245,8 @@ def prepare(
     reqs = scale_arrivals(reqs, spec.timeline)  # a timeline's load changes
     if not reqs:
         raise ConfigError(
-            "the workload has no request to replay (check its window and limits)",
+            f"the workload has no request to {'simulate' if parts.simulated else 'replay'} "
+            "(check its window and limits)",
             source=str(loaded.path),
             field="workload",
         )
@@ -204,4 +269,5 @@ def prepare(
         tuple(reqs),
         serve_args,
         k,
+        parts.calibrated,
     )

@@ -14,14 +14,17 @@ Every point carries each plan's predicted bottleneck utilisation (:mod:`testbed.
 rate / capacity); a ratio between two pairs is only formed where both are below 1 (stable),
 since above its capacity a plan's queue grows without bound and its latency measures the run's
 length, not the policy. Arrivals are Poisson; one realisation per model is rescaled to each
-rate (common random numbers across pairs and rates). The report and plots are written by
-:mod:`testbed.experiment.reproduce_report`.
+rate (common random numbers across pairs and rates).
+
+This module holds what the runs share (pairs, configuration, scenarios, loads, points); the
+experiments run in :mod:`testbed.experiment.reproduce_sim` (simulated) and
+:mod:`testbed.experiment.reproduce_emulate` (emulated devices); the report and plots are
+written by :mod:`testbed.experiment.reproduce_report`.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -343,93 +346,9 @@ def point_from(
     )  # fmt: skip
 
 
-# --- simulated experiments ------------------------------------------------------------------
+# --- runs ---------------------------------------------------------------------------------
 
-Progress = Callable[[str], None]
-
-
-def simulate_at(setup: Any, rate: float | None) -> tuple[Any, Sequence[Any]]:
-    from testbed.sim.run import simulate, summarize_outcome
-    from testbed.sim.sweep import vary
-
-    reqs = list(setup.requests) if rate is None else vary(setup.requests, "rate", rate)
-    return summarize_outcome(setup, simulate(setup, requests=reqs)), reqs
-
-
-def rate_sweep(
-    cfg: ReproConfig, model: str, folder: Path, progress: Progress
-) -> tuple[list[Point], Path]:
-    """(a) every pair at every rate of :func:`rate_grid`."""
-    from testbed.sim.run import prepare_sim
-
-    loaded = sweep_scenario(
-        cfg, folder, model, "rate", cfg.requests, cfg.max_prompt_tokens, cfg.max_output_tokens
-    )
-    setups = {pair: prepare_sim(loaded, pair) for pair in cfg.pairs}
-    caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
-    rates = rate_grid({p: c.capacity_rps for p, c in caps.items()}, cfg)
-    progress(f"{model}: {len(cfg.pairs)} pairs x {len(rates)} rates, {cfg.requests} requests each")
-    points = []
-    for pair, setup in setups.items():
-        for rate in rates:
-            summary, reqs = simulate_at(setup, rate)
-            points.append(
-                point_from("simulated", "rate", model, pair, rate, reqs, caps[pair], summary,
-                           setup.topology)
-            )  # fmt: skip
-        progress(f"  {pair} done")
-    return points, loaded.path
-
-
-def long_sequences(
-    cfg: ReproConfig, model: str, folder: Path, progress: Progress
-) -> tuple[list[Point], list[Path]]:
-    """(b) Hyperion vs GPipe, fixed prompt, each output length, plans made for that length."""
-    from testbed.sim.run import prepare_sim
-
-    points, paths = [], []
-    for out_tokens in cfg.long_outputs:
-        name = f"hyperion-{model}-long{out_tokens}"
-        shape = {"prompt_tokens": cfg.long_prompt_tokens, "output_tokens": out_tokens,
-                 "concurrency": 8}  # fmt: skip
-        work = {"kind": "synthetic", "rate_rps": 1.0, "num_requests": cfg.long_requests,
-                "prompt_tokens": cfg.long_prompt_tokens, "output_tokens": out_tokens,
-                "seed": cfg.seed}  # fmt: skip
-        loaded = write_scenario(
-            folder, scenario_dict(name, model, cfg.topology, shape, work, cfg.seed)
-        )
-        paths.append(loaded.path)
-        setups = {pair: prepare_sim(loaded, pair) for pair in (HYPERION, GPIPE)}
-        caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
-        weaker = min(c.capacity_rps for c in caps.values())
-        for frac in cfg.long_fractions:
-            rate = frac * weaker
-            for pair, setup in setups.items():
-                summary, reqs = simulate_at(setup, rate)
-                points.append(
-                    point_from("simulated", "long", model, pair, rate, reqs, caps[pair], summary,
-                               setup.topology)
-                )  # fmt: skip
-        progress(f"{model}: long sequences, {out_tokens} output tokens done")
-    return points, paths
-
-
-def run_simulated(
-    cfg: ReproConfig, out_dir: Path, progress: Progress = lambda _m: None
-) -> ReproResult:
-    """All three experiments in simulation."""
-    t0 = time.perf_counter()
-    res = ReproResult(cfg, "simulated")
-    folder = out_dir / "scenarios"
-    for model in cfg.models:
-        pts, path = rate_sweep(cfg, model, folder, progress)
-        res.points += pts
-        res.scenarios.append(path)
-        lpts, lpaths = long_sequences(cfg, model, folder, progress)
-        res.points += lpts
-        res.scenarios += lpaths
-    res.wall_s = time.perf_counter() - t0
-    return res
+Progress = Callable[[str], None]  # the simulated experiments: reproduce_sim.py
 
 
 def with_options(

@@ -16,12 +16,11 @@ from testbed.experiment.reproduce import (
     Progress,
     ReproConfig,
     ReproResult,
-    pair_capacity,
     point_from,
-    simulate_at,
     sweep_scenario,
     write_scenario,
 )
+from testbed.experiment.reproduce_sim import pair_setups, simulate_at
 from testbed.sim.sweep import mean_rate
 
 
@@ -64,8 +63,7 @@ async def run_emulated(
             cfg, folder, model, "emulated-probe", cfg.emu_requests, cfg.emu_max_prompt_tokens,
             cfg.emu_max_output_tokens,
         )  # fmt: skip
-        setups = {pair: prepare_sim(base, pair) for pair in cfg.pairs}
-        caps = {pair: pair_capacity(s.plan, pair) for pair, s in setups.items()}
+        _, caps = pair_setups(base, cfg.pairs)
         weakest = min(c.capacity_rps for c in caps.values())
         for frac in cfg.emu_fractions:
             rate = frac * weakest
@@ -88,10 +86,10 @@ async def run_emulated(
                 reqs = setup.requests
                 offered = mean_rate(reqs) or rate  # the drawn arrivals' rate, not the nominal
                 emu = point_from("emulated", "emulated", model, run.label, offered, reqs,
-                                 caps[run.label], run.summary, setup.topology)  # fmt: skip
+                                 caps[run.label], run.summary, setup.prep.topology)  # fmt: skip
                 sim_summary, _ = await asyncio.to_thread(simulate_at, setup, None)
                 sim = point_from("simulated", "emulated", model, run.label, offered, reqs,
-                                 caps[run.label], sim_summary, setup.topology)  # fmt: skip
+                                 caps[run.label], sim_summary, setup.prep.topology)  # fmt: skip
                 pacing = getattr(run, "emulation", None)  # fidelity of the emulated run
                 if isinstance(pacing, dict) and "overrun_fraction" in pacing:
                     emu = replace(emu, overrun_fraction=float(pacing["overrun_fraction"]))

@@ -13,7 +13,8 @@ Each node behaves as the stage server: FIFO, ``slots`` steps computed at once (t
 ``max_inflight``), and a KV-cache capacity (node memory minus its weights, as the broker's
 layout computes): a request's first step on a node reserves its whole KV cache there (prompt +
 output tokens); if it does not fit the step waits, FIFO, until a request leaving frees enough.
-A request whose cache can never fit the node fails, as the stage server refuses it.
+A request whose cache can never fit the node fails, as the stage server refuses it. Records,
+spans and the outcome are written as the broker writes them (:mod:`testbed.sim.records`).
 
 With ``max_batch`` > 1 (continuous batching) a node that starts computing takes the waiting
 steps that have arrived, up to ``max_batch``, as one forward timed by ``StepTimes.batch_s``.
@@ -49,11 +50,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
-from testbed.metrics.records import RequestRecord, Span
+from testbed.metrics.records import RequestRecord
 from testbed.schedule.base import NoRouteError, RequestView, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
 from testbed.sim.batching import batch_done, start_batch
 from testbed.sim.links import Network
+from testbed.sim.records import outcome, request_record, step_span
 from testbed.sim.state import (
     _ARRIVE,
     _DONE,
@@ -193,21 +195,11 @@ class Simulator:
                 self._send_token(r, now)
         self.events += events
         self._flush()
-        links = {
-            f"hop{h}.{d}[{k}]": p.busy_s
-            for h in range(len(self.net.fwd))
-            for d, pipes in (("fwd", self.net.fwd[h]), ("rev", self.net.rev[h]))
-            for k, p in enumerate(pipes)
-        }
-        return SimOutcome(
-            records=tuple(self._records[r.request_id] for r in admitted),
-            node_busy_s={n: self.nodes[n].busy_s for n in self.layout.node_names()},
-            link_busy_s=links,
-            routed={n: b.routed_total for n, b in self.ledger.books.items()},
-            scheduler=self.scheduler.describe(),
-            events=self.events,
-            sim_end_s=now,
-        )
+        return outcome(
+            admitted, self._records, self.nodes, self.layout.node_names(), self.net,
+            {n: b.routed_total for n, b in self.ledger.books.items()},
+            self.scheduler.describe(), self.events, now,
+        )  # fmt: skip
 
     def _flush(self) -> None:
         """Apply the step completions since the last decision, in the order they happened: the
@@ -420,23 +412,7 @@ class Simulator:
                     r.held[s] = False
                 self.scheduler.on_complete(StageCompletion(name, rid, 0.0, 0.0, now, True))
                 self._wake_kv(node, now)
-        req = r.req
-        self._records[rid] = RequestRecord(
-            request_id=rid,
-            arrival_s=req.arrival_s,
-            status="completed" if reason is None else "failed",
-            prompt_tokens=req.prompt_tokens,
-            output_tokens=req.output_tokens,
-            route=r.route,
-            reason=reason,
-            token_times_s=tuple(r.tokens) if reason is None else (),
-            end_s=now,
-            injection_lag_s=None if r.admitted_s is None else r.admitted_s - req.arrival_s,
-            queueing_s=r.queue_s,
-            stage_compute_s=_per_node(r.route, r.compute),
-            hop_transfer_s=_per_hop(r.route, r.hops),
-            spans=tuple(r.spans),
-        )
+        self._records[rid] = request_record(r, now, reason)
         if self.on_record is not None:
             self.on_record(self._records[rid])
         self._active -= 1
@@ -457,26 +433,5 @@ class Simulator:
     def _span(
         self, r: _Req, kind: str, node: str, t0: float, t1: float, s: int, peer: str | None = None
     ) -> None:
-        phase = "prefill" if r.step == 0 else "decode"
-        nbytes = None
-        if kind == "transfer":
-            nbytes = (
-                self.config.token_bytes
-                if peer == CLIENT or node == CLIENT
-                else self.act_bytes * (r.req.prompt_tokens if r.step == 0 else 1)
-            )
-        r.spans.append(
-            Span(kind, node, t0, t1, r.req.request_id, s, phase, r.step, peer, nbytes)  # type: ignore[arg-type]
-        )
-
-
-def _per_node(route: tuple[str, ...], values: list[float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, v in zip(route, values, strict=False):
-        out[name] = out.get(name, 0.0) + v
-    return out
-
-
-def _per_hop(route: tuple[str, ...], values: list[float]) -> dict[str, float]:
-    names = (CLIENT, *route, CLIENT)
-    return {f"{names[s]}->{names[s + 1]}": v for s, v in enumerate(values) if v > 0}
+        tb = self.config.token_bytes
+        r.spans.append(step_span(r, kind, node, t0, t1, s, peer, tb, self.act_bytes))

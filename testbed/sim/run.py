@@ -1,9 +1,9 @@
 """`testbed simulate` / `compare --simulate`: scenario -> plan -> simulated replay -> run folder.
 
-Uses the smallest surface of the orchestration: :func:`load_scenario`, the planner
-(:func:`make_plan`), the workload reader (:func:`load_workload`) and the broker's pure parts
-(:class:`Layout`, :class:`WorkPredictor`). No weights are needed: a planning preset
-(``model: phi-3-medium``) simulates as well as a model folder.
+The run is prepared as `replay` prepares it (:func:`testbed.experiment.prepare.prepare`, from
+parts loaded without weights: a planning preset such as ``model: phi-3-medium`` simulates as
+well as a model folder); the simulator adds the layout it runs on and uses the broker's pure
+parts (:class:`Layout`, :class:`WorkPredictor`).
 """
 
 from __future__ import annotations
@@ -16,123 +16,52 @@ from pathlib import Path
 from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
-from testbed.cost.model import CostModel
-from testbed.cost.planner import NodeBlockFn, make_plan
 from testbed.errors import ConfigError
+from testbed.experiment.prepare import Prepared, ScenarioParts, load_parts, prepare
 from testbed.metrics.summary import SLO, Summary, summarize
 from testbed.schedule.base import Scheduler
 from testbed.sim.engine import SimConfig, SimOutcome, Simulator
 from testbed.sim.links import Network
 from testbed.sim.reference import ReferenceSimulator
-from testbed.sim.steps import (
-    CalibratedProfile,
-    StepTimes,
-    is_calibrated_profile,
-    load_calibrated_profile,
-    per_block_request_s,
-)
-from testbed.spec.model_profile import load_measured_profile, load_model_profile
-from testbed.spec.plan import Plan, RequestShape
-from testbed.spec.scenario import LoadedScenario, policies
-from testbed.spec.topology import Topology, load_topology
-from testbed.workload.request import TraceRequest, Workload
+from testbed.sim.steps import StepTimes
+from testbed.spec.scenario import LoadedScenario
+from testbed.workload.request import TraceRequest
 
 
 @dataclass(frozen=True)
 class SimSetup:
-    """Everything one simulated run needs (the same parts `replay` prepares)."""
+    """A run prepared as `replay` prepares it, and the layout the simulator runs it on."""
 
-    loaded: LoadedScenario
-    partitioner: str
-    partitioner_params: dict[str, Any]
-    scheduler: str
-    scheduler_params: dict[str, Any]
-    topology: Topology
-    cost: CostModel
-    calibrated: CalibratedProfile | None
-    plan: Plan
-    layout: Layout
-    workload: Workload
-    requests: tuple[TraceRequest, ...]
+    prep: Prepared
+    layout: Layout  # the plan's stages on the topology's nodes (``sim://`` addresses)
 
     @property
     def pair(self) -> str:
-        return f"{self.partitioner}+{self.scheduler}"
+        return self.prep.pair
 
-    def make_scheduler(self) -> Scheduler:
-        from testbed.schedule import SCHEDULERS
-
-        return SCHEDULERS.create(self.scheduler, self.scheduler_params, field="scheduler")
-
-
-def _model_source(loaded: LoadedScenario) -> str | Path:
-    spec = loaded.spec
-    if spec.model_dir is not None:
-        return loaded.resolve(spec.model_dir)
-    folder = loaded.resolve(Path(spec.model))
-    return folder if (folder / "config.json").exists() else spec.model
-
-
-def planner_times(calibrated: CalibratedProfile | None) -> NodeBlockFn | None:
-    """The calibrated nodes' per-block times for the planner (None: plan from the cost model)."""
-    if calibrated is None or not calibrated.nodes:
-        return None
-    fits = calibrated.nodes
-
-    def per_block(node: str, shape: RequestShape) -> float | None:
-        fit = fits.get(node)
-        return (
-            None
-            if fit is None
-            else per_block_request_s(fit, shape.prompt_tokens, shape.output_tokens)
-        )
-
-    return per_block
+    @property
+    def requests(self) -> tuple[TraceRequest, ...]:
+        return self.prep.requests
 
 
 def prepare_sim(
-    loaded: LoadedScenario, pair: str | None = None, requests_limit: int | None = None
+    scenario: LoadedScenario | ScenarioParts,
+    pair: str | None = None,
+    requests_limit: int | None = None,
 ) -> SimSetup:
-    """Plan, layout and workload of the scenario (``pair`` overrides its policies)."""
-    from testbed.partition import PARTITIONERS
-    from testbed.spec.timeline import scale_arrivals
-    from testbed.workload.spec import load_workload
-
-    spec = loaded.spec
-    part, part_params, sched, sched_params = policies(spec, pair)
-    topo = load_topology(loaded.topology_path)
-    profile = load_model_profile(_model_source(loaded), dtype=spec.dtype, base_dir=loaded.base_dir)
-    calibrated, measured = None, None
-    if spec.profile is not None:
-        path = loaded.resolve(spec.profile)
-        if is_calibrated_profile(path):
-            calibrated = load_calibrated_profile(path)
-        else:
-            measured = load_measured_profile(path)
-    cost = CostModel(profile, measured)
-    partitioner = PARTITIONERS.create(
-        part, part_params, source=str(loaded.path), field="partitioner"
-    )
-    plan = make_plan(topo, cost, partitioner, spec.planning, node_block_s=planner_times(calibrated))
-    layout = Layout.from_plan(
-        plan, topo, {n.name: f"sim://{n.name}" for _, n in topo.nodes()}, cost
-    )
-    workload = load_workload(loaded.workload, loaded.base_dir, default_seed=spec.seed)
-    reqs = list(workload.requests)
-    limits = [x for x in (spec.requests, requests_limit) if x is not None]
-    if limits:
-        reqs = reqs[: min(limits)]
-    reqs = scale_arrivals(reqs, spec.timeline)  # a timeline's load changes
-    if not reqs:
+    """Plan, layout and workload of the scenario (``pair`` overrides its policies); parts
+    loaded once with ``load_parts(loaded, simulate=True)`` serve every pair."""
+    parts = scenario
+    if not isinstance(parts, ScenarioParts):
+        parts = load_parts(parts, simulate=True)
+    if not parts.simulated:
         raise ConfigError(
-            "the workload has no request to simulate (check its window and limits)",
-            source=str(loaded.path),
-            field="workload",
+            "these parts were loaded for a replay; load them with simulate=True",
+            source=str(parts.loaded.path),
         )
-    return SimSetup(
-        loaded, part, part_params, sched, sched_params, topo, cost, calibrated, plan, layout,
-        workload, tuple(reqs),
-    )  # fmt: skip
+    prep = prepare(parts, pair, requests_limit)
+    urls = {n.name: f"sim://{n.name}" for _, n in prep.topology.nodes()}
+    return SimSetup(prep, Layout.from_plan(prep.plan, prep.topology, urls, prep.cost))
 
 
 def simulate(
@@ -147,23 +76,24 @@ def simulate(
     under the scenario's timeline (what each event did is appended to ``timeline_log``)."""
     from testbed.sim.timeline import SimTimeline
 
-    overhead = setup.calibrated.hop_overhead_s if setup.calibrated else 0.0
-    events = setup.loaded.spec.timeline
+    prep = setup.prep
+    overhead = prep.calibrated.hop_overhead_s if prep.calibrated else 0.0
+    events = prep.loaded.spec.timeline
     parts = (
         setup.layout,
-        WorkPredictor(setup.layout, setup.cost),
-        scheduler or setup.make_scheduler(),
-        StepTimes(setup.layout, setup.cost, setup.calibrated),
+        WorkPredictor(setup.layout, prep.cost),
+        scheduler or prep.make_scheduler(),
+        StepTimes(setup.layout, prep.cost, prep.calibrated),
         Network(setup.layout.hop_links, overhead_s=overhead),
         config,
     )
-    stop_s = setup.loaded.spec.duration_s
+    stop_s = prep.loaded.spec.duration_s
     if not events:
         return Simulator(*parts).run(requests or setup.requests, stop_after_s=stop_s)
     # a timeline runs on the reference engine: its events invalidate the optimised engine's
     # exact shortcuts (arrival and token times settled ahead of them)
     sim = ReferenceSimulator(*parts)
-    tl = SimTimeline(setup.topology, events)
+    tl = SimTimeline(prep.topology, events)
     tl.install(sim)
     out = sim.run(requests or setup.requests, stop_after_s=stop_s)
     tl.fix_records(sim)
@@ -173,7 +103,7 @@ def simulate(
 
 
 def summarize_outcome(setup: SimSetup, outcome: SimOutcome) -> Summary:
-    slo = setup.loaded.spec.slo
+    slo = setup.prep.loaded.spec.slo
     return summarize(
         outcome.records,
         slo=SLO(slo.ttft_s, slo.tpot_s, slo.e2e_s),
@@ -213,16 +143,17 @@ def write_sim_run(
     """The same folder as `replay` writes, marked ``"mode": "simulated"``."""
     from testbed.metrics.report import write_run_report
 
-    spec = setup.loaded.spec
+    prep = setup.prep
+    spec = prep.loaded.spec
     summary = summarize_outcome(setup, outcome)
     node, util = bottleneck(summary)
     extra = {
         "mode": "simulated",
         "run": {
-            "label": setup.pair,
+            "label": prep.pair,
             "scenario": spec.name,
-            "partitioner": setup.partitioner,
-            "scheduler": setup.scheduler,
+            "partitioner": prep.partitioner,
+            "scheduler": prep.scheduler,
             "routed": outcome.routed,
             "bottleneck": {"node": node, "utilisation": util},
             "link_busy_s": outcome.link_busy_s,
@@ -230,28 +161,26 @@ def write_sim_run(
             "simulator_wall_s": wall_s,
             "timeline": list(timeline),
         },
-        "workload": setup.workload.stats.to_dict(),
+        "workload": prep.workload.stats.to_dict(),
     }
     markers = [(float(e["applied_s"]), str(e["what"])) for e in timeline]
     files = write_run_report(
-        out_dir, outcome.records, summary, extra=extra, run_name=setup.pair, plots=plots,
+        out_dir, outcome.records, summary, extra=extra, run_name=prep.pair, plots=plots,
         markers=markers,
     )  # fmt: skip
     meta = {
         "mode": "simulated",
-        "scenario": {"path": str(setup.loaded.path), **spec.model_dump(mode="json")},
-        "topology": {"path": str(setup.loaded.topology_path)},
-        "model_profile": setup.cost.profile.model_dump(mode="json"),
-        "cost_source": setup.cost.source,
-        "calibrated_profile": setup.calibrated.model_dump(mode="json")
-        if setup.calibrated
-        else None,
-        "plan": setup.plan.model_dump(mode="json"),
+        "scenario": {"path": str(prep.loaded.path), **spec.model_dump(mode="json")},
+        "topology": {"path": str(prep.loaded.topology_path)},
+        "model_profile": prep.cost.profile.model_dump(mode="json"),
+        "cost_source": prep.cost.source,
+        "calibrated_profile": prep.calibrated.model_dump(mode="json") if prep.calibrated else None,
+        "plan": prep.plan.model_dump(mode="json"),
         "stages_served": setup.layout.describe(),
-        "partitioner": {"name": setup.partitioner, "params": setup.partitioner_params},
+        "partitioner": {"name": prep.partitioner, "params": prep.partitioner_params},
         "scheduler": outcome.scheduler,
         "simulator": asdict(config or SimConfig()),
-        "workload": setup.workload.description,
+        "workload": prep.workload.description,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     cfg = Path(out_dir) / "config.json"
@@ -311,9 +240,10 @@ def compare_simulated(
         )
     root = output if output is not None else loaded.resolve(loaded.spec.output)
     out = run_folder(root, loaded.spec.name, "compare-sim")
+    parts = load_parts(loaded, simulate=True)  # loaded once, planned per pair
     runs = []
     for pair in pairs:
-        setup = prepare_sim(loaded, pair, requests)
+        setup = prepare_sim(parts, pair, requests)
         applied: list[dict[str, Any]] = []
         outcome = simulate(setup, config=config, timeline_log=applied)
         runs.append(
@@ -326,7 +256,3 @@ def compare_simulated(
         plots=plots,
     )
     return out, runs
-
-
-def with_requests(setup: SimSetup, reqs: Sequence[TraceRequest]) -> SimSetup:
-    return replace(setup, requests=tuple(reqs))

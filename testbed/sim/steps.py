@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from testbed.broker.layout import Layout, StageInfo
 from testbed.cost.model import CostModel, roofline_s
+from testbed.cost.planner import NodeBlockFn
 from testbed.spec.devices import DeviceProfile
 from testbed.spec.plan import RequestShape
 
@@ -91,6 +92,23 @@ def load_calibrated_profile(path: str | Path) -> CalibratedProfile:
     from testbed.spec.loading import read_mapping, validate
 
     return validate(CalibratedProfile, read_mapping(Path(path), "calibrated profile"), str(path))
+
+
+def planner_times(calibrated: CalibratedProfile | None) -> NodeBlockFn | None:
+    """The calibrated nodes' per-block times for the planner (None: plan from the cost model)."""
+    if calibrated is None or not calibrated.nodes:
+        return None
+    fits = calibrated.nodes
+
+    def per_block(node: str, shape: RequestShape) -> float | None:
+        fit = fits.get(node)
+        return (
+            None
+            if fit is None
+            else per_block_request_s(fit, shape.prompt_tokens, shape.output_tokens)
+        )
+
+    return per_block
 
 
 @dataclass

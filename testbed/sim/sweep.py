@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from testbed.errors import ConfigError
+from testbed.experiment.prepare import load_parts
 from testbed.sim.engine import SimConfig
 from testbed.sim.run import bottleneck, prepare_sim, run_folder, simulate, summarize_outcome
 from testbed.spec.scenario import LoadedScenario
@@ -81,8 +82,9 @@ def run_sweep(
         raise ConfigError(f"unknown sweep variable {variable!r}; use one of {', '.join(VARIABLES)}")
     points = []
     choices: list[str | None] = list(pairs) or [None]  # None: the scenario's own pair
+    parts = load_parts(loaded, simulate=True)  # loaded once, planned per pair
     for pair in choices:
-        setup = prepare_sim(loaded, pair, requests)
+        setup = prepare_sim(parts, pair, requests)
         for v in values:
             if v <= 0:
                 raise ConfigError(f"sweep values must be > 0, got {v!r}", field=f"--{variable}")

@@ -145,14 +145,14 @@ class StepQueue:
             if not p.future.done():
                 p.future.cancel()
 
-    async def submit(
-        self, req: ForwardRequest, priority: int = 0, slack_s: float | None = None
-    ) -> Pending:
-        """Queue one step and wait for its answer; returns the finished entry (its future
-        holds the output; its timings and batch size are on it). Raises what the row raised."""
+    async def submit(self, req: ForwardRequest) -> Pending:
+        """Queue one step (ordered by its options' priority and slack) and wait for its answer;
+        returns the finished entry (its future holds the output; its timings and batch size are
+        on it). Raises what the row raised."""
         loop = asyncio.get_running_loop()
-        deadline = math.inf if slack_s is None else time.monotonic() + slack_s
-        p = Pending(req, priority, deadline, next(self._seq), loop.create_future())
+        opts = req.options
+        deadline = math.inf if opts.slack_s is None else time.monotonic() + opts.slack_s
+        p = Pending(req, opts.priority, deadline, next(self._seq), loop.create_future())
         self._pending.append(p)
         self._wake.set()
         try:

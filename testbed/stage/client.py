@@ -30,6 +30,7 @@ from testbed.stage.errors import (
     StageUnreachableError,
     parse_code,
 )
+from testbed.stage.forward import NO_OPTIONS, StepOptions
 from testbed.stage.hooks import HopHook, SendHook, as_send_hook
 from testbed.stage.payload import WirePayload
 from testbed.stage.wire import (
@@ -292,24 +293,17 @@ class StageClient:
         *,
         want_logits: bool = False,
         timeout_s: float | None = None,
-        slo_class: str | None = None,
-        priority: int = 0,
-        slack_s: float | None = None,
+        options: StepOptions = NO_OPTIONS,
     ) -> ForwardResult:
         """Send one prefill/decode step: token ids (first stage) or hidden states.
 
-        ``slo_class`` / ``priority`` / ``slack_s``: the request's class, its priority (higher
-        is batched first) and the seconds this step may wait and still meet its SLO (least
-        slack is batched first among equal priorities)."""
+        ``options``: the request's class, its priority (higher is batched first) and the
+        seconds this step may wait and still meet its SLO (least slack is batched first among
+        equal priorities)."""
         meta: dict[str, Any] = {"request_id": request_id, "kind": kind, "start_pos": start_pos}
         if want_logits:
             meta["want_logits"] = True
-        if slo_class is not None:
-            meta["class"] = slo_class
-        if priority:
-            meta["priority"] = priority
-        if slack_s is not None:
-            meta["slack_s"] = slack_s
+        meta.update(options.to_meta())
         parts = encode_parts(meta, {"input": _input_tensor(data)})
         nbytes = sum(p.nbytes for p in parts)
         use_tcp = await self._use_tcp()

@@ -26,6 +26,34 @@ _META_KEYS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class StepOptions:
+    """What a broker sends with a step besides its data: the request's class, priority and
+    slack, for the stage's batch order (:mod:`testbed.stage.batcher`).
+
+    The one place a per-step option is declared: a new one is a field here, its meta key in
+    :meth:`to_meta` and :func:`parse_options`; the client and the broker's transports pass
+    the object through unchanged."""
+
+    slo_class: str | None = None  # the request's class (scenario ``classes``), for metrics
+    priority: int = 0  # higher is batched first
+    slack_s: float | None = None  # seconds this step may wait and still meet its SLO
+
+    def to_meta(self) -> dict[str, Any]:
+        """The options as /forward meta keys (defaults left out)."""
+        meta: dict[str, Any] = {}
+        if self.slo_class is not None:
+            meta["class"] = self.slo_class
+        if self.priority:
+            meta["priority"] = self.priority
+        if self.slack_s is not None:
+            meta["slack_s"] = self.slack_s
+        return meta
+
+
+NO_OPTIONS = StepOptions()  # a step sent without class, priority or slack
+
+
 @dataclass(frozen=True)
 class ForwardRequest:
     """One decoded /forward step."""
@@ -35,9 +63,7 @@ class ForwardRequest:
     start_pos: int
     want_logits: bool
     input: torch.Tensor  # token ids int64[1, q] (first stage) or hidden states float[1, q, H]
-    slo_class: str | None = None  # the request's class (scenario ``classes``), for metrics
-    priority: int = 0  # higher is batched first
-    slack_s: float | None = None  # seconds this step may wait and still meet its SLO
+    options: StepOptions = NO_OPTIONS  # class, priority and slack (the batch order)
 
 
 @dataclass(frozen=True)
@@ -72,10 +98,12 @@ def parse_forward(msg: WireMessage) -> ForwardRequest:
         )
     # finiteness is checked by the executor's step validator (check_step), on the values it
     # computes with: an emulated device's wire tensor is packed bytes, not values
-    return ForwardRequest(rid, kind, start_pos, want_logits, msg.tensors["input"], *_slo(meta))
+    return ForwardRequest(
+        rid, kind, start_pos, want_logits, msg.tensors["input"], parse_options(meta)
+    )
 
 
-def _slo(meta: dict[str, Any]) -> tuple[str | None, int, float | None]:
+def parse_options(meta: dict[str, Any]) -> StepOptions:
     """The optional request class, priority and slack a broker sends with a step."""
     cls = meta.get("class")
     if cls is not None and (not isinstance(cls, str) or not 0 < len(cls) <= MAX_REQUEST_ID):
@@ -88,4 +116,4 @@ def _slo(meta: dict[str, Any]) -> tuple[str | None, int, float | None]:
         isinstance(slack, bool) or not isinstance(slack, (int, float)) or slack != slack
     ):
         raise ExecutorInputError(f"meta.slack_s must be a number of seconds, got {slack!r}")
-    return cls, priority, None if slack is None else float(slack)
+    return StepOptions(cls, priority, None if slack is None else float(slack))

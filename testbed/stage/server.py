@@ -386,7 +386,7 @@ class StageServer:
                     assert self._queue is not None
                     self._waiting -= 1
                     waiting = False
-                    done = await self._queue.submit(req, req.priority, req.slack_s)
+                    done = await self._queue.submit(req)
                     reply, compute_s = self._reply(req, done.future.result(), done)
             except Exception as exc:  # a refusal or a model failure: report it, keep serving
                 raise self._refuse_exc(exc) from None

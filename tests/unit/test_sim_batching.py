@@ -42,9 +42,9 @@ def run(setup: SimSetup, reqs: list[TraceRequest], sched: str = "arts", **cfg) -
     lay = setup.layout
     sim = Simulator(
         lay,
-        WorkPredictor(lay, setup.cost),
+        WorkPredictor(lay, setup.prep.cost),
         SCHEDULERS.create(sched),
-        StepTimes(lay, setup.cost),
+        StepTimes(lay, setup.prep.cost),
         Network(lay.hop_links),
         SimConfig(**cfg),
     )
@@ -54,7 +54,7 @@ def run(setup: SimSetup, reqs: list[TraceRequest], sched: str = "arts", **cfg) -
 
 
 def test_batch_step_times(setup: SimSetup) -> None:
-    steps = StepTimes(setup.layout, setup.cost)
+    steps = StepTimes(setup.layout, setup.prep.cost)
     node = setup.layout.stages[-1].nodes[0]
     assert steps.batch_s(node, [], [300]) == steps.decode_s(node, 300)
     assert steps.batch_s(node, [64], []) == steps.prefill_s(node, 64)
@@ -65,7 +65,7 @@ def test_batch_step_times(setup: SimSetup) -> None:
     single = steps.prefill_s(node, 64) + sum(steps.decode_s(node, c) for c in (300, 310, 2000, 5))
     assert mixed < single
     # the single steps' times scaled by the batch roofline over the single rooflines
-    dev, cost = setup.layout.nodes[node].device, setup.cost
+    dev, cost = setup.layout.nodes[node].device, setup.prep.cost
     ratio = cost.block_batch_s(dev, [64], [300, 310, 2000, 5]) / (
         cost.block_batch_s(dev, prompts=[64])
         + sum(cost.block_batch_s(dev, contexts=[c]) for c in (300, 310, 2000, 5))
@@ -78,8 +78,8 @@ def test_max_batch_one_is_the_reference_and_batching_serves_more(setup: SimSetup
     one = run(setup, reqs, record_spans=False)
     lay = setup.layout
     ref = ReferenceSimulator(
-        lay, WorkPredictor(lay, setup.cost), SCHEDULERS.create("arts"),
-        StepTimes(lay, setup.cost), Network(lay.hop_links), SimConfig(record_spans=False),
+        lay, WorkPredictor(lay, setup.prep.cost), SCHEDULERS.create("arts"),
+        StepTimes(lay, setup.prep.cost), Network(lay.hop_links), SimConfig(record_spans=False),
     ).run(reqs)  # fmt: skip
     assert one.records == ref.records
     many = run(setup, reqs, record_spans=False, max_batch=32)
@@ -104,7 +104,7 @@ def test_steps_of_one_batch_share_its_start_end_and_time(setup: SimSetup) -> Non
     out = run(setup, reqs, "round_robin", max_batch=8)
     sim = run.sim  # type: ignore[attr-defined]
     assert sim.batches < sim.batched_steps
-    steps = StepTimes(setup.layout, setup.cost)
+    steps = StepTimes(setup.layout, setup.prep.cost)
     computes: dict[tuple[str, float, float], list[tuple[int, int]]] = {}
     for rec in out.records:
         for sp in rec.spans:

@@ -64,9 +64,9 @@ def both(
     for cls in (ReferenceSimulator, Simulator):
         sim = cls(
             lay,
-            WorkPredictor(lay, setup.cost),
+            WorkPredictor(lay, setup.prep.cost),
             SCHEDULERS.create(sched),
-            StepTimes(lay, setup.cost),
+            StepTimes(lay, setup.prep.cost),
             Network(lay.hop_links),
             SimConfig(**cfg),
         )
@@ -98,7 +98,7 @@ def test_same_records_on_the_three_tier_cluster(three_tier: SimSetup, sched: str
 
 def test_same_records_with_kv_waits_slowdown_and_admission_cap(tiny: SimSetup) -> None:
     lay = tiny.layout
-    kv = WorkPredictor(lay, tiny.cost).predict(128, 16).kv_bytes
+    kv = WorkPredictor(lay, tiny.prep.cost).predict(128, 16).kv_bytes
     small = {n: replace(i, kv_capacity_bytes=kv[i.stage] * 2) for n, i in lay.nodes.items()}
     tight = Layout(lay.stages, small, lay.hop_links, lay.num_blocks)
     reqs = workload(tiny, 5.0)
@@ -107,7 +107,7 @@ def test_same_records_with_kv_waits_slowdown_and_admission_cap(tiny: SimSetup) -
         same(*both(tiny, reqs, sched, layout=tight, slowdown=slow))
         same(*both(tiny, reqs, sched, max_active_requests=3, slots=2))
     # caches of the larger requests never fit (they fail), with requests waiting for admission
-    kv = WorkPredictor(lay, tiny.cost).predict(64, 8).kv_bytes
+    kv = WorkPredictor(lay, tiny.prep.cost).predict(64, 8).kv_bytes
     doom = {n: replace(i, kv_capacity_bytes=kv[i.stage] * 3 // 2) for n, i in lay.nodes.items()}
     ref, new = both(
         tiny, reqs, "arts", layout=Layout(lay.stages, doom, lay.hop_links, lay.num_blocks),

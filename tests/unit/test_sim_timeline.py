@@ -23,10 +23,10 @@ def base() -> SimSetup:
 
 def _with(setup: SimSetup, *events: dict, n: int = 60, gap_s: float = 0.05) -> SimSetup:
     evs = tuple(TimelineEvent.model_validate(e) for e in events)
-    spec = setup.loaded.spec.model_copy(update={"timeline": evs, "duration_s": None})
-    loaded = replace(setup.loaded, spec=spec)
+    spec = setup.prep.loaded.spec.model_copy(update={"timeline": evs, "duration_s": None})
+    loaded = replace(setup.prep.loaded, spec=spec)
     reqs = tuple(TraceRequest(i, i * gap_s, 32, 8, source_row=i) for i in range(n))
-    return replace(setup, loaded=loaded, requests=reqs)
+    return replace(setup, prep=replace(setup.prep, loaded=loaded, requests=reqs))
 
 
 def _run(setup: SimSetup) -> tuple[list, list]:

@@ -37,9 +37,9 @@ def engine(setup: SimSetup, layout: Layout | None = None, sched: str = "arts", *
     lay = layout or setup.layout
     return Simulator(
         lay,
-        WorkPredictor(lay, setup.cost),
+        WorkPredictor(lay, setup.prep.cost),
         SCHEDULERS.create(sched),
-        StepTimes(lay, setup.cost),
+        StepTimes(lay, setup.prep.cost),
         Network(lay.hop_links),
         SimConfig(**cfg),
     )
@@ -57,7 +57,7 @@ def test_single_request_on_an_idle_route_is_the_analytic_sum(setup: SimSetup) ->
     p, o = 24, 5
     sim = engine(setup)
     (rec,) = sim.run([req(0, 1.0, p, o)]).records
-    steps, lay, act = sim.steps, setup.layout, setup.cost.profile.activation_bytes_per_token()
+    steps, lay, act = sim.steps, setup.layout, setup.prep.cost.profile.activation_bytes_per_token()
 
     def hop(links: tuple[LinkSpec, ...], nbytes: int) -> float:
         return sum(nbytes * 8 / ln.bandwidth_bps + ln.delay_s for ln in links)
@@ -73,7 +73,7 @@ def test_single_request_on_an_idle_route_is_the_analytic_sum(setup: SimSetup) ->
     assert rec.token_times_s == pytest.approx(expected, abs=1e-6)
     assert rec.e2e_s == pytest.approx(expected[-1] - 1.0, abs=1e-6)
     # the prefill step time is the broker's prediction of it
-    pred = WorkPredictor(lay, setup.cost).predict(p, o)
+    pred = WorkPredictor(lay, setup.prep.cost).predict(p, o)
     for name in rec.route:
         assert steps.prefill_s(name, p) == pytest.approx(pred.prefill_s[name])
 
@@ -93,7 +93,7 @@ def test_link_contention_doubles_the_time_of_two_simultaneous_transfers() -> Non
 
 def test_kv_capacity_makes_requests_wait(setup: SimSetup) -> None:
     lay = setup.layout
-    kv = WorkPredictor(lay, setup.cost).predict(32, 8).kv_bytes
+    kv = WorkPredictor(lay, setup.prep.cost).predict(32, 8).kv_bytes
     last = lay.stages[-1].nodes[0]
     small = {n: replace(i, kv_capacity_bytes=kv[i.stage] * 3 // 2) for n, i in lay.nodes.items()}
     tight = Layout(lay.stages, small, lay.hop_links, lay.num_blocks)
@@ -188,12 +188,12 @@ def test_a_calibrated_profile_feeds_the_simulator(tmp_path: Path, setup: SimSetu
     )
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
     cal = prepare_sim(load_scenario(tmp_path / "s.yaml"), "bsdp+arts")
-    assert cal.calibrated == prof
+    assert cal.prep.calibrated == prof
     rec = simulate(cal, requests=[req(0, 0.0, 16, 1)]).records[0]
     n = len(rec.route)
     links = sum(
         2 * ln.delay_s
-        + (16 * cal.cost.profile.activation_bytes_per_token() + 4) * 8 / ln.bandwidth_bps
+        + (16 * cal.prep.cost.profile.activation_bytes_per_token() + 4) * 8 / ln.bandwidth_bps
         for hop in cal.layout.hop_links
         for ln in hop
     )
@@ -206,7 +206,7 @@ def test_sweep_rescales_rates_and_lengths(setup: SimSetup) -> None:
     fast = vary(setup.requests, "rate", 4.0)
     assert mean_rate(fast) == pytest.approx(4.0)
     assert {r.output_tokens for r in vary(setup.requests, "output_tokens", 7)} == {7}
-    pts = run_sweep(setup.loaded, ["bsdp+arts"], "rate", [0.5, 8.0], requests=10)
+    pts = run_sweep(setup.prep.loaded, ["bsdp+arts"], "rate", [0.5, 8.0], requests=10)
     assert [p.value for p in pts] == [0.5, 8.0]
     assert pts[1].e2e_mean_s >= pts[0].e2e_mean_s  # type: ignore[operator]
     assert "bsdp+arts" in markdown(pts)
@@ -215,24 +215,23 @@ def test_sweep_rescales_rates_and_lengths(setup: SimSetup) -> None:
 def test_calibrated_fits_scale_with_blocks_and_feed_the_planner(setup: SimSetup) -> None:
     from testbed.cost.planner import make_plan
     from testbed.partition import PARTITIONERS
-    from testbed.sim.run import planner_times
-    from testbed.sim.steps import CalibratedProfile, StepFit, per_block_request_s
+    from testbed.sim.steps import CalibratedProfile, StepFit, per_block_request_s, planner_times
 
     fit = StepFit(fixed_s=0.01, per_token_s=0.001, per_context_s=0.0, blocks=2)
     # per block: (prefill 0.01 + 0.001 * 8, then 3 decode steps of 0.011) / 2 blocks
     assert per_block_request_s(fit, 8, 4) == pytest.approx((0.018 + 3 * 0.011) / 2)
     node = setup.layout.stages[-1].nodes[0]
     m = setup.layout.stages[-1].num_blocks
-    steps = StepTimes(setup.layout, setup.cost, CalibratedProfile(nodes={node: fit}))
+    steps = StepTimes(setup.layout, setup.prep.cost, CalibratedProfile(nodes={node: fit}))
     assert steps.prefill_s(node, 8) == pytest.approx(0.018 * m / 2)
     # a node made very slow by its calibration loses its blocks in the plan
     slow = {n: StepFit(fixed_s=50.0, per_token_s=0.0, per_context_s=0.0, blocks=1) for n in [node]}
-    spec = setup.loaded.spec
+    spec = setup.prep.loaded.spec
     part = PARTITIONERS.create("bsdp")
-    before = make_plan(setup.topology, setup.cost, part, spec.planning)
+    before = make_plan(setup.prep.topology, setup.prep.cost, part, spec.planning)
     after = make_plan(
-        setup.topology,
-        setup.cost,
+        setup.prep.topology,
+        setup.prep.cost,
         part,
         spec.planning,
         node_block_s=planner_times(CalibratedProfile(nodes=slow)),
@@ -273,14 +272,14 @@ def test_the_scheduler_sees_the_brokers_ledger(setup: SimSetup) -> None:
     lay = setup.layout
     sim = Simulator(
         lay,
-        WorkPredictor(lay, setup.cost),
+        WorkPredictor(lay, setup.prep.cost),
         spy,
-        StepTimes(lay, setup.cost),
+        StepTimes(lay, setup.prep.cost),
         Network(lay.hop_links),
     )
     first, _ = sim.run([req(0, 0.0, 16, 3), req(1, 0.001, 16, 3)]).records
     seen = {n.name: n for st in spy.snaps[1].stages for n in st}
-    pred = WorkPredictor(lay, setup.cost).predict(16, 3)
+    pred = WorkPredictor(lay, setup.prep.cost).predict(16, 3)
     for s, name in enumerate(first.route):
         assert seen[name].queue_len == 1
         assert seen[name].mem_free_bytes == lay.nodes[name].kv_capacity_bytes - pred.kv_bytes[s]
