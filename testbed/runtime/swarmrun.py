@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from testbed.errors import RuntimeBackendError
+from testbed.errors import RuntimeBackendError, StageTimeoutError
 from testbed.net.links import plan_shaping
 from testbed.net.shaping import DirShape, ShapingBackend
 from testbed.runtime import owner
@@ -336,6 +336,34 @@ def task_ended(svc: Any) -> str | None:
     return None
 
 
+def task_report(svc: Any, lines: int = 6) -> str:
+    """A service's task state and the last lines of its log (for a failed health wait)."""
+    states = [t["Status"].get("State", "?") for t in svc.tasks()]
+    try:
+        raw = b"".join(svc.logs(stdout=True, stderr=True, tail=lines))
+        tail = " | ".join(raw.decode(errors="replace").strip().splitlines()[-lines:])
+    except Exception as exc:
+        tail = f"(no log: {exc})"
+    listening = "?"
+    try:  # is the stage listening inside (the published port may be what fails)?
+        for ctr in svc.client.containers.list(
+            filters={"label": f"com.docker.swarm.service.id={svc.id}"}
+        ):
+            out = ctr.exec_run(["cat", "/proc/net/tcp", "/proc/net/tcp6"]).output.decode()
+            ports = {
+                int(ln.split()[1].rsplit(":", 1)[1], 16)
+                for ln in out.splitlines()[1:]
+                if len(ln.split()) > 3 and ln.split()[3] == "0A"
+            }
+            listening = "yes" if STAGE_PORT in ports else f"no (listening: {sorted(ports)})"
+    except Exception as exc:
+        listening = f"? ({exc})"
+    return (
+        f"task {'/'.join(states) or 'none'}; stage port listening inside: {listening}; "
+        f"log: {tail or '(empty)'}"
+    )
+
+
 async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: float) -> None:
     """Wait until every stage answers /health; a task that ends fails the wait at once (a
     watcher polls the tasks off the loop, the health wait reads what it found)."""
@@ -356,6 +384,10 @@ async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: f
         await wait_urls_healthy(
             {n.name: n.url for n in tb.stage_nodes()}, timeout_s, gone=ended.get
         )
+    except StageTimeoutError as exc:  # say what each laggard's task was doing
+        seen = await asyncio.to_thread(lambda: {n: task_report(svc) for n, svc in services.items()})
+        detail = "\n".join(f"  {n} ({tb.nodes[n].url}): {seen[n]}" for n in sorted(seen))
+        raise StageTimeoutError(f"{exc}\n{detail}") from None
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
