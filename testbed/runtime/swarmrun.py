@@ -25,7 +25,6 @@ import contextlib
 import itertools
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from testbed.errors import RuntimeBackendError, StageTimeoutError
 from testbed.net.links import plan_shaping
 from testbed.net.shaping import DirShape, ShapingBackend
-from testbed.runtime import owner
 from testbed.runtime.base import (
     LABEL_NODE,
     LABEL_RUN,
@@ -43,9 +41,9 @@ from testbed.runtime.base import (
     NodeEndpoint,
     RunningTestbed,
     cli_launcher,
-    new_run_id,
     stage_serve_argv,
 )
+from testbed.runtime.bringup import EngineBringUp, log_up
 from testbed.runtime.docker import MODEL_IN_CONTAINER, SHM_BYTES, client, free_subnets
 from testbed.runtime.gpus import GpuAsk, gpu_ask, swarm_gpu_request
 from testbed.runtime.image import ImageMode, ensure_image
@@ -68,10 +66,6 @@ RUNNING_TIMEOUT_S = 180.0
 GONE_TIMEOUT_S = 60.0
 
 
-def _log(msg: str) -> None:
-    print(f"[up] {msg}", file=sys.stderr, flush=True)
-
-
 def network_names(run_id: str, tiers: list[str]) -> list[tuple[str, str]]:
     """(network name, what it joins) for every tier and every inter-tier link."""
     out = [(f"tb-{run_id}-{t}", t) for t in tiers]
@@ -89,8 +83,10 @@ def node_networks(run_id: str, tiers: list[str], j: int) -> list[str]:
     return nets
 
 
-class SwarmTestbed:
+class SwarmTestbed(EngineBringUp):
     """Brings a plan up as services; ``up`` returns the RunningTestbed (state saved)."""
+
+    runtime = "swarm"
 
     def __init__(
         self,
@@ -104,41 +100,19 @@ class SwarmTestbed:
         registry: str | None = None,
         seed: int = 0,
     ) -> None:
-        self.topology = topology
-        self.topology_path = topology_path
-        self.plan = plan
-        self.model_dir = model_dir.resolve()
-        self.backend = backend
-        self.image_mode = image_mode
-        self.registry = registry
-        self.seed = seed
-        self.run_id = new_run_id()
-
-    async def up(self, *, health_timeout_s: float = 180.0) -> RunningTestbed:
-        tb = RunningTestbed(
-            self.run_id,
-            "swarm",
-            self.backend,
-            self.topology_path,
-            self.topology.name,
-            str(self.model_dir),
-            {},
-            seed=self.seed,
-            owner=owner.me(),
+        super().__init__(
+            topology,
+            topology_path,
+            plan,
+            model_dir,
+            backend=backend,
+            image_mode=image_mode,
+            seed=seed,
         )
-        await asyncio.to_thread(tb.save)
-        try:
-            await self._up(tb, health_timeout_s)
-        except BaseException:
-            tb.status = "failed"
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.to_thread(tb.save))
-            _log(f"up failed: removing everything of {self.run_id}")
-            await asyncio.shield(asyncio.to_thread(down_swarm, self.run_id))
-            with contextlib.suppress(OSError):
-                tb.state_path.unlink()
-            raise
-        return tb
+        self.registry = registry
+
+    def remove_run(self) -> None:
+        down_swarm(self.run_id)
 
     async def _up(self, tb: RunningTestbed, health_timeout_s: float) -> None:
         c = await asyncio.to_thread(client)
@@ -225,7 +199,7 @@ class SwarmTestbed:
         await shape_nodes(
             c, tb, {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}, info.mounts
         )
-        _log(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
+        log_up(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
         await wait_stages(tb, services, health_timeout_s)
         tb.status = "up"
         await asyncio.to_thread(tb.save)
