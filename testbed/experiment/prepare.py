@@ -145,6 +145,7 @@ def prepare(
     ``requests_limit`` keeps the first N requests (with the scenario's own ``requests``, the
     smaller wins)."""
     from testbed.partition import PARTITIONERS
+    from testbed.spec.batching import with_max_batch
     from testbed.spec.timeline import scale_arrivals
 
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
@@ -155,7 +156,8 @@ def prepare(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
     plan = make_plan(parts.topology, parts.cost, partitioner, spec.planning)
-    topo = parts.topology
+    # every node's max_batch resolved (its own, else the scenario's): the runtime passes it on
+    topo = with_max_batch(parts.topology, spec.max_batch)
     serve_args = None
     k = spec.dilation
     if k != 1 and spec.timeline:

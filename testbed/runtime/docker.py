@@ -252,6 +252,7 @@ class DockerTestbed:
                     cpus=cpus,
                     mem_limit_bytes=dev.container_mem_limit,
                     container=f"tb-{self.run_id}-{node.name}",
+                    max_batch=node.max_batch,
                     link=ns.link,
                     link_rtt_s=ns.configured_rtt_s,
                     link_rate_bps=ns.configured_rate_bps,
@@ -349,6 +350,7 @@ class DockerTestbed:
             port=STAGE_PORT,
             name=ep.name,
             extra=self.extra_serve_args.get(ep.name, ()),  # emulated devices
+            max_batch=ep.max_batch,
         )
         kwargs: dict[str, Any] = {}
         if ep.cpus:

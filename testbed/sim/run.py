@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ from testbed.broker.layout import Layout, WorkPredictor
 from testbed.cost.model import CostModel
 from testbed.cost.planner import NodeBlockFn, make_plan
 from testbed.errors import ConfigError
-from testbed.metrics.summary import SLO, Summary, summarize
+from testbed.metrics.summary import SLO, Summary, class_slos, summarize
 from testbed.schedule.base import Scheduler
+from testbed.sim.classes import config_dict, scenario_config
 from testbed.sim.engine import SimConfig, SimOutcome, Simulator
 from testbed.sim.links import Network
 from testbed.sim.reference import ReferenceSimulator
@@ -147,6 +148,7 @@ def simulate(
     under the scenario's timeline (what each event did is appended to ``timeline_log``)."""
     from testbed.sim.timeline import SimTimeline
 
+    config = scenario_config(setup, config)  # its request classes, each node's max_batch
     overhead = setup.calibrated.hop_overhead_s if setup.calibrated else 0.0
     events = setup.loaded.spec.timeline
     parts = (
@@ -179,6 +181,7 @@ def summarize_outcome(setup: SimSetup, outcome: SimOutcome) -> Summary:
         slo=SLO(slo.ttft_s, slo.tpot_s, slo.e2e_s),
         node_busy_s=outcome.node_busy_s,
         nodes=setup.layout.node_names(),
+        classes=class_slos(setup.loaded.spec.classes),
     )
 
 
@@ -250,7 +253,7 @@ def write_sim_run(
         "stages_served": setup.layout.describe(),
         "partitioner": {"name": setup.partitioner, "params": setup.partitioner_params},
         "scheduler": outcome.scheduler,
-        "simulator": asdict(config or SimConfig()),
+        "simulator": config_dict(scenario_config(setup, config)),
         "workload": setup.workload.description,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
