@@ -99,11 +99,9 @@ class Simulator:
             {n: info.kv_capacity_bytes for n, info in layout.nodes.items()},
         )
         limits = batch_limits(self.config, layout.nodes)  # per node (testbed.spec.batching)
+        slow = self.config.slowdown
         self.nodes = {
-            n: _Node(
-                n, info.stage, info.kv_capacity_bytes, float(self.config.slowdown.get(n, 1.0)),
-                limits[n],
-            )  # fmt: skip
+            n: _Node(n, info.stage, info.kv_capacity_bytes, float(slow.get(n, 1.0)), limits[n])
             for n, info in layout.nodes.items()
         }
         self.act_bytes = predictor.cost.profile.activation_bytes_per_token()
@@ -472,4 +470,3 @@ class Simulator:
         r.spans.append(
             Span(kind, node, t0, t1, r.req.request_id, s, phase, r.step, peer, nbytes)  # type: ignore[arg-type]
         )
-

@@ -40,13 +40,13 @@ from typing import Any
 
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
 from testbed.metrics.records import RequestRecord, Span
-from testbed.spec.classes import RequestClass
 from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
 from testbed.sim.classes import batch_limits, pop_next, request_class, request_view
 from testbed.sim.engine import SimConfig, SimOutcome
 from testbed.sim.links import Network
 from testbed.sim.steps import StepTimes
+from testbed.spec.classes import RequestClass
 from testbed.workload.request import TraceRequest
 
 CLIENT = "client"

@@ -55,7 +55,9 @@ def with_max_batch(
     values = node_max_batch(topology, default, override)
     tiers = tuple(
         t.model_copy(
-            update={"nodes": tuple(n.model_copy(update={"max_batch": values[n.name]}) for n in t.nodes)}
+            update={
+                "nodes": tuple(n.model_copy(update={"max_batch": values[n.name]}) for n in t.nodes)
+            }
         )
         for t in topology.tiers
     )

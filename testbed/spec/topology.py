@@ -74,9 +74,7 @@ class Node(BaseModel):
     # the scenario's max_batch, else the server's default; precedence in spec/batching.py)
     max_batch: int | None = None
 
-    _max_batch = field_validator("max_batch", mode="before")(
-        lambda cls, v: check_max_batch(v)
-    )
+    _max_batch = field_validator("max_batch", mode="before")(lambda cls, v: check_max_batch(v))
 
     @field_validator("gpus")
     @classmethod
