@@ -70,14 +70,15 @@ def simulate_cmd(
         ),
     ] = None,
     max_batch: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--max-batch",
             min=1,
             max=4096,
-            help="continuous batching: steps a node runs together (1 = one at a time)",
+            help="continuous batching: steps every node runs together (1 = one at a time); "
+            "overrides the topology's and the scenario's max_batch (default: theirs, else 1)",
         ),
-    ] = 1,
+    ] = None,
     slow: Annotated[
         list[str] | None,
         typer.Option(

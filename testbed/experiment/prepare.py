@@ -206,6 +206,7 @@ def prepare(
     ``requests_limit`` keeps the first N requests (with the scenario's own ``requests``, the
     smaller wins). A :class:`LoadedScenario` is loaded for a replay."""
     from testbed.partition import PARTITIONERS
+    from testbed.spec.batching import with_max_batch
     from testbed.spec.timeline import scale_arrivals
 
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
@@ -219,7 +220,8 @@ def prepare(
         parts.topology, parts.cost, partitioner, spec.planning,
         node_block_s=planner_times(parts.calibrated),
     )  # fmt: skip
-    topo = parts.topology
+    # every node's max_batch resolved (its own, else the scenario's): the runtime passes it on
+    topo = with_max_batch(parts.topology, spec.max_batch)
     serve_args = None
     k = 1.0 if parts.simulated else spec.dilation  # a simulation runs the studied model's time
     if k != 1 and spec.timeline:

@@ -225,6 +225,7 @@ class DockerTestbed(EngineBringUp):
                     cpus=cpus,
                     mem_limit_bytes=dev.container_mem_limit,
                     container=f"tb-{self.run_id}-{node.name}",
+                    max_batch=node.max_batch,
                     link=ns.link,
                     link_rtt_s=ns.configured_rtt_s,
                     link_rate_bps=ns.configured_rate_bps,
@@ -322,6 +323,7 @@ class DockerTestbed(EngineBringUp):
             port=STAGE_PORT,
             name=ep.name,
             extra=self.extra_serve_args.get(ep.name, ()),  # emulated devices
+            max_batch=ep.max_batch,
         )
         kwargs: dict[str, Any] = {}
         if ep.cpus:

@@ -168,6 +168,7 @@ class SwarmTestbed(EngineBringUp):
                     cpus=dev.cpus,
                     mem_limit_bytes=dev.container_mem_limit,
                     container=f"tb-{self.run_id}-{node.name}",
+                    max_batch=node.max_batch,
                     link=ns.link,
                     link_rtt_s=ns.configured_rtt_s,
                     link_rate_bps=ns.configured_rate_bps,
@@ -240,6 +241,7 @@ class SwarmTestbed(EngineBringUp):
             host="0.0.0.0",
             port=STAGE_PORT,
             name=ep.name,
+            max_batch=ep.max_batch,
         )
         probe = ["python3", "-m", "testbed.net.probe", "serve", "--port", str(PROBE_PORT)]
         cmd = ["sh", "-c", f"{shlex.join(probe)} & exec {shlex.join(serve)}"]

@@ -16,8 +16,11 @@ output tokens); if it does not fit the step waits, FIFO, until a request leaving
 A request whose cache can never fit the node fails, as the stage server refuses it. Records,
 spans and the outcome are written as the broker writes them (:mod:`testbed.sim.records`).
 
-With ``max_batch`` > 1 (continuous batching) a node that starts computing takes the waiting
-steps that have arrived, up to ``max_batch``, as one forward timed by ``StepTimes.batch_s``.
+With ``max_batch`` > 1 (continuous batching, per node) a node that starts computing takes the
+waiting steps that have arrived, up to its ``max_batch``, as one forward timed by
+``StepTimes.batch_s``. Requests carry their class (``SimConfig.classes``); when the scheduler
+orders the stage queues (``slo``) a node takes the waiting steps by (priority, least slack)
+instead of FIFO (:mod:`testbed.sim.classes`), and arrivals are processed at their time.
 
 Events at the same instant run step ends first, then arrivals at nodes, then tokens, then
 admissions; ties keep insertion order, so runs are deterministic for a seed.
@@ -51,9 +54,10 @@ from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.metrics.records import RequestRecord
-from testbed.schedule.base import NoRouteError, RequestView, Scheduler, StageCompletion
+from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
 from testbed.sim.batching import batch_done, start_batch
+from testbed.sim.classes import batch_limits, pop_next, request_class, request_view
 from testbed.sim.links import Network
 from testbed.sim.records import outcome, request_record, step_span
 from testbed.sim.state import (
@@ -94,8 +98,10 @@ class Simulator:
             tuple(st.nodes for st in layout.stages),
             {n: info.kv_capacity_bytes for n, info in layout.nodes.items()},
         )
+        limits = batch_limits(self.config, layout.nodes)  # per node (testbed.spec.batching)
+        slow = self.config.slowdown
         self.nodes = {
-            n: _Node(n, info.stage, info.kv_capacity_bytes, float(self.config.slowdown.get(n, 1.0)))
+            n: _Node(n, info.stage, info.kv_capacity_bytes, float(slow.get(n, 1.0)), limits[n])
             for n, info in layout.nodes.items()
         }
         self.act_bytes = predictor.cost.profile.activation_bytes_per_token()
@@ -105,9 +111,9 @@ class Simulator:
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
-        if self.config.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.config.max_batch}")
-        self._batching = self.config.max_batch > 1
+        # stages batch by (priority, least slack) for this scheduler (testbed.sim.classes);
+        # then arrivals are processed at their time (the FIFO shortcuts below do not apply)
+        self._ordered = scheduler.orders_stage_queues
         self.batches = self.batched_steps = 0  # batched forwards started, steps in them
         self._next_admit_s = _INF  # arrival time of the next admission not yet processed
         self._finals = 0  # last-token events pending (their finish may admit a waiting request)
@@ -185,7 +191,7 @@ class Simulator:
             if learns:
                 obs.append((node.name, r.rid, predicted, svc, now))
             if node.fifo:
-                nr, ns = node.fifo.popleft()
+                nr, ns = pop_next(node.fifo) if self._ordered else node.fifo.popleft()
                 # an early-processed arrival (see _forward) may wait in the FIFO for its time
                 self._start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
             r.sent_s = now
@@ -225,14 +231,12 @@ class Simulator:
         self._active += 1
         self._flush()
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
+        cls = request_class(req.request_id, self.config)
         r = _Req(
             req, pred, rid=req.request_id, prompt=req.prompt_tokens,
-            held=[False] * len(self.layout.stages), admitted_s=now,
+            held=[False] * len(self.layout.stages), admitted_s=now, cls=cls,
         )  # fmt: skip
-        view = RequestView(
-            req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens,
-            pred.work_s, pred.kv_bytes,
-        )  # fmt: skip
+        view = request_view(req, pred, cls)
         try:
             if self._route_ledger is not None:
                 route = tuple(self._route_ledger(view, self.ledger, now, pred.hop_s))
@@ -300,7 +304,7 @@ class Simulator:
 
     def _start(self, node: _Node, r: _Req, s: int, now: float) -> None:
         """Start ``r``'s step on ``node`` at ``now`` (>= when it arrived there)."""
-        if self._batching:
+        if node.max_batch > 1:
             start_batch(self, node, [(r, s)], now)
             return
         node.busy += 1
@@ -327,7 +331,7 @@ class Simulator:
         processed now (FIFO position, start time, KV reservation: all as at ``at``) instead of
         as an event at ``at``."""
         node = r.nodes[s]
-        if node.pending or node.kv_wait:
+        if self._ordered or node.pending or node.kv_wait:
             node.pending += 1
             self._push(at, _ARRIVE, r, s)
             return
@@ -364,7 +368,8 @@ class Simulator:
             return
         x0 = r.nodes[0]
         if (
-            x0.pending
+            self._ordered
+            or x0.pending
             or x0.kv_wait
             or self.net.overhead_s > 0
             or not r.held[0]

@@ -71,3 +71,12 @@ class Network:
             p.busy_s += occ
             t = free + p.delay_s
         return t
+
+    def busy_s(self) -> dict[str, float]:
+        """Occupancy seconds of every pipe, named "hop0.fwd[0]" (a run's ``link_busy_s``)."""
+        return {
+            f"hop{h}.{d}[{k}]": p.busy_s
+            for h in range(len(self.fwd))
+            for d, pipes in (("fwd", self.fwd[h]), ("rev", self.rev[h]))
+            for k, p in enumerate(pipes)
+        }

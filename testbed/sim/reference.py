@@ -25,6 +25,9 @@ A request whose cache can never fit the node fails, as the stage server refuses 
 
 Events at the same instant run step ends first, then arrivals at nodes, then tokens, then
 admissions; ties keep insertion order, so runs are deterministic for a seed.
+
+Request classes as in the optimised engine (:mod:`testbed.sim.classes`): the class's targets
+in the scheduler's view, and the stage order (priority, least slack) for ``slo``.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ from typing import Any
 
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
 from testbed.metrics.records import RequestRecord, Span
-from testbed.schedule.base import NoRouteError, RequestView, Scheduler, StageCompletion
+from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
+from testbed.sim.classes import batch_limits, pop_next, request_class, request_view
 from testbed.sim.engine import SimConfig, SimOutcome
 from testbed.sim.links import Network
 from testbed.sim.steps import StepTimes
+from testbed.spec.classes import RequestClass
 from testbed.workload.request import TraceRequest
 
 CLIENT = "client"
@@ -77,6 +82,7 @@ class _Req:
     spans: list[Span] = field(default_factory=list)
     queue_s: float = 0.0
     admitted_s: float | None = None  # when admission let it in (later than arrival if full)
+    cls: RequestClass | None = None  # its request class (scenario ``classes``)
     nodes: list[_Node] = field(default_factory=list)  # the route's servers
     work_pre: list[float] = field(default_factory=list)  # per stage: predicted prefill work
     work_dec: list[float] = field(default_factory=list)  # per stage: predicted decode step
@@ -116,8 +122,9 @@ class ReferenceSimulator:
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
-        if self.config.max_batch != 1:
+        if any(v != 1 for v in batch_limits(self.config, layout.nodes).values()):
             raise ValueError("the reference engine has no batching (max_batch must be 1)")
+        self._ordered = scheduler.orders_stage_queues  # stage queues by (priority, slack)
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
@@ -179,11 +186,9 @@ class ReferenceSimulator:
             return
         self._active += 1
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
-        r = _Req(req, pred, held=[False] * len(self.layout.stages), admitted_s=now)
-        view = RequestView(
-            req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens,
-            pred.work_s, pred.kv_bytes,
-        )  # fmt: skip
+        cls = request_class(req.request_id, self.config)
+        r = _Req(req, pred, held=[False] * len(self.layout.stages), admitted_s=now, cls=cls)
+        view = request_view(req, pred, cls)
         try:
             route = tuple(self.scheduler.route(view, self.ledger.snapshot(now, pred.hop_s)))
             self.ledger.check_route(route)
@@ -269,7 +274,7 @@ class ReferenceSimulator:
                 StageCompletion(node.name, rid, predicted, r.service_s, now, False)
             )
         if node.fifo:
-            nr, ns = node.fifo.popleft()
+            nr, ns = pop_next(node.fifo) if self._ordered else node.fifo.popleft()
             self._start(node, nr, ns, now)
         r.sent_s = now
         if s + 1 < len(r.route):
@@ -309,6 +314,7 @@ class ReferenceSimulator:
             prompt_tokens=req.prompt_tokens,
             output_tokens=req.output_tokens,
             route=r.route,
+            slo_class=None if r.cls is None else r.cls.name,
             reason=reason,
             token_times_s=tuple(r.tokens) if reason is None else (),
             end_s=now,

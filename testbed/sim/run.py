@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.errors import ConfigError
 from testbed.experiment.prepare import Prepared, ScenarioParts, load_parts, prepare
-from testbed.metrics.summary import SLO, Summary, summarize
+from testbed.metrics.summary import SLO, Summary, class_slos, summarize
 from testbed.schedule.base import Scheduler
+from testbed.sim.classes import config_dict, scenario_config
 from testbed.sim.engine import SimConfig, SimOutcome, Simulator
 from testbed.sim.links import Network
 from testbed.sim.reference import ReferenceSimulator
@@ -77,6 +78,7 @@ def simulate(
     from testbed.sim.timeline import SimTimeline
 
     prep = setup.prep
+    config = scenario_config(setup, config)  # its request classes, each node's max_batch
     overhead = prep.calibrated.hop_overhead_s if prep.calibrated else 0.0
     events = prep.loaded.spec.timeline
     parts = (
@@ -109,6 +111,7 @@ def summarize_outcome(setup: SimSetup, outcome: SimOutcome) -> Summary:
         slo=SLO(slo.ttft_s, slo.tpot_s, slo.e2e_s),
         node_busy_s=outcome.node_busy_s,
         nodes=setup.layout.node_names(),
+        classes=class_slos(setup.prep.loaded.spec.classes),
     )
 
 
@@ -179,7 +182,7 @@ def write_sim_run(
         "stages_served": setup.layout.describe(),
         "partitioner": {"name": prep.partitioner, "params": prep.partitioner_params},
         "scheduler": outcome.scheduler,
-        "simulator": asdict(config or SimConfig()),
+        "simulator": config_dict(scenario_config(setup, config)),
         "workload": prep.workload.description,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

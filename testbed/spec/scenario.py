@@ -21,6 +21,7 @@ compare: [bsdp+arts, even+round_robin, heft+heft]
 execution: real                        # real | emulated (nodes emulate their devices running
                                        # `model`; a generated stand-in computes the outputs)
 timeline: [{at: 60s, link: edge->fog, bandwidth: 10Mbit}]   # see testbed.spec.timeline
+max_batch: 8                           # nodes without their own max_batch (spec/batching.py)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from testbed.errors import ConfigError
+from testbed.spec.batching import check_max_batch
 from testbed.spec.classes import RequestClass, check_classes
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
@@ -93,10 +95,14 @@ class Scenario(BaseModel):
     # arrivals x k, measured times / k) for hosts too small for the cluster
     dilation: float = Field(default=1.0, ge=1.0, le=1000.0)
     timeline: tuple[TimelineEvent, ...] = ()  # changes during the run (testbed.spec.timeline)
+    # continuous batching: the max_batch of nodes that do not set their own (precedence:
+    # testbed.spec.batching); None: the stage server's default (16), the simulator's (1)
+    max_batch: int | None = None
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
     _classes = field_validator("classes")(lambda cls, v: check_classes(v))
+    _max_batch = field_validator("max_batch", mode="before")(lambda cls, v: check_max_batch(v))
 
     @field_validator("runtime")
     @classmethod

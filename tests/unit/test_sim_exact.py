@@ -115,3 +115,25 @@ def test_same_records_with_kv_waits_slowdown_and_admission_cap(tiny: SimSetup) -
     )  # fmt: skip
     assert 0 < sum(r.status == "failed" for r in ref.records) < len(reqs)
     same(ref, new)
+
+
+def test_same_records_with_request_classes_and_the_slo_stage_order(tiny: SimSetup) -> None:
+    """Classes reach the scheduler in both engines; for slo the stages take waiting steps by
+    (priority, least slack), which the optimised engine gets by processing arrivals at their
+    time (its FIFO shortcuts off)."""
+    from testbed.spec.classes import RequestClass
+
+    classes = tuple(
+        RequestClass.model_validate(c)
+        for c in (
+            {"name": "chat", "share": 0.6, "slo": {"ttft": "200ms", "tpot": "50ms"}, "priority": 1},
+            {"name": "batch", "share": 0.4, "slo": {"e2e": "5s"}},
+        )
+    )
+    reqs = workload(tiny, 8.0)
+    for sched in ("slo", "arts"):
+        ref, new = both(tiny, reqs, sched, classes=classes, class_seed=3)
+        same(ref, new)
+        assert {r.slo_class for r in new.records} == {"chat", "batch"}
+    ref, new = both(tiny, reqs, "slo", classes=classes, class_seed=3, slots=2)
+    same(ref, new)
