@@ -132,3 +132,14 @@ def test_adaptive_pairs_need_a_repartition_block(tmp_path):
     assert "compare[0]" in str(err.value) and "repartition" in str(err.value)
     with pytest.raises(ConfigError, match="simulator only"):
         parse_pair("bsdp+arts+adaptive")
+
+
+def test_a_replay_refuses_to_re_partition(tmp_path):
+    from testbed.experiment.prepare import load_parts, prepare
+
+    loaded = _load(tmp_path, repartition={"every": "10s", "threshold": "10%"})
+    parts = load_parts(loaded)
+    with pytest.raises(ConfigError) as err:
+        prepare(parts)
+    assert "repartition" in str(err.value) and "simulator only" in str(err.value)
+    assert prepare(parts, "bsdp+arts").pair == "bsdp+arts"  # a static pair still replays
