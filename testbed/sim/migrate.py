@@ -13,7 +13,9 @@ ARTS's C_hat) and asks :func:`testbed.cost.replan.decide`. When it says migrate,
   memory minus that union;
 - when the old plan has drained its blocks are unloaded: KV capacities are the new plan's.
 
-One migration at a time: checks that fall while one is loading or draining are skipped (and
+Each plan keeps its own ledger, so during the overlap the scheduler's view for new requests
+counts the new plan's queued work only (the nodes' real queues hold both; ours, a
+simplification). One migration at a time: checks that fall while one is loading or draining are skipped (and
 recorded as such). Every check is recorded (when, the decision and why, old and new cuts,
 predicted bottlenecks); a migration also its load time, switch and drain times, and each node's
 memory during the overlap (weights of both ranges + KV held at the switch, against its device
