@@ -89,6 +89,19 @@ def test_the_migration_pays_off_after_the_drop(base: SimSetup) -> None:
     assert before == [r for r in adaptive if r.end_s < 1.0]  # the past is untouched
 
 
+def test_a_slow_node_seen_by_arts_moves_the_blocks_off_it(base: SimSetup) -> None:
+    recs, log, rp = _run(_with(base, {"at": 0.5, "node": "cloud-1", "speed": 0.05}, n=120))
+    first = rp["checks"][0]
+    assert first["at_s"] == 0.5 and not first["migrate"]  # nothing measured yet
+    (m,) = rp["migrations"]
+    check = next(c for c in rp["checks"] if c["migrate"])
+    assert check["node_speed"]["cloud-1"] == pytest.approx(0.05, rel=0.05)  # ARTS's C_hat
+    assert m["new_cuts"][2] == m["new_cuts"][3]  # the cloud tier holds no block any more
+    late = [r for r in recs if r.arrival_s > m["switched_s"] + 0.1]
+    assert late and all("cloud-1" not in r.route for r in late)
+    assert [e["kind"] for e in log] == ["speed", "replan"]
+
+
 def test_a_slower_load_switches_later(base: SimSetup) -> None:
     _, _, fast = _run(_with(base, DROP, every=0.1))
     _, _, slow = _run(_with(base, DROP, every=0.1, load_bandwidth=1e6))  # 1 MB/s
