@@ -212,6 +212,13 @@ def prepare(
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
     loaded = parts.loaded
     spec = loaded.spec
+    if spec.repartition is not None and pair is None and not parts.simulated:
+        raise ConfigError(
+            "re-partitioning (`repartition:`) runs in the simulator only so far; use "
+            "`testbed simulate`, or drop `repartition:` to replay the static plan",
+            source=str(loaded.path),
+            field="repartition",
+        )
     part, part_params, sched, sched_params = policies(spec, pair)
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"

@@ -101,6 +101,11 @@ class Arts(PerStageScheduler):
                 best, best_key = n, key
         return best
 
+    def capacity_estimates(self) -> dict[str, float]:
+        """C_hat of every node seen completing work: its speed x the predicted one (the
+        measured node speeds adaptive re-partitioning plans with)."""
+        return dict(self._c_hat)
+
     def on_complete(self, event: StageCompletion) -> None:
         self._observe(event.node, event.predicted_work_s, event.service_s)
 

@@ -49,6 +49,17 @@ class Network:
         self.rev = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
         self._back = [p for hop in reversed(self.rev) for p in reversed(hop)]
 
+    def share(self, links: dict[int, tuple[Pipe, Pipe]], first_tier: Sequence[int]) -> None:
+        """Use the pipes of ``links`` (tier j -> j+1: forward, reverse) for the hops that cross
+        them, adding this network's own for the links not there yet: the plans of a run that
+        re-partitions share the physical links. ``first_tier[h]``: the tier hop h leaves."""
+        for h, hop in enumerate(self.fwd):
+            for k in range(len(hop)):
+                j = first_tier[h] + k
+                links.setdefault(j, (self.fwd[h][k], self.rev[h][k]))
+                self.fwd[h][k], self.rev[h][k] = links[j]
+        self._back = [p for hop in reversed(self.rev) for p in reversed(hop)]
+
     def forward(self, hop: int, now_s: float, nbytes: int) -> float:
         """Send stage ``hop``'s output to stage ``hop + 1``; -> arrival time."""
         t = now_s

@@ -38,6 +38,7 @@ from testbed.spec.classes import RequestClass, check_classes
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
 from testbed.spec.quantities import LongSeconds, Seconds, StrictInt
+from testbed.spec.repartition import ADAPTIVE, RepartitionSpec, split_pair
 from testbed.spec.timeline import TimelineEvent
 from testbed.workload.knobs import MAX_REQUESTS
 
@@ -98,6 +99,8 @@ class Scenario(BaseModel):
     # continuous batching: the max_batch of nodes that do not set their own (precedence:
     # testbed.spec.batching); None: the stage server's default (16), the simulator's (1)
     max_batch: int | None = None
+    # adaptive re-partitioning (simulated runs; testbed.spec.repartition); None: a static plan
+    repartition: RepartitionSpec | None = None
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
@@ -117,8 +120,11 @@ class Scenario(BaseModel):
     @classmethod
     def _pairs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
-            if item.count("+") != 1:
-                raise ValueError(f"{item!r} is not PARTITIONER+SCHEDULER; write e.g. 'bsdp+arts'")
+            if split_pair(item)[0].count("+") != 1:
+                raise ValueError(
+                    f"{item!r} is not PARTITIONER+SCHEDULER (or PARTITIONER+SCHEDULER+{ADAPTIVE}); "
+                    "write e.g. 'bsdp+arts'"
+                )
         return v
 
 
@@ -144,6 +150,12 @@ def parse_pair(pair: str, source: str = "--policies") -> tuple[str, str]:
     from testbed.partition import PARTITIONERS
     from testbed.schedule import SCHEDULERS
 
+    if split_pair(pair)[1]:
+        raise ConfigError(
+            f"{pair!r}: re-partitioning runs in the simulator only so far; use "
+            "`testbed compare --simulate`, or write the pair without +adaptive",
+            field=source,
+        )
     if pair.count("+") != 1:
         raise ConfigError(
             f"{pair!r} is not PARTITIONER+SCHEDULER; write e.g. 'bsdp+arts'", field=source
@@ -192,10 +204,19 @@ def load_scenario(path: str | Path) -> LoadedScenario:
     )
     SCHEDULERS.create(spec.scheduler.name, spec.scheduler.params, source=src, field="scheduler")
     for k, pair in enumerate(spec.compare):
+        base_pair, adaptive = split_pair(pair)
         try:
-            parse_pair(pair)
+            parse_pair(base_pair)
         except ConfigError as exc:
             raise ConfigError(str(exc), source=src, field=f"compare[{k}]") from None
+        if adaptive and spec.repartition is None:
+            raise ConfigError(
+                f"{pair!r} re-partitions but the scenario has no `repartition:`; add e.g. "
+                "repartition: {every: 10s, threshold: 10%}, or write the pair without +adaptive",
+                source=src,
+                field=f"compare[{k}]",
+            )
+    _check_repartition(spec, src)
     base = p.parent
     topo_path = spec.topology if spec.topology.is_absolute() else (base / spec.topology)
     if not topo_path.exists():
@@ -239,6 +260,19 @@ def load_scenario(path: str | Path) -> LoadedScenario:
         topology_path=topo_path.resolve(),
         workload=workload.with_context(context),  # longer trace requests: clipped, with a warning
     )
+
+
+def _check_repartition(spec: Scenario, src: str) -> None:
+    rp = spec.repartition
+    if rp is None:
+        return
+    if spec.duration_s is not None and rp.every_s >= spec.duration_s:
+        raise ConfigError(
+            f"every {rp.every_s:g}s is not shorter than the run (duration {spec.duration_s:g}s): "
+            "no check would run; make every shorter",
+            source=src,
+            field="repartition.every",
+        )
 
 
 def _check_workload_fits(workload: Any, context: int, src: str) -> None:
