@@ -34,9 +34,10 @@ engine, kept to test this: tests/unit/test_sim_exact.py):
   the next decision or leave - the only moments either is read.
 - Arrival after a forward hop: every arrival at a node of stage s >= 1 comes through the hop's
   FIFO pipes, which deliver in send order, so when the node has no arrival event pending and
-  no request waiting for KV room (and the step's KV fits now, which stays true since only
-  releases can come first), the arrival is processed when it is sent: FIFO position, start
-  time (``max(arrival, node free)``) and reservation are what they would be at its time.
+  the step's KV fits now (which stays true since only releases can come first), the arrival
+  is processed when it is sent: FIFO position, start time (``max(arrival, node free)``) and
+  reservation are what they would be at its time. With requests waiting for KV room there,
+  only for a step that holds its cache and when no request can finish before it arrives.
 - A token that is not the request's last: its return and the next step's arrival at the first
   stage are processed when it is sent, under the same conditions plus: no admission before it,
   and no finish before it that could admit a waiting request (see ``_send_token``).
@@ -116,8 +117,12 @@ class Simulator:
         self._ordered = scheduler.orders_stage_queues
         self.batches = self.batched_steps = 0  # batched forwards started, steps in them
         self._next_admit_s = _INF  # arrival time of the next admission not yet processed
-        self._finals = 0  # last-token events pending (their finish may admit a waiting request)
+        # times of the last-token events pending, in order (their finish releases KV room and
+        # may admit a waiting request); the reverse pipes are FIFO, so the times never decrease
+        self._finals: deque[float] = deque()
         self._doomed = 0  # requests in flight whose KV cache cannot fit a node of their route
+        # the shortest trip of a token back to the first stage (propagation delays)
+        self._back_delay_s = sum(p.delay_s for hop in network.rev for p in hop)
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
@@ -170,7 +175,7 @@ class Simulator:
                     if s:
                         r.nodes[0].pending -= 1
                     else:
-                        self._finals -= 1
+                        self._finals.popleft()
                     self._token(r, now)
                 else:
                     self._arrive_event(r, s, now)
@@ -326,12 +331,26 @@ class Simulator:
         """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
         arrival at a stage-s node comes through the hop's FIFO pipes, so arrivals there happen
         in send order, and nothing reaches the node before ``at`` that is not already known.
-        When the node has no earlier arrival still pending, no request waiting for KV room, and
-        the step needs no KV decision that a release before ``at`` could change, the arrival is
-        processed now (FIFO position, start time, KV reservation: all as at ``at``) instead of
-        as an event at ``at``."""
+        When the node has no earlier arrival still pending and the step needs no KV decision
+        that a release before ``at`` could change, the arrival is processed now (FIFO position,
+        start time, KV reservation: all as at ``at``) instead of as an event at ``at``. With
+        requests waiting for KV room there, only a step that holds its cache, when no request
+        can finish by ``at`` (a release would let a waiting one in first): no pending last
+        token or doomed request does, and a last token sent from now on cannot arrive in time.
+        (A request admitted later reaches this node through the same pipes, after ``at``.)"""
         node = r.nodes[s]
-        if self._ordered or node.pending or node.kv_wait:
+        if (
+            self._ordered
+            or node.pending
+            or (
+                node.kv_wait
+                and (
+                    not r.held[s]
+                    or self._release_by(at)
+                    or at - r.sent_s >= self._back_delay_s  # a last token sent later may beat it
+                )
+            )
+        ):
             node.pending += 1
             self._push(at, _ARRIVE, r, s)
             return
@@ -363,18 +382,17 @@ class Simulator:
         """
         t = self.net.back(now, self.config.token_bytes)
         if r.step + 1 >= r.req.output_tokens:
-            self._finals += 1
+            self._finals.append(t)
             heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 0))
             return
         x0 = r.nodes[0]
         if (
             self._ordered
             or x0.pending
-            or x0.kv_wait
             or self.net.overhead_s > 0
             or not r.held[0]
             or self._next_admit_s <= t
-            or (self._waiting and (self._finals or self._doomed))
+            or ((x0.kv_wait or self._waiting) and self._release_by(t))
         ):
             x0.pending += 1
             heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 1))
@@ -390,6 +408,12 @@ class Simulator:
             self._start(x0, r, 0, t)
         else:
             x0.fifo.append((r, 0))
+
+    def _release_by(self, t: float) -> bool:
+        """Can a request finish at or before ``t`` (freeing KV room that a waiting step may take,
+        or an admission slot)? Finishes come from last tokens (pending, in time order) and from
+        requests that fail where their cache does not fit (``_doomed``)."""
+        return bool(self._doomed) or (bool(self._finals) and self._finals[0] <= t)
 
     def _token(self, r: _Req, now: float) -> None:
         if now > r.sent_s:
