@@ -57,8 +57,9 @@ from testbed.broker.layout import Layout, WorkPredictor
 from testbed.metrics.records import RequestRecord
 from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
-from testbed.sim.batching import batch_done, start_batch
-from testbed.sim.classes import batch_limits, pop_next, request_class, request_view
+from testbed.sim.batching import start_batch
+from testbed.sim.classes import batch_limits, request_class, request_view
+from testbed.sim.fastpath import run_events, step_s
 from testbed.sim.links import Network
 from testbed.sim.records import outcome, request_record, step_span
 from testbed.sim.state import (
@@ -133,10 +134,6 @@ class Simulator:
         self._observe_many = observer() if observer is not None else None
         self._prog: list[tuple[int, int, float]] = []  # (request, stage, predicted work done)
         self._obs: list[tuple[str, int, float, float, float]] = []  # (node, request, pred, svc, t)
-        self._dec = steps.decode_tables()
-        for n in self.nodes.values():
-            n.gid = steps.group(n.name)
-            n.dec = self._dec[n.gid]
 
     # -- the loop -------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
@@ -150,61 +147,7 @@ class Simulator:
         # gave them (they were pushed first, so they had the lowest sequence numbers), and at an
         # equal time every other kind of event goes first, as before. The heap stays small.
         arrivals = sorted(admitted, key=lambda q: q.arrival_s)
-        n_arr, k = len(arrivals), 0
-        now = 0.0
-        heap, pop = self._heap, heapq.heappop
-        spans = self._spans
-        prog, obs, learns = self._prog, self._obs, self._learns
-        forward, act = self.net.forward, self.act_bytes
-        events = 0
-        self._next_admit_s = arrivals[0].arrival_s if arrivals else _INF
-        while heap or k < n_arr:
-            if k < n_arr and (not heap or arrivals[k].arrival_s < heap[0][0]):
-                now = arrivals[k].arrival_s
-                events += 1
-                k += 1
-                self._next_admit_s = arrivals[k].arrival_s if k < n_arr else _INF
-                self._admit(arrivals[k - 1], now)
-                continue
-            now, kind, _, r, s = pop(heap)
-            events += 1
-            if kind != _DONE or s < 0:
-                if s < 0:
-                    batch_done(self, r, now)
-                elif kind == _TOKEN:
-                    if s:
-                        r.nodes[0].pending -= 1
-                    else:
-                        self._finals.popleft()
-                    self._token(r, now)
-                else:
-                    self._arrive_event(r, s, now)
-                continue
-            # a step ends on r.nodes[s] (the hottest path: written out)
-            node = r.nodes[s]
-            node.busy -= 1
-            svc = r.service_s
-            node.busy_s += svc
-            r.compute[s] += svc
-            if spans:
-                self._span(r, "compute", node.name, r.start_s, now, s)
-            step = r.step
-            predicted = r.work_pre[s] if step == 0 else r.work_dec[s]
-            # ledger progress and the scheduler's completion: applied in this order before the
-            # next decision or leave (see _flush), the only times they are read
-            prog.append((r.rid, s, predicted))
-            if learns:
-                obs.append((node.name, r.rid, predicted, svc, now))
-            if node.fifo:
-                nr, ns = pop_next(node.fifo) if self._ordered else node.fifo.popleft()
-                # an early-processed arrival (see _forward) may wait in the FIFO for its time
-                self._start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
-            r.sent_s = now
-            if s < r.last:
-                self._forward(r, s + 1, forward(s, now, act * (r.prompt if step == 0 else 1)))
-            else:
-                self._send_token(r, now)
-        self.events += events
+        now = run_events(self, arrivals)
         self._flush()
         return outcome(
             admitted, self._records, self.nodes, self.layout.node_names(), self.net,
@@ -238,7 +181,7 @@ class Simulator:
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
         cls = request_class(req.request_id, self.config)
         r = _Req(
-            req, pred, rid=req.request_id, prompt=req.prompt_tokens,
+            req, pred, rid=req.request_id, prompt=req.prompt_tokens, out=req.output_tokens,
             held=[False] * len(self.layout.stages), admitted_s=now, cls=cls,
         )  # fmt: skip
         view = request_view(req, pred, cls)
@@ -317,13 +260,7 @@ class Simulator:
             r.queue_s += now - r.ready_s
             if self._spans:
                 self._span(r, "queue", node.name, r.ready_s, now, s)
-        step = r.step
-        if step == 0:
-            base = self.steps.prefill_s(node.name, r.prompt)
-        else:
-            ctx = r.prompt + step - 1
-            base = node.dec.get(ctx) or self.steps.decode_s(node.name, ctx)
-        svc = r.service_s = base * node.slowdown
+        svc = r.service_s = step_s(self, node, r)
         r.start_s = now
         heapq.heappush(self._heap, (now + svc, _DONE, self._next(), r, s))
 

@@ -42,12 +42,12 @@ class Network:
     fwd: list[list[Pipe]] = field(init=False, default_factory=list)
     rev: list[list[Pipe]] = field(init=False, default_factory=list)
 
-    _back: list[Pipe] = field(init=False, default_factory=list)  # reverse pipes, in travel order
+    back_pipes: list[Pipe] = field(init=False, default_factory=list)  # reverse, in travel order
 
     def __post_init__(self) -> None:
         self.fwd = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
         self.rev = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
-        self._back = [p for hop in reversed(self.rev) for p in reversed(hop)]
+        self.back_pipes = [p for hop in reversed(self.rev) for p in reversed(hop)]
 
     def share(self, links: dict[int, tuple[Pipe, Pipe]], first_tier: Sequence[int]) -> None:
         """Use the pipes of ``links`` (tier j -> j+1: forward, reverse) for the hops that cross
@@ -58,7 +58,7 @@ class Network:
                 j = first_tier[h] + k
                 links.setdefault(j, (self.fwd[h][k], self.rev[h][k]))
                 self.fwd[h][k], self.rev[h][k] = links[j]
-        self._back = [p for hop in reversed(self.rev) for p in reversed(hop)]
+        self.back_pipes = [p for hop in reversed(self.rev) for p in reversed(hop)]
 
     def forward(self, hop: int, now_s: float, nbytes: int) -> float:
         """Send stage ``hop``'s output to stage ``hop + 1``; -> arrival time."""
@@ -75,7 +75,7 @@ class Network:
         """Send the sampled token from the last stage back along the chain to the client
         (stage 0's side); -> arrival time."""
         t = now_s
-        for p in self._back:  # Pipe.send, written out
+        for p in self.back_pipes:  # Pipe.send, written out
             free = p.free_at_s
             occ = nbytes * 8.0 / p.bandwidth_bps
             free = p.free_at_s = (t if t >= free else free) + occ

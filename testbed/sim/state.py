@@ -53,8 +53,9 @@ class _Node:
     kv_cap: int
     slowdown: float
     max_batch: int = 1  # steps it computes as one forward (1: one at a time)
-    gid: int = 0  # StepTimes group (stage, device)
-    dec: dict[int, float] = field(default_factory=dict)  # its group's decode times (a cache)
+    # step times on this node, slowdown applied (caches): prompt -> prefill, context -> decode
+    pre_s: dict[int, float] = field(default_factory=dict)
+    dec_s: dict[int, float] = field(default_factory=dict)
     busy: int = 0
     busy_s: float = 0.0
     kv_used: int = 0
@@ -69,6 +70,7 @@ class _Req:
     pred: Prediction
     rid: int = 0  # req.request_id
     prompt: int = 0  # req.prompt_tokens
+    out: int = 0  # req.output_tokens
     route: tuple[str, ...] = ()
     last: int = 0  # len(route) - 1
     doomed: bool = False  # its KV cache cannot fit some node of its route
