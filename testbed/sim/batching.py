@@ -59,9 +59,7 @@ def batch_done(sim: Simulator, batch: list[tuple[_Req, int]], now: float) -> Non
         if sim._spans:
             sim._span(r, "compute", node.name, r.start_s, now, s)
         predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
-        sim._prog.append((r.rid, s, predicted))
-        if sim._learns:
-            sim._obs.append((node.name, r.rid, predicted, svc, now))
+        sim._done.append((node.name, r.rid, s, predicted, svc, now))
     if node.fifo:
         nr, ns = pop_next(node.fifo) if sim._ordered else node.fifo.popleft()
         start_batch(sim, node, [(nr, ns)], now if now >= nr.ready_s else nr.ready_s)

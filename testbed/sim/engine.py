@@ -55,7 +55,7 @@ from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.metrics.records import RequestRecord
-from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion
+from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion, StepDone
 from testbed.schedule.ledger import InvalidRouteError, Ledger
 from testbed.sim.batching import start_batch
 from testbed.sim.classes import batch_limits, request_class, request_view
@@ -132,8 +132,7 @@ class Simulator:
         self._route_ledger = getattr(scheduler, "route_ledger", None)
         observer = getattr(scheduler, "step_observer", None)
         self._observe_many = observer() if observer is not None else None
-        self._prog: list[tuple[int, int, float]] = []  # (request, stage, predicted work done)
-        self._obs: list[tuple[str, int, float, float, float]] = []  # (node, request, pred, svc, t)
+        self._done: list[StepDone] = []  # steps finished since the last _flush, in order
 
     # -- the loop -------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
@@ -159,17 +158,18 @@ class Simulator:
         """Apply the step completions since the last decision, in the order they happened: the
         ledger's progress, then the scheduler's feedback (the two are independent objects, and
         each sees the calls in the original order, before anything reads them)."""
-        if self._prog:
-            self.ledger.progress_many(self._prog)
-            self._prog.clear()
-        if self._obs:
+        done = self._done
+        if not done:
+            return
+        self.ledger.progress_many(done)
+        if self._learns:
             if self._observe_many is not None:
-                self._observe_many(self._obs)
+                self._observe_many(done)
             else:
                 on_complete = self.scheduler.on_complete
-                for name, rid, predicted, svc, t in self._obs:
+                for name, rid, _, predicted, svc, t in done:
                     on_complete(StageCompletion(name, rid, predicted, svc, t, False))
-            self._obs.clear()
+        done.clear()
 
     # -- decide ---------------------------------------------------------------------------------
     def _admit(self, req: TraceRequest, now: float) -> None:

@@ -48,8 +48,8 @@ def run_events(sim: Simulator, arrivals: Sequence[TraceRequest]) -> float:
     """Admit ``arrivals`` (sorted by time) and process every event; -> the last event's time."""
     heap = sim._heap
     pop, push, nxt = heapq.heappop, heapq.heappush, sim._next
-    spans, learns, ordered = sim._spans, sim._learns, sim._ordered
-    prog_add, obs_add = sim._prog.append, sim._obs.append
+    spans, ordered = sim._spans, sim._ordered
+    done_add = sim._done.append
     fwd_pipes, back_pipes, overhead = sim.net.fwd, sim.net.back_pipes, sim.net.overhead_s
     act, slots, token_bytes = sim.act_bytes, sim.config.slots, sim.config.token_bytes
     finals, waiting, back_delay = sim._finals, sim._waiting, sim._back_delay_s
@@ -123,9 +123,7 @@ def run_events(sim: Simulator, arrivals: Sequence[TraceRequest]) -> float:
         predicted = r.work_dec[s] if step else r.work_pre[s]
         # ledger progress and the scheduler's completion: applied in this order before the
         # next decision or leave (Simulator._flush), the only times they are read
-        prog_add((r.rid, s, predicted))
-        if learns:
-            obs_add((node.name, r.rid, predicted, svc, now))
+        done_add((node.name, r.rid, s, predicted, svc, now))
         if node.fifo:
             nr, ns = pop_next(node.fifo) if ordered else node.fifo.popleft()
             # an early-processed arrival may wait in the FIFO for its time
