@@ -21,7 +21,7 @@ same argmin and tie-breaks) instead of a snapshot and a Python loop per replica
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
