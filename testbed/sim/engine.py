@@ -30,8 +30,8 @@ engine, kept to test this: tests/unit/test_sim_exact.py):
 
 - Admissions are merged from the arrivals sorted by time, not pushed as heap events.
 - Step completions reach the ledger (``progress_many``) and the scheduler (ARTS's
-  ``step_observer``, else ``on_complete``) in one batch, in their original order, just before
-  the next decision or leave - the only moments either is read.
+  ``step_observer``, else ``on_complete``) in one batch of ``StepDone`` tuples, in their
+  original order, just before the next decision or leave - the only moments either is read.
 - Arrival after a forward hop: every arrival at a node of stage s >= 1 comes through the hop's
   FIFO pipes, which deliver in send order, so when the node has no arrival event pending and
   the step's KV fits now (which stays true since only releases can come first), the arrival
@@ -42,7 +42,8 @@ engine, kept to test this: tests/unit/test_sim_exact.py):
   stage are processed when it is sent, under the same conditions plus: no admission before it,
   and no finish before it that could admit a waiting request (see ``_send_token``).
 - ARTS decides from the ledger's per-stage numpy arrays (``Arts.route_ledger``) over many
-  replicas instead of a snapshot and a loop; step-time tables per (stage, device, length).
+  replicas instead of a snapshot and a loop; step-time tables per (stage, device, length),
+  and per node with its slowdown applied (the same product).
 """
 
 from __future__ import annotations
