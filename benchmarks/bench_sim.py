@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -51,6 +52,7 @@ from testbed.spec.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE_NAME = "AzureLLMInferenceTrace_conv.csv"
+Scenario = dict[str, Any]  # a scenario as its YAML reads
 
 
 def find_trace() -> Path:
@@ -60,7 +62,7 @@ def find_trace() -> Path:
     raise SystemExit(f"{TRACE_NAME} not found (see scenarios/traces/SOURCES.md)")
 
 
-def load(scenario: dict, tmp: Path, label: str, requests: int | None = None) -> SimSetup:  # type: ignore[type-arg]
+def load(scenario: Scenario, tmp: Path, label: str, requests: int | None = None) -> SimSetup:
     path = tmp / f"{label.split(',')[0].replace(' ', '_')}.yaml"
     path.write_text(yaml.safe_dump(scenario))
     return prepare_sim(load_scenario(path), requests_limit=requests)
@@ -95,8 +97,8 @@ def side_by_side(setup: SimSetup, label: str) -> None:
     )
 
 
-def run(  # type: ignore[type-arg]
-    scenario: dict, tmp: Path, label: str, max_batch: int, requests: int | None = None
+def run(
+    scenario: Scenario, tmp: Path, label: str, max_batch: int, requests: int | None = None
 ) -> tuple[float, float]:
     """-> (wall seconds, CPU seconds) of prepare + simulate."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -121,12 +123,12 @@ def run(  # type: ignore[type-arg]
     return t2 - t0, c2 - c0
 
 
-def scenario_a(minutes: float) -> dict:  # type: ignore[type-arg]
-    sc = yaml.safe_load((REPO / "scenarios" / "three-tier-phi3-medium.yaml").read_text())
+def scenario_a(minutes: float) -> Scenario:
+    sc: Scenario = yaml.safe_load((REPO / "scenarios" / "three-tier-phi3-medium.yaml").read_text())
     sc["topology"] = str(REPO / "topologies" / "three-tier.yaml")
     sc["workload"]["path"] = str(find_trace())
     sc["workload"]["window"] = {"start_s": 0, "duration_s": f"{minutes:g}min"}
-    return sc  # type: ignore[no-any-return]
+    return sc
 
 
 def bench_a(minutes: float, tmp: Path, max_batch: int) -> None:
@@ -143,7 +145,7 @@ def bench_a(minutes: float, tmp: Path, max_batch: int) -> None:
         )
 
 
-def scenario_b(nodes: int, n: int, scheduler: str, tmp: Path) -> dict:  # type: ignore[type-arg]
+def scenario_b(nodes: int, n: int, scheduler: str, tmp: Path) -> Scenario:
     edge, fog = nodes * 6 // 10, nodes * 3 // 10
     cloud = nodes - edge - fog
     topo = {

@@ -44,6 +44,9 @@ engine, kept to test this: tests/unit/test_sim_exact.py):
 - ARTS decides from the ledger's per-stage numpy arrays (``Arts.route_ledger``) over many
   replicas instead of a snapshot and a loop; step-time tables per (stage, device, length),
   and per node with its slowdown applied (the same product).
+
+The loop itself is :func:`testbed.sim.fastpath.run_events`: these methods' hot paths written
+out, the rest called. The two early-processing shortcuts are off with ordered stage queues.
 """
 
 from __future__ import annotations
