@@ -119,6 +119,11 @@ def serve_cmd(
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ConfigError(f"{dtype!r} is not one of {', '.join(DTYPE_CHOICES)}", field="--dtype")
     start, end = parse_blocks(blocks)
+    from testbed.stage.listen import check_bindable
+
+    check_bindable(host, port, "--port")  # a busy port or a foreign address: now, not after loading
+    if tensor_port > 0:
+        check_bindable(host, tensor_port, "--tensor-port")
     from testbed.stage.limits import InputLimits
     from testbed.units import parse_size_bytes
 

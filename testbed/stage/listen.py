@@ -32,3 +32,15 @@ def bind_errors(host: str, port: int, flag: str) -> Iterator[None]:
             "give an address of this host, e.g. --host 127.0.0.1",
             field="--host",
         ) from None
+
+
+def check_bindable(host: str, port: int, flag: str) -> None:
+    """Fail fast, before the slow model load: bind ``host:port`` once (as the server will, with
+    SO_REUSEADDR) and let it go. The real bind can still lose a race for the port; it reports
+    the same way."""
+    with bind_errors(host, port, flag):
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)

@@ -114,7 +114,7 @@ def test_swarm_up_measure_replay_down(tmp_path: Path) -> None:
                 "--runtime",
                 "swarm",
                 "--health-timeout",
-                "900",
+                "400",
                 "--json",
             )
             assert proc.returncode == 0, proc.stderr[-3000:] + _listeners()
