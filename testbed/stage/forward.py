@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from testbed.model.contract import ExecutorInputError
+from testbed.stage.route import RouteHop, parse_route, parse_timeout
 from testbed.stage.wire import WireMessage
 
 MAX_REQUEST_ID = 128
@@ -23,6 +24,8 @@ _META_KEYS = {
     "class",
     "priority",
     "slack_s",
+    "route",
+    "timeout_s",
 }
 
 
@@ -64,6 +67,8 @@ class ForwardRequest:
     want_logits: bool
     input: torch.Tensor  # token ids int64[1, q] (first stage) or hidden states float[1, q, H]
     options: StepOptions = NO_OPTIONS  # class, priority and slack (the batch order)
+    route: tuple[RouteHop, ...] = ()  # the stages after this one (the forward transport)
+    timeout_s: float | None = None  # what is left of the caller's timeout for the chain
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,14 @@ def parse_forward(msg: WireMessage) -> ForwardRequest:
     # finiteness is checked by the executor's step validator (check_step), on the values it
     # computes with: an emulated device's wire tensor is packed bytes, not values
     return ForwardRequest(
-        rid, kind, start_pos, want_logits, msg.tensors["input"], parse_options(meta)
+        rid,
+        kind,
+        start_pos,
+        want_logits,
+        msg.tensors["input"],
+        parse_options(meta),
+        parse_route(meta.get("route", [])),
+        parse_timeout(meta.get("timeout_s")),
     )
 
 
