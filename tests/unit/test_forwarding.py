@@ -5,6 +5,7 @@ echo stages (the real stage server, client and tensor port; no mocks)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +49,10 @@ def _bad_loss_hop() -> dict[str, Any]:
 
 # -- the route a step carries -------------------------------------------------------------------
 def test_a_route_survives_the_wire_and_parses_back() -> None:
-    route = (RouteHop("fog-1", "http://127.0.0.1:8101", SHAPE, 7), RouteHop("cloud-1", "http://h:1"))
+    route = (
+        RouteHop("fog-1", "http://127.0.0.1:8101", SHAPE, 7),
+        RouteHop("cloud-1", "http://h:1"),
+    )
     meta = {"request_id": "r", "kind": "prefill", "start_pos": 0, "timeout_s": 2.5}
     msg = decode(encode(meta | {"route": route_to_meta(route)}, {"input": torch.ones(1, 3, 8)}))
     req = parse_forward(msg)
@@ -111,7 +115,7 @@ def test_chain_spans_tile_the_step_and_keep_each_hops_numbers() -> None:
     hops = [_hop(0.01, 0.0), _hop(0.01, 0.005, 0.004, 0.05, 0.02), _hop(0.02, 0.0, 0.0, 0.02)]
     at = chain_spans(10.0, 10.1, hops)
     assert at[0].start_s == 10.0 and at[-1].compute_end_s == pytest.approx(10.1)
-    for a, b in zip(at, at[1:], strict=False):
+    for a, b in itertools.pairwise(at):
         assert b.start_s == a.compute_end_s
     assert [round(t.compute_s, 9) for t in at] == [0.01, 0.01, 0.02]
     assert at[1].queue_start_s - at[1].start_s == pytest.approx(0.019)
