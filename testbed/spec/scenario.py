@@ -93,6 +93,9 @@ class Scenario(BaseModel):
     # arrivals x k, measured times / k) for hosts too small for the cluster
     dilation: float = Field(default=1.0, ge=1.0, le=1000.0)
     timeline: tuple[TimelineEvent, ...] = ()  # changes during the run (testbed.spec.timeline)
+    # how hidden states travel: relay (stage -> broker -> next stage) or forward (stage to
+    # stage, the token back along the chain; local runtime only), see testbed.broker.chain
+    transport: Literal["relay", "forward"] = "relay"
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
