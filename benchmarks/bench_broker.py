@@ -97,6 +97,7 @@ def poisson_requests(rate: float, seconds: float, prompt: int, out: int, seed: i
 async def one_rate(
     layout, cost, rate: float, transport: str, args
 ) -> tuple[bool, Dist, int, float]:  # type: ignore[no-untyped-def]
+    """(sustained, injection lag, failed requests, broker CPU ms per request) at ``rate``."""
     reqs = poisson_requests(rate, args.seconds, args.prompt_tokens, args.output_tokens, 0)
     prompt = list(range(4, 4 + args.prompt_tokens))
     broker = Broker(
@@ -112,15 +113,15 @@ async def one_rate(
             transport=transport,
         ),
     )
-    t0 = time.perf_counter()
+    cpu0 = time.process_time()  # the broker's process only (the stages are other processes)
     async with broker:
         res = await broker.run(reqs)
-    wall = time.perf_counter() - t0
+    cpu_ms = (time.process_time() - cpu0) * 1e3 / len(reqs)
     lags = [r.injection_lag_s for r in res.records if r.injection_lag_s is not None]
     done = sum(r.status == "completed" for r in res.records)
     lag = Dist.of(lags)
     ok = done == len(reqs) and lag.p99 is not None and lag.p99 < args.lag_ms / 1e3
-    return ok, lag, len(reqs) - done, wall
+    return ok, lag, len(reqs) - done, cpu_ms
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -143,7 +144,8 @@ async def main_async(args: argparse.Namespace) -> None:
         )
         transports = [t.strip() for t in args.transports.split(",") if t.strip()]
         head = "".join(
-            f" | {t + ' lag p50':>13} {'p99':>8} {'max':>8} {'fail':>4} ok " for t in transports
+            f" | {t + ' lag p50':>13} {'p99':>8} {'max':>8} {'fail':>4} {'cpu/req':>7} ok "
+            for t in transports
         )
         print(f"{'rate (req/s)':>12}{head}")
         best: dict[str, float | None] = dict.fromkeys(transports)
@@ -153,12 +155,12 @@ async def main_async(args: argparse.Namespace) -> None:
             row = f"{rate:12.0f}"
             for t in transports:
                 if misses[t] >= 2:  # gave up on this transport: keep the column aligned
-                    row += f" | {'-':>13} {'-':>8} {'-':>8} {'-':>4} -  "
+                    row += f" | {'-':>13} {'-':>8} {'-':>8} {'-':>4} {'-':>7} -  "
                     continue
-                ok, lag, failed, _ = await one_rate(layout, cost, rate, t, args)
+                ok, lag, failed, cpu_ms = await one_rate(layout, cost, rate, t, args)
                 row += (
                     f" | {lag.p50 * 1e3:11.2f}ms {lag.p99 * 1e3:6.2f}ms "  # type: ignore[operator]
-                    f"{lag.max * 1e3:6.2f}ms {failed:4d} {'yes' if ok else 'no ':3}"  # type: ignore[operator]
+                    f"{lag.max * 1e3:6.2f}ms {failed:4d} {cpu_ms:5.2f}ms {'yes' if ok else 'no ':3}"  # type: ignore[operator]
                 )
                 if ok:
                     best[t], misses[t] = rate, 0

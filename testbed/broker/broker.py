@@ -327,7 +327,7 @@ class Broker:
             pos += len(prefix) if first else 1
             data = [token]  # forced length: whatever the token, it is fed back
         self.ledger.leave(req.request_id)
-        await self._release(tr, route)
+        await self._release(tr, route, freed=True)  # the last step freed the caches
 
     async def _call(
         self,
@@ -412,9 +412,11 @@ class Broker:
         done = StageCompletion(node, rid, predicted, at.compute_s, at.compute_end_s, False)
         self.scheduler.on_complete(done)
 
-    async def _release(self, tr: Tracker, route: Route, skip: str | None = None) -> None:
-        """Free the request's caches on its route (best effort, bounded; errors are logged) and
-        tell the scheduler the request left those nodes."""
+    async def _release(
+        self, tr: Tracker, route: Route, skip: str | None = None, *, freed: bool = False
+    ) -> None:
+        """Free the request's caches on its route (best effort, bounded; errors are logged;
+        not when its last step ``freed`` them) and tell the scheduler it left those nodes."""
         sid = self._stage_id(tr)
 
         async def one(node: str) -> None:
@@ -425,7 +427,7 @@ class Broker:
 
         async with asyncio.TaskGroup() as tg:
             for n in route:
-                if n != skip and self.ledger.book(n).up:
+                if not freed and n != skip and self.ledger.book(n).up:
                     tg.create_task(one(n))
         now = self.now_s()
         for n in route:  # nothing new to learn (no work, no time): only "it left"

@@ -26,6 +26,7 @@ _META_KEYS = {
     "slack_s",
     "route",
     "timeout_s",
+    "release",
 }
 
 
@@ -41,6 +42,7 @@ class StepOptions:
     slo_class: str | None = None  # the request's class (scenario ``classes``), for metrics
     priority: int = 0  # higher is batched first
     slack_s: float | None = None  # seconds this step may wait and still meet its SLO
+    release: bool = False  # the request's last step: free its cache once computed
 
     def to_meta(self) -> dict[str, Any]:
         """The options as /forward meta keys (defaults left out)."""
@@ -51,6 +53,8 @@ class StepOptions:
             meta["priority"] = self.priority
         if self.slack_s is not None:
             meta["slack_s"] = self.slack_s
+        if self.release:
+            meta["release"] = True
         return meta
 
 
@@ -128,4 +132,7 @@ def parse_options(meta: dict[str, Any]) -> StepOptions:
         isinstance(slack, bool) or not isinstance(slack, (int, float)) or slack != slack
     ):
         raise ExecutorInputError(f"meta.slack_s must be a number of seconds, got {slack!r}")
-    return StepOptions(cls, priority, None if slack is None else float(slack))
+    release = meta.get("release", False)
+    if not isinstance(release, bool):
+        raise ExecutorInputError(f"meta.release must be true or false, got {release!r}")
+    return StepOptions(cls, priority, None if slack is None else float(slack), release)

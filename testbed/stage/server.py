@@ -393,6 +393,9 @@ class StageServer:
                     done = await self._queue.submit(req)
                     out = done.future.result()
                     reply, compute_s = self._reply(req, out, done)
+                    if req.options.release:  # the request's last step: no /release to wait for
+                        ex.release(req.request_id)
+                        self._recent.forget(req.request_id)
             except Exception as exc:  # a refusal or a model failure: report it, keep serving
                 raise self._refuse_exc(exc) from None
             if not ex.has_request(req.request_id):

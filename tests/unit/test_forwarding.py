@@ -31,7 +31,7 @@ from testbed.stage.errors import (
     StageUnreachableError,
     marks_node_down,
 )
-from testbed.stage.forward import parse_forward
+from testbed.stage.forward import parse_forward, parse_options
 from testbed.stage.route import ChainError, RouteHop, chain_error, parse_route, route_to_meta
 from testbed.stage.wire import decode, encode
 from testbed.workload.request import TraceRequest
@@ -133,8 +133,8 @@ async def _replay(
     stages: EchoStages,
     requests: Sequence[TraceRequest],
     during: Any = None,
-    transport: HttpStageTransport | None = None,
-    **config: Any,
+    http: HttpStageTransport | None = None,
+    **config: Any,  # BrokerConfig fields (default: forward, 5 s call timeout)
 ) -> tuple[BrokerResult, Broker]:
     topo, cost, plan = _setup()
     layout = Layout.from_plan(plan, topo, stages.urls, cost)
@@ -142,7 +142,7 @@ async def _replay(
         layout,
         WorkPredictor(layout, cost),
         SCHEDULERS.create("round_robin", {}),
-        transport or HttpStageTransport(stages.urls),
+        http or HttpStageTransport(stages.urls),
         _prompt,
         config=BrokerConfig(**({"call_timeout_s": 5.0, "transport": "forward"} | config)),
     )
@@ -151,6 +151,28 @@ async def _replay(
         if during is not None:
             await during(broker)
         return await run, broker
+
+
+class _CountingReleases(HttpStageTransport):
+    releases = 0
+
+    async def release(self, node: str, request_id: str, *, timeout_s: float) -> None:
+        self.releases += 1
+        await super().release(node, request_id, timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("transport", ["relay", "forward"])
+async def test_the_last_step_frees_the_caches_without_release_messages(transport: str) -> None:
+    _, _, plan = _setup()
+    reqs = _requests(6)
+    async with echo_stages(_ranges(plan), num_blocks=4) as stages:
+        http = _CountingReleases(stages.urls)
+        res, _ = await _replay(stages, reqs, http=http, transport=transport)
+        assert all(r.status == "completed" for r in res.records)
+        assert all(stages.executor(n).request_ids == [] for n in stages.servers)
+    assert http.releases == 0
+    with pytest.raises(ExecutorInputError):
+        parse_options({"release": "yes"})
 
 
 async def test_forwarding_completes_every_request_with_per_hop_records() -> None:
@@ -183,7 +205,7 @@ async def test_the_sending_stage_shapes_the_link_into_the_next_one() -> None:
     cloud = AppShaper(hop_shape_for_link(1e9, 0.015, 0.0, 0.0, apply_rate=True), name="cloud-1")
     async with echo_stages(_ranges(plan), num_blocks=4) as stages:
         http = HttpStageTransport(stages.urls, shapers={"cloud-1": cloud})
-        res, _ = await _replay(stages, reqs, transport=http)
+        res, _ = await _replay(stages, reqs, http=http)
         fog_shaper = stages.servers["fog-1"].forwarder._shapers["cloud-1"]
         assert fog_shaper.messages == sum(r.output_tokens for r in res.records)
     assert cloud.messages == 0  # the broker's own hook is not awaited for a later hop
