@@ -68,7 +68,7 @@ async def echo_processes(ranges: dict[str, tuple[int, int]], num_blocks: int):  
             procs.append(p)
         for p in procs:
             assert p.stdout is not None
-            async with asyncio.timeout(60):
+            async with asyncio.timeout(180):
                 line = await p.stdout.readline()
             info = json.loads(line)
             urls[info["node"]] = info["url"]
@@ -139,7 +139,8 @@ async def main_async(args: argparse.Namespace) -> None:
         print(
             f"echo stages: {', '.join(f'{n} {a}:{b}' for n, (a, b) in ranges.items())}; "
             f"requests of {args.prompt_tokens} prompt + {args.output_tokens} output tokens "
-            f"({args.output_tokens * len(layout.stages)} stage calls each), "
+            f"({args.output_tokens * len(layout.stages)} stage calls each: relay sends them all, "
+            f"forward {args.output_tokens}), "
             f"scheduler {args.scheduler}, {args.seconds:g}s per rate"
         )
         transports = [t.strip() for t in args.transports.split(",") if t.strip()]

@@ -15,7 +15,9 @@ For each request, in order:
    the last stage returns is fed back whatever it is (EOS included). Every step's compute time
    (reported by the stage server), transfer and queueing become spans of the request's record;
    every step is fed to the scheduler as a :class:`StageCompletion` (ARTS learns capacity).
-4. **Leave**: caches released on every node of the route, the ledger uncharged.
+   ``config.transport``: ``relay`` sends every hop from here; ``forward`` sends each step to
+   the route's first stage, which passes it on stage to stage (:mod:`testbed.broker.chain`).
+4. **Leave**: the last step freed the caches on the route's nodes; the ledger is uncharged.
 
 Per node, at most ``max_inflight_per_node`` calls are outstanding (the rest wait in the broker,
 recorded as queueing): backpressure is explicit. A node that does not answer (timeout, refused,
@@ -50,11 +52,11 @@ from testbed.broker.state import (
 from testbed.broker.transport import (
     ChainTransport,
     StageError,
-    StageProtocolError,
     StageRejectedError,
     StageTransport,
     StageUnreachableError,
     StepKind,
+    as_token,
     marks_node_down,
 )
 from testbed.errors import ConfigError
@@ -321,7 +323,7 @@ class Broker:
             else:
                 for s in range(len(route)):
                     data = await self._call(tr, pred, s, route, sid, kind, step, pos, data)
-            token = _as_token(data, route[-1])
+            token = as_token(data, route[-1])
             tr.tokens.append(token)
             tr.token_times_s.append(self.now_s())
             pos += len(prefix) if first else 1
@@ -443,11 +445,3 @@ class Broker:
         self._records[tr.req.request_id] = rec
         if self.on_record is not None:
             self.on_record(rec)
-
-
-def _as_token(data: object, node: str) -> int:
-    if isinstance(data, int) and not isinstance(data, bool):
-        return data
-    if isinstance(data, list | tuple) and len(data) == 1 and isinstance(data[0], int):
-        return int(data[0])
-    raise StageProtocolError(node, f"the last stage returned {type(data).__name__}, not a token id")

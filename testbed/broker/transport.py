@@ -121,3 +121,12 @@ def token_ids(data: object) -> Sequence[int] | None:
 
 
 NodeMap = Mapping[str, str]  # node -> base URL
+
+
+def as_token(data: object, node: str) -> int:
+    """The last stage's output as a token id (:class:`StageProtocolError` when it is none)."""
+    if isinstance(data, int) and not isinstance(data, bool):
+        return data
+    if isinstance(data, list | tuple) and len(data) == 1 and isinstance(data[0], int):
+        return int(data[0])
+    raise StageProtocolError(node, f"the last stage returned {type(data).__name__}, not a token id")
