@@ -294,3 +294,31 @@ async def test_forward_needs_a_transport_that_can_route() -> None:
         await broker.start()
     with pytest.raises(ConfigError):
         BrokerConfig(transport="carrier-pigeon")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("runtime", ["docker", "swarm"])
+def test_forward_is_refused_where_tiers_cannot_reach_each_other(runtime: str) -> None:
+    from testbed.experiment.replay import broker_config
+    from testbed.runtime.base import RunningTestbed
+
+    def tb(name: str) -> RunningTestbed:
+        return RunningTestbed("tb00000000", name, "app", "t.yaml", "tiny", "m", {})
+
+    base = BrokerConfig()
+    assert broker_config(base, "relay", None, tb(runtime)).transport == "relay"
+    assert broker_config(base, "forward", None, tb("local")).transport == "forward"
+    assert broker_config(base, "forward", "relay", tb(runtime)).transport == "relay"  # --transport
+    with pytest.raises(ConfigError, match="transport: relay"):
+        broker_config(base, "relay", "forward", tb(runtime))
+
+
+def test_the_scenario_names_its_transport() -> None:
+    from pydantic import ValidationError
+
+    from testbed.spec.scenario import Scenario
+    from tests.factories import scenario_dict
+
+    assert Scenario.model_validate(scenario_dict()).transport == "relay"
+    assert Scenario.model_validate(scenario_dict(transport="forward")).transport == "forward"
+    with pytest.raises(ValidationError):
+        Scenario.model_validate(scenario_dict(transport="pigeon"))
