@@ -13,12 +13,19 @@ its own forward, the issue's definition) and on (--max-batch 32: continuous batc
 node). Wall time and CPU time are printed, and events/s, so that runs on a loaded machine can be
 compared; "extrapolated" says when a reduced run was scaled up.
 
+Side by side, in the same process: the optimised engine (testbed/sim/engine.py) against the
+frozen reference engine (testbed/sim/reference.py, one event per step and hop, no shortcuts) on
+the first --ref-minutes (default 5) of (a) and the first --ref-requests (default 5,000) of (b),
+batching off (the reference has none): CPU seconds of each, the ratio, and whether the records
+are identical. Run it alone: the machine's load changes both figures, the ratio less.
+
 The exact shortcuts the engine takes are listed in testbed/sim/engine.py's docstring and the
 README (simulator section); tests/unit/test_sim_exact.py checks that the records are the same as
 the unoptimised reference engine's. Spans are not kept here (the records still carry per-node
 compute and per-hop transfer totals).
 
     .venv/bin/python benchmarks/bench_sim.py [--a-minutes 60] [--b-simulate 100000]
+    .venv/bin/python benchmarks/bench_sim.py --only-ref      # just the side-by-side ratios
 """
 
 from __future__ import annotations
@@ -28,17 +35,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testbed.sim.engine import SimConfig
-from testbed.sim.run import bottleneck, prepare_sim, simulate, summarize_outcome
+from testbed.broker.layout import WorkPredictor
+from testbed.sim.classes import scenario_config
+from testbed.sim.engine import SimConfig, SimOutcome, Simulator
+from testbed.sim.links import Network
+from testbed.sim.reference import ReferenceSimulator
+from testbed.sim.run import SimSetup, bottleneck, prepare_sim, simulate, summarize_outcome
+from testbed.sim.steps import StepTimes
 from testbed.spec.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[1]
 TRACE_NAME = "AzureLLMInferenceTrace_conv.csv"
+Scenario = dict[str, Any]  # a scenario as its YAML reads
 
 
 def find_trace() -> Path:
@@ -48,14 +62,47 @@ def find_trace() -> Path:
     raise SystemExit(f"{TRACE_NAME} not found (see scenarios/traces/SOURCES.md)")
 
 
-def run(  # type: ignore[type-arg]
-    scenario: dict, tmp: Path, label: str, max_batch: int, requests: int | None = None
+def load(scenario: Scenario, tmp: Path, label: str, requests: int | None = None) -> SimSetup:
+    path = tmp / f"{label.split(',')[0].replace(' ', '_')}.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    return prepare_sim(load_scenario(path), requests_limit=requests)
+
+
+def side_by_side(setup: SimSetup, label: str) -> None:
+    """The reference engine and the optimised one on the same requests, one after the other in
+    this process: CPU seconds, the ratio, and whether the records are identical."""
+    # the scenario's request classes as simulate() takes them, batching off on every node
+    config = scenario_config(setup, SimConfig(record_spans=False, max_batch=1))
+    cpu: list[float] = []
+    outs: list[SimOutcome] = []
+    for engine in (ReferenceSimulator, Simulator):
+        sim = engine(
+            setup.layout,
+            WorkPredictor(setup.layout, setup.prep.cost),
+            setup.prep.make_scheduler(),
+            StepTimes(setup.layout, setup.prep.cost, setup.prep.calibrated),
+            Network(setup.layout.hop_links),
+            config,
+        )
+        c0 = time.process_time()
+        outs.append(sim.run(setup.requests, stop_after_s=setup.prep.loaded.spec.duration_s))
+        cpu.append(time.process_time() - c0)
+    ref, new = outs
+    same = ref.records == new.records and ref.link_busy_s == new.link_busy_s
+    print(
+        f"{label}: {len(setup.requests):,} requests, batching off\n"
+        f"    reference engine {cpu[0]:.2f}s CPU ({ref.events:,} events), optimised engine "
+        f"{cpu[1]:.2f}s CPU ({new.events:,} events): {cpu[0] / max(cpu[1], 1e-9):.2f}x faster; "
+        f"records identical: {'yes' if same else 'NO'}"
+    )
+
+
+def run(
+    scenario: Scenario, tmp: Path, label: str, max_batch: int, requests: int | None = None
 ) -> tuple[float, float]:
     """-> (wall seconds, CPU seconds) of prepare + simulate."""
-    path = tmp / f"{label}.yaml"
-    path.write_text(yaml.safe_dump(scenario))
     t0, c0 = time.perf_counter(), time.process_time()
-    setup = prepare_sim(load_scenario(path), requests_limit=requests)
+    setup = load(scenario, tmp, label, requests)
     t1, c1 = time.perf_counter(), time.process_time()
     out = simulate(setup, config=SimConfig(record_spans=False, max_batch=max_batch))
     t2, c2 = time.perf_counter(), time.process_time()
@@ -65,7 +112,7 @@ def run(  # type: ignore[type-arg]
     sim_s, sim_cpu = max(t2 - t1, 1e-9), max(c2 - c1, 1e-9)
     print(
         f"{label}, max_batch {max_batch}: {len(setup.requests):,} requests, {tokens:,} output "
-        f"tokens, {len(setup.layout.nodes)} nodes, plan cuts {list(setup.plan.cuts)}\n"
+        f"tokens, {len(setup.layout.nodes)} nodes, plan cuts {list(setup.prep.plan.cuts)}\n"
         f"    prepare {t1 - t0:.1f}s wall; simulate {sim_s:.1f}s wall / {sim_cpu:.1f}s CPU, "
         f"{out.events:,} events ({out.events / sim_cpu:,.0f}/s CPU), "
         f"{len(setup.requests) / sim_cpu:,.0f} req/s CPU\n"
@@ -76,12 +123,16 @@ def run(  # type: ignore[type-arg]
     return t2 - t0, c2 - c0
 
 
-def bench_a(minutes: float, tmp: Path, max_batch: int) -> None:
-    sc = yaml.safe_load((REPO / "scenarios" / "three-tier-phi3-medium.yaml").read_text())
+def scenario_a(minutes: float) -> Scenario:
+    sc: Scenario = yaml.safe_load((REPO / "scenarios" / "three-tier-phi3-medium.yaml").read_text())
     sc["topology"] = str(REPO / "topologies" / "three-tier.yaml")
     sc["workload"]["path"] = str(find_trace())
     sc["workload"]["window"] = {"start_s": 0, "duration_s": f"{minutes:g}min"}
-    wall, cpu = run(sc, tmp, f"(a) azure-conv {minutes:g} min", max_batch)
+    return sc
+
+
+def bench_a(minutes: float, tmp: Path, max_batch: int) -> None:
+    wall, cpu = run(scenario_a(minutes), tmp, f"(a) azure-conv {minutes:g} min", max_batch)
     if minutes < 60:
         k = 60 / minutes
         print(
@@ -94,9 +145,7 @@ def bench_a(minutes: float, tmp: Path, max_batch: int) -> None:
         )
 
 
-def bench_b(
-    nodes: int, total: int, simulate_n: int, scheduler: str, tmp: Path, max_batch: int
-) -> None:
+def scenario_b(nodes: int, n: int, scheduler: str, tmp: Path) -> Scenario:
     edge, fog = nodes * 6 // 10, nodes * 3 // 10
     cloud = nodes - edge - fog
     topo = {
@@ -115,8 +164,7 @@ def bench_b(
         ],
     }
     (tmp / "big.yaml").write_text(yaml.safe_dump(topo))
-    n = min(simulate_n, total)
-    sc = {
+    return {
         "name": "big",
         "topology": str(tmp / "big.yaml"),
         "model": "phi-3-mini",
@@ -133,6 +181,13 @@ def bench_b(
         },
         "seed": 0,
     }
+
+
+def bench_b(
+    nodes: int, total: int, simulate_n: int, scheduler: str, tmp: Path, max_batch: int
+) -> None:
+    n = min(simulate_n, total)
+    sc = scenario_b(nodes, n, scheduler, tmp)
     wall, cpu = run(
         sc, tmp, f"(b) {n:,} requests over {nodes:,} nodes, bsdp+{scheduler}", max_batch
     )
@@ -163,9 +218,21 @@ def main() -> None:
     )
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--ref-minutes", type=float, default=5.0, help="(a) vs the reference engine")
+    ap.add_argument("--ref-requests", type=int, default=5000, help="(b) vs the reference engine")
+    ap.add_argument("--only-ref", action="store_true", help="only the side-by-side ratios")
     args = ap.parse_args()
     batches = [int(x) for x in args.max_batch.split(",")]
     with tempfile.TemporaryDirectory() as d:
+        if not args.skip_a:
+            label = f"(a) azure-conv {args.ref_minutes:g} min"
+            side_by_side(load(scenario_a(args.ref_minutes), Path(d), label), label)
+        if not args.skip_b:
+            sc = scenario_b(args.b_nodes, args.ref_requests, args.b_scheduler, Path(d))
+            label = f"(b) {args.ref_requests:,} requests over {args.b_nodes:,} nodes"
+            side_by_side(load(sc, Path(d), label), label)
+        if args.only_ref:
+            return
         for mb in batches:
             if not args.skip_a:
                 bench_a(args.a_minutes, Path(d), mb)

@@ -227,11 +227,18 @@ class WorkPredictor:
         work: dict[str, float] = {}
         pre: dict[str, float] = {}
         dec: dict[str, float] = {}
+        seen: dict[tuple[int, DeviceProfile], tuple[float, float]] = {}  # replicas of one device
         for st in self.layout.stages:
             for name in st.nodes:
                 dev = self.layout.nodes[name].device
-                total = self._segment_s(st, dev, whole)
-                prefill = min(self._segment_s(st, dev, first), total)
+                hit = seen.get((st.index, dev))
+                if hit is None:
+                    total = self._segment_s(st, dev, whole)
+                    hit = seen[(st.index, dev)] = (
+                        total,
+                        min(self._segment_s(st, dev, first), total),
+                    )
+                total, prefill = hit
                 work[name] = total
                 pre[name] = prefill
                 dec[name] = (total - prefill) / (o - 1) if o > 1 else 0.0

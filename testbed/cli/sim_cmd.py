@@ -51,6 +51,14 @@ def simulate_compare(
     )
     rows = compare_rows([(r.label, r.summary.to_dict()) for r in runs])
     console.print(rich_table([r.label for r in runs], rows, title=f"{loaded.spec.name}: simulated"))
+    for r in runs:  # with a timeline: E2E of the requests arriving between its events
+        parts = [
+            f"[{p['from_s']:g}s, {'end' if p['to_s'] is None else format(p['to_s'], 'g') + 's'}): "
+            + ("-" if p["e2e_mean_s"] is None else f"{p['e2e_mean_s']:.3g}s")
+            for p in r.phases
+        ]
+        if len(parts) > 1:
+            console.print(f"{r.label}: E2E mean by arrival {'  '.join(parts)}")
     console.print(f"results: [bold]{out}[/] (simulated)")
 
 
@@ -70,14 +78,15 @@ def simulate_cmd(
         ),
     ] = None,
     max_batch: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--max-batch",
             min=1,
             max=4096,
-            help="continuous batching: steps a node runs together (1 = one at a time)",
+            help="continuous batching: steps every node runs together (1 = one at a time); "
+            "overrides the topology's and the scenario's max_batch (default: theirs, else 1)",
         ),
-    ] = 1,
+    ] = None,
     slow: Annotated[
         list[str] | None,
         typer.Option(

@@ -10,7 +10,7 @@ tier holds those blocks runs them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -30,14 +30,17 @@ def _node_block_times(
     shape: RequestShape,
     node: str = "",
     node_block_s: NodeBlockFn | None = None,
+    node_speed: Mapping[str, float] | None = None,
 ) -> np.ndarray:
     measured = node_block_s(node, shape) if node_block_s is not None else None
     if measured is not None:  # a calibrated node: its fitted time, embedding and head included
-        return np.full(cost.profile.num_blocks, measured)
-    t = cost.block_request_times(device, shape).copy()
-    t[0] += cost.embed_request_s(device, shape)
-    t[-1] += cost.head_request_s(device, shape)
-    return t
+        t = np.full(cost.profile.num_blocks, measured)
+    else:
+        t = cost.block_request_times(device, shape).copy()
+        t[0] += cost.embed_request_s(device, shape)
+        t[-1] += cost.head_request_s(device, shape)
+    speed = 1.0 if node_speed is None else float(node_speed.get(node, 1.0))
+    return t if speed == 1.0 else t / speed
 
 
 def build_problem(
@@ -45,8 +48,11 @@ def build_problem(
     cost: CostModel,
     shape: RequestShape,
     node_block_s: NodeBlockFn | None = None,
+    node_speed: Mapping[str, float] | None = None,
 ) -> tuple[PartitionProblem, list[str]]:
-    """The partitioning instance (T x N arrays) and, per tier, the name of its effective node."""
+    """The partitioning instance (T x N arrays) and, per tier, the name of its effective node.
+    ``node_speed`` (node -> x its predicted speed, e.g. measured; 1 if absent) divides the
+    nodes' block times."""
     n = cost.profile.num_blocks
     t = len(topology.tiers)
     stage_time = np.zeros((t, n))
@@ -55,7 +61,7 @@ def build_problem(
     for j, tier in enumerate(topology.tiers):
         best_name, best_times = "", None
         for node in tier.nodes:
-            times = _node_block_times(cost, node.device, shape, node.name, node_block_s)
+            times = _node_block_times(cost, node.device, shape, node.name, node_block_s, node_speed)
             if (
                 best_times is None
                 or times.sum() < best_times.sum()
@@ -101,11 +107,13 @@ def make_plan(
     shape: RequestShape | None = None,
     *,
     node_block_s: NodeBlockFn | None = None,
+    node_speed: Mapping[str, float] | None = None,
 ) -> Plan:
     """Run ``partitioner`` on the topology and describe the result per tier. ``node_block_s``
-    (from a calibrated profile) replaces the cost model's per-block time for the nodes it knows."""
+    (from a calibrated profile) replaces the cost model's per-block time for the nodes it knows;
+    ``node_speed`` divides a node's times (see :func:`build_problem`)."""
     shape = shape or RequestShape()
-    problem, _ = build_problem(topology, cost, shape, node_block_s)
+    problem, _ = build_problem(topology, cost, shape, node_block_s, node_speed)
     split = partitioner.split(problem)
     include_transfer = bool(getattr(partitioner, "include_transfer", True))
     costs = split_cost(problem, split.cuts, include_transfer)
@@ -117,7 +125,9 @@ def make_plan(
         fits = [node for node in tier.nodes if node.device.mem >= mem] if b > a else []
         node_compute = {
             node.name: float(
-                _node_block_times(cost, node.device, shape, node.name, node_block_s)[a:b].sum()
+                _node_block_times(cost, node.device, shape, node.name, node_block_s, node_speed)[
+                    a:b
+                ].sum()
             )
             for node in fits
         }

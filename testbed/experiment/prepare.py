@@ -206,11 +206,19 @@ def prepare(
     ``requests_limit`` keeps the first N requests (with the scenario's own ``requests``, the
     smaller wins). A :class:`LoadedScenario` is loaded for a replay."""
     from testbed.partition import PARTITIONERS
+    from testbed.spec.batching import with_max_batch
     from testbed.spec.timeline import scale_arrivals
 
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
     loaded = parts.loaded
     spec = loaded.spec
+    if spec.repartition is not None and pair is None and not parts.simulated:
+        raise ConfigError(
+            "re-partitioning (`repartition:`) runs in the simulator only so far; use "
+            "`testbed simulate`, or drop `repartition:` to replay the static plan",
+            source=str(loaded.path),
+            field="repartition",
+        )
     part, part_params, sched, sched_params = policies(spec, pair)
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"
@@ -219,7 +227,8 @@ def prepare(
         parts.topology, parts.cost, partitioner, spec.planning,
         node_block_s=planner_times(parts.calibrated),
     )  # fmt: skip
-    topo = parts.topology
+    # every node's max_batch resolved (its own, else the scenario's): the runtime passes it on
+    topo = with_max_batch(parts.topology, spec.max_batch)
     serve_args = None
     k = 1.0 if parts.simulated else spec.dilation  # a simulation runs the studied model's time
     if k != 1 and spec.timeline:

@@ -167,7 +167,11 @@ def plot_latency_over_time(
             color="red",
             label="failed",
         )
+    merged: dict[float, list[str]] = {}  # markers at the same time share one line and label
     for at_s, label in markers:
+        merged.setdefault(at_s, []).append(label)
+    for at_s, labels in merged.items():
+        label = " / ".join(labels)
         ax.axvline(at_s, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate(
             label, (at_s, 1.0), xycoords=("data", "axes fraction"), rotation=90,

@@ -243,3 +243,20 @@ def batch_series(records: Iterable[RequestRecord]) -> dict[str, list[tuple[float
 def batch_means(records: Iterable[RequestRecord]) -> dict[str, float]:
     """Per node, the mean batch size over its batched steps (nodes without batch data absent)."""
     return {n: sum(b for _, b in v) / len(v) for n, v in batch_series(records).items() if v}
+
+
+def phases(records: Sequence[RequestRecord], times_s: Iterable[float]) -> list[dict[str, Any]]:
+    """E2E of the requests that arrived in each phase of a timeline: [0, t1), [t1, t2), ...,
+    [tn, end) for the distinct event times ``times_s`` (so "after the drop" reads off a row)."""
+    edges = sorted({float(t) for t in times_s if t > 0})
+    bounds = list(zip([0.0, *edges], [*edges, float("inf")], strict=True))
+    out = []
+    for lo, hi in bounds:
+        rs = [r for r in records if lo <= r.arrival_s < hi]
+        done = [r.e2e_s for r in rs if r.status == "completed" and r.e2e_s is not None]
+        e2e = Dist.of(done)
+        out.append(
+            {"from_s": lo, "to_s": None if hi == float("inf") else hi, "requests": len(rs),
+             "completed": len(done), "e2e_mean_s": e2e.mean, "e2e_p99_s": e2e.p99}
+        )  # fmt: skip
+    return out

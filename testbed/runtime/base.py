@@ -68,10 +68,13 @@ def stage_serve_argv(
     port: int,
     name: str,
     extra: Sequence[str] = (),
+    max_batch: int | None = None,
 ) -> list[str]:
     """The one ``testbed stage serve`` command line (local processes, containers, tests);
-    ``launcher`` runs the CLI (:func:`cli_launcher`, or the leash of a local node)."""
+    ``launcher`` runs the CLI (:func:`cli_launcher`, or the leash of a local node);
+    ``max_batch``: the node's (testbed.spec.batching; None: the server's default)."""
     start, end = blocks
+    batch = [] if max_batch is None else ["--max-batch", str(max_batch)]
     return [
         *launcher,
         "stage",
@@ -86,6 +89,7 @@ def stage_serve_argv(
         str(port),
         "--name",
         name,
+        *batch,
         *extra,
     ]
 
@@ -121,6 +125,7 @@ class NodeEndpoint:
     mem_limit_bytes: int | None = None
     container: str | None = None  # docker: container name
     pid: int | None = None  # local: process id
+    max_batch: int | None = None  # its server's --max-batch (None: the server's default)
     link: str | None = None  # the link feeding this node ("edge->fog"), None on tier 0
     link_rtt_s: float = 0.0  # configured round trip of that link (2 x one-way delay)
     link_rate_bps: float | None = None  # configured rate of that link

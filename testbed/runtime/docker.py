@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,6 @@ from testbed.errors import RuntimeBackendError
 from testbed.net.links import plan_shaping
 from testbed.net.shaping import DirShape, Iface, ShapingBackend, change_ops, egress_ops
 from testbed.net.tc import apply_ops, links_sync
-from testbed.runtime import owner
 from testbed.runtime.base import (
     LABEL_NODE,
     LABEL_RUN,
@@ -36,9 +34,9 @@ from testbed.runtime.base import (
     NodeEndpoint,
     RunningTestbed,
     cli_launcher,
-    new_run_id,
     stage_serve_argv,
 )
+from testbed.runtime.bringup import EngineBringUp, log_up
 from testbed.runtime.gpus import docker_device_request, gpu_ask
 from testbed.runtime.image import ImageMode, ensure_image
 
@@ -50,10 +48,6 @@ SUBNET_POOL = os.environ.get("TESTBED_SUBNET_POOL", "10.213.0.0/16")
 MODEL_IN_CONTAINER = "/model"
 CPU_PERIOD_US = 100_000
 SHM_BYTES = 256 * 2**20
-
-
-def _log(msg: str) -> None:
-    print(f"[up] {msg}", file=sys.stderr, flush=True)
 
 
 def client() -> Any:
@@ -149,8 +143,10 @@ def shaping_ops(
     return egress_ops(host_iface, down, backend) + egress_ops(inside, up, backend)
 
 
-class DockerTestbed:
+class DockerTestbed(EngineBringUp):
     """Brings a plan up as containers; ``up`` returns the RunningTestbed (state saved)."""
+
+    runtime = "docker"
 
     def __init__(
         self,
@@ -164,50 +160,27 @@ class DockerTestbed:
         seed: int = 0,
         extra_serve_args: dict[str, list[str]] | None = None,
     ) -> None:
-        self.topology = topology
-        self.topology_path = topology_path
-        self.plan = plan
-        self.model_dir = model_dir.resolve()
-        self.backend = backend
-        self.image_mode = image_mode
-        self.seed = seed
-        self.run_id = new_run_id()
+        super().__init__(
+            topology,
+            topology_path,
+            plan,
+            model_dir,
+            backend=backend,
+            image_mode=image_mode,
+            seed=seed,
+        )
         # node -> extra `stage serve` flags (emulated devices: testbed.emulation.plumbing)
         self.extra_serve_args = extra_serve_args or {}
 
-    async def up(self, *, health_timeout_s: float = 180.0) -> RunningTestbed:
-        tb = RunningTestbed(
-            self.run_id,
-            "docker",
-            self.backend,
-            self.topology_path,
-            self.topology.name,
-            str(self.model_dir),
-            {},
-            seed=self.seed,
-            owner=owner.me(),
-        )
-        # first, so that `testbed clean` finds this run even if we die right now
-        await asyncio.to_thread(tb.save)
-        try:
-            await self._up(tb, health_timeout_s)
-        except BaseException:
-            tb.status = "failed"
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.to_thread(tb.save))
-            _log(f"up failed: removing everything of {self.run_id}")
-            await asyncio.shield(asyncio.to_thread(down_sync, self.run_id))
-            with contextlib.suppress(OSError):
-                tb.state_path.unlink()
-            raise
-        return tb
+    def remove_run(self) -> None:
+        down_sync(self.run_id)
 
     async def _up(self, tb: RunningTestbed, health_timeout_s: float) -> None:
         from testbed.runtime.measure import wait_healthy
 
         info = await asyncio.to_thread(ensure_image, self.image_mode)
         tb.image = info.tag
-        _log(f"image {info.tag} ({'built' if info.built else 'reused'} in {info.seconds:.1f}s)")
+        log_up(f"image {info.tag} ({'built' if info.built else 'reused'} in {info.seconds:.1f}s)")
         c = await asyncio.to_thread(client)
         gpu = await asyncio.to_thread(has_nvidia_runtime, c)
         shaping = plan_shaping(self.topology, self.backend)
@@ -252,6 +225,7 @@ class DockerTestbed:
                     cpus=cpus,
                     mem_limit_bytes=dev.container_mem_limit,
                     container=f"tb-{self.run_id}-{node.name}",
+                    max_batch=node.max_batch,
                     link=ns.link,
                     link_rtt_s=ns.configured_rtt_s,
                     link_rate_bps=ns.configured_rate_bps,
@@ -286,7 +260,7 @@ class DockerTestbed:
             ep.down_iface = {"ifindex": host_if.ifindex, "ifname": host_if.ifname}
             ep.up_iface = {"ifindex": inside.ifindex, "ifname": inside.ifname, "pid": pid}
         await asyncio.to_thread(tb.save)
-        _log(
+        log_up(
             f"{len(tb.nodes)} containers up, links shaped ({self.backend}); waiting for stage servers"
         )
         if self.extra_serve_args:  # emulated devices
@@ -305,7 +279,7 @@ class DockerTestbed:
                 await asyncio.to_thread(
                     ctrs[name].update, cpu_period=CPU_PERIOD_US, cpu_quota=_quota_us(ep.cpus)
                 )
-        _log("node CPU quotas applied (containers load their blocks unthrottled)")
+        log_up("node CPU quotas applied (containers load their blocks unthrottled)")
 
     def _create_network(self, c: Any, name: str, subnet: ipaddress.IPv4Network, tier: str) -> None:
         import docker
@@ -349,6 +323,7 @@ class DockerTestbed:
             port=STAGE_PORT,
             name=ep.name,
             extra=self.extra_serve_args.get(ep.name, ()),  # emulated devices
+            max_batch=ep.max_batch,
         )
         kwargs: dict[str, Any] = {}
         if ep.cpus:

@@ -98,6 +98,7 @@ async def up_local(req: UpRequest) -> RunningTestbed:
                     port=port,
                     name=node.name,
                     extra=extra_serve_args.get(node.name, ()),  # emulated devices
+                    max_batch=node.max_batch,
                 )
                 pid = await asyncio.to_thread(_spawn, argv, logs / f"{node.name}.log")
                 tb.nodes[node.name] = NodeEndpoint(
@@ -117,6 +118,7 @@ async def up_local(req: UpRequest) -> RunningTestbed:
                     cpus=node.device.cpus,
                     mem_limit_bytes=None,
                     pid=pid,
+                    max_batch=node.max_batch,
                     link=ns.link,
                     link_rtt_s=ns.configured_rtt_s,
                     link_rate_bps=ns.configured_rate_bps,
@@ -180,7 +182,7 @@ async def restart_local_node(tb: RunningTestbed, node: str) -> None:
     port = int(ep.url.rsplit(":", 1)[1])
     argv = stage_serve_argv(
         [*_leash(tb), "cli"], tb.model_dir, (ep.start, ep.end), host="127.0.0.1", port=port,
-        name=node,
+        name=node, max_batch=ep.max_batch,
     )  # fmt: skip
     log = state_dir() / f"{tb.run_id}-logs" / f"{node}.log"
     ep.pid = await asyncio.to_thread(_spawn, argv, log)

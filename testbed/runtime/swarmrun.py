@@ -25,15 +25,13 @@ import contextlib
 import itertools
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from testbed.errors import RuntimeBackendError
+from testbed.errors import RuntimeBackendError, StageTimeoutError
 from testbed.net.links import plan_shaping
 from testbed.net.shaping import DirShape, ShapingBackend
-from testbed.runtime import owner
 from testbed.runtime.base import (
     LABEL_NODE,
     LABEL_RUN,
@@ -43,9 +41,9 @@ from testbed.runtime.base import (
     NodeEndpoint,
     RunningTestbed,
     cli_launcher,
-    new_run_id,
     stage_serve_argv,
 )
+from testbed.runtime.bringup import EngineBringUp, log_up
 from testbed.runtime.docker import MODEL_IN_CONTAINER, SHM_BYTES, client, free_subnets
 from testbed.runtime.gpus import GpuAsk, gpu_ask, swarm_gpu_request
 from testbed.runtime.image import ImageMode, ensure_image
@@ -68,10 +66,6 @@ RUNNING_TIMEOUT_S = 180.0
 GONE_TIMEOUT_S = 60.0
 
 
-def _log(msg: str) -> None:
-    print(f"[up] {msg}", file=sys.stderr, flush=True)
-
-
 def network_names(run_id: str, tiers: list[str]) -> list[tuple[str, str]]:
     """(network name, what it joins) for every tier and every inter-tier link."""
     out = [(f"tb-{run_id}-{t}", t) for t in tiers]
@@ -89,8 +83,10 @@ def node_networks(run_id: str, tiers: list[str], j: int) -> list[str]:
     return nets
 
 
-class SwarmTestbed:
+class SwarmTestbed(EngineBringUp):
     """Brings a plan up as services; ``up`` returns the RunningTestbed (state saved)."""
+
+    runtime = "swarm"
 
     def __init__(
         self,
@@ -104,41 +100,19 @@ class SwarmTestbed:
         registry: str | None = None,
         seed: int = 0,
     ) -> None:
-        self.topology = topology
-        self.topology_path = topology_path
-        self.plan = plan
-        self.model_dir = model_dir.resolve()
-        self.backend = backend
-        self.image_mode = image_mode
-        self.registry = registry
-        self.seed = seed
-        self.run_id = new_run_id()
-
-    async def up(self, *, health_timeout_s: float = 180.0) -> RunningTestbed:
-        tb = RunningTestbed(
-            self.run_id,
-            "swarm",
-            self.backend,
-            self.topology_path,
-            self.topology.name,
-            str(self.model_dir),
-            {},
-            seed=self.seed,
-            owner=owner.me(),
+        super().__init__(
+            topology,
+            topology_path,
+            plan,
+            model_dir,
+            backend=backend,
+            image_mode=image_mode,
+            seed=seed,
         )
-        await asyncio.to_thread(tb.save)
-        try:
-            await self._up(tb, health_timeout_s)
-        except BaseException:
-            tb.status = "failed"
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.to_thread(tb.save))
-            _log(f"up failed: removing everything of {self.run_id}")
-            await asyncio.shield(asyncio.to_thread(down_swarm, self.run_id))
-            with contextlib.suppress(OSError):
-                tb.state_path.unlink()
-            raise
-        return tb
+        self.registry = registry
+
+    def remove_run(self) -> None:
+        down_swarm(self.run_id)
 
     async def _up(self, tb: RunningTestbed, health_timeout_s: float) -> None:
         c = await asyncio.to_thread(client)
@@ -194,6 +168,7 @@ class SwarmTestbed:
                     cpus=dev.cpus,
                     mem_limit_bytes=dev.container_mem_limit,
                     container=f"tb-{self.run_id}-{node.name}",
+                    max_batch=node.max_batch,
                     link=ns.link,
                     link_rtt_s=ns.configured_rtt_s,
                     link_rate_bps=ns.configured_rate_bps,
@@ -225,7 +200,7 @@ class SwarmTestbed:
         await shape_nodes(
             c, tb, {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}, info.mounts
         )
-        _log(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
+        log_up(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
         await wait_stages(tb, services, health_timeout_s)
         tb.status = "up"
         await asyncio.to_thread(tb.save)
@@ -266,6 +241,7 @@ class SwarmTestbed:
             host="0.0.0.0",
             port=STAGE_PORT,
             name=ep.name,
+            max_batch=ep.max_batch,
         )
         probe = ["python3", "-m", "testbed.net.probe", "serve", "--port", str(PROBE_PORT)]
         cmd = ["sh", "-c", f"{shlex.join(probe)} & exec {shlex.join(serve)}"]
@@ -336,6 +312,34 @@ def task_ended(svc: Any) -> str | None:
     return None
 
 
+def task_report(svc: Any, lines: int = 6) -> str:
+    """A service's task state and the last lines of its log (for a failed health wait)."""
+    states = [t["Status"].get("State", "?") for t in svc.tasks()]
+    try:
+        raw = b"".join(svc.logs(stdout=True, stderr=True, tail=lines))
+        tail = " | ".join(raw.decode(errors="replace").strip().splitlines()[-lines:])
+    except Exception as exc:
+        tail = f"(no log: {exc})"
+    listening = "?"
+    try:  # is the stage listening inside (the published port may be what fails)?
+        for ctr in svc.client.containers.list(
+            filters={"label": f"com.docker.swarm.service.id={svc.id}"}
+        ):
+            out = ctr.exec_run(["cat", "/proc/net/tcp", "/proc/net/tcp6"]).output.decode()
+            ports = {
+                int(ln.split()[1].rsplit(":", 1)[1], 16)
+                for ln in out.splitlines()[1:]
+                if len(ln.split()) > 3 and ln.split()[3] == "0A"
+            }
+            listening = "yes" if STAGE_PORT in ports else f"no (listening: {sorted(ports)})"
+    except Exception as exc:
+        listening = f"? ({exc})"
+    return (
+        f"task {'/'.join(states) or 'none'}; stage port listening inside: {listening}; "
+        f"log: {tail or '(empty)'}"
+    )
+
+
 async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: float) -> None:
     """Wait until every stage answers /health; a task that ends fails the wait at once (a
     watcher polls the tasks off the loop, the health wait reads what it found)."""
@@ -356,6 +360,10 @@ async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: f
         await wait_urls_healthy(
             {n.name: n.url for n in tb.stage_nodes()}, timeout_s, gone=ended.get
         )
+    except StageTimeoutError as exc:  # say what each laggard's task was doing
+        seen = await asyncio.to_thread(lambda: {n: task_report(svc) for n, svc in services.items()})
+        detail = "\n".join(f"  {n} ({tb.nodes[n].url}): {seen[n]}" for n in sorted(seen))
+        raise StageTimeoutError(f"{exc}\n{detail}") from None
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -21,7 +21,7 @@ same argmin and tie-breaks) instead of a snapshot and a Python loop per replica
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ from testbed.schedule.base import (
     RequestView,
     Route,
     StageCompletion,
+    StepDone,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +102,11 @@ class Arts(PerStageScheduler):
                 best, best_key = n, key
         return best
 
+    def capacity_estimates(self) -> dict[str, float]:
+        """C_hat of every node seen completing work: its speed x the predicted one (the
+        measured node speeds adaptive re-partitioning plans with)."""
+        return dict(self._c_hat)
+
     def on_complete(self, event: StageCompletion) -> None:
         self._observe(event.node, event.predicted_work_s, event.service_s)
 
@@ -114,32 +120,39 @@ class Arts(PerStageScheduler):
         if pos is not None:
             self._cap[pos[0]][pos[1]] = new
 
-    def step_observer(
-        self,
-    ) -> Callable[[Iterable[tuple[str, int, float, float, float]]], None] | None:
-        """For simulators: ``f(steps)`` with ``steps`` as (node, request_id, predicted_work_s,
-        service_s, now_s) tuples does what :meth:`on_complete` does with each step's completion,
-        in order, without building the events (None if a subclass changed on_complete)."""
+    def step_observer(self) -> Callable[[Sequence[StepDone]], None] | None:
+        """For simulators: ``f(steps)`` does what :meth:`on_complete` does with each step's
+        completion, in order, without building the events (None if a subclass changed
+        on_complete)."""
         return self._observe_many if type(self).on_complete is Arts.on_complete else None
 
-    def _observe_many(self, steps: Iterable[tuple[str, int, float, float, float]]) -> None:
-        """:meth:`_observe` for each step, written out (the same arithmetic)."""
+    def _observe_many(self, steps: Sequence[StepDone]) -> None:
+        """:meth:`_observe` for each step, written out (the same arithmetic; route_ledger's
+        mirror of C_hat gets each node's last value once, at the end)."""
         alpha, lo, hi = self.alpha, self.min_capacity, self.max_capacity
         if alpha == 0.0:
             return
         keep = 1.0 - alpha
-        c_hat, prior, pos, cap = self._c_hat, self._prior, self._pos, self._cap
-        for node, _, predicted, service, _ in steps:
+        c_hat, prior = self._c_hat, self._prior
+        for node, _, _, predicted, service, _ in steps:
             if service <= 0.0 or predicted <= 0.0:
                 continue
-            speed = min(max(predicted / service, lo), hi)
+            speed = predicted / service  # min(max(speed, lo), hi), with lo <= hi
+            if speed < lo:
+                speed = lo
+            elif speed > hi:
+                speed = hi
             old = c_hat.get(node)
             if old is None:
                 old = prior.get(node, 1.0)
-            new = c_hat[node] = keep * old + alpha * speed
-            at = pos.get(node)
-            if at is not None:
-                cap[at[0]][at[1]] = new
+            c_hat[node] = keep * old + alpha * speed
+        pos = self._pos
+        if pos:
+            cap = self._cap
+            for node in {step[0] for step in steps}:
+                at, new = pos.get(node), c_hat.get(node)
+                if at is not None and new is not None:
+                    cap[at[0]][at[1]] = new
 
     def route_ledger(
         self, request: RequestView, ledger: Ledger, now_s: float, hop_s: Sequence[float] = ()

@@ -87,6 +87,11 @@ class StageCompletion:
     finished: bool = False  # the request left this node (its cache was released)
 
 
+# One finished step as a simulator reports it in batches (Ledger.progress_many, a scheduler's
+# step_observer): (node, request_id, stage, predicted_work_s, service_s, now_s)
+StepDone = tuple[str, int, int, float, float, float]
+
+
 class Scheduler(abc.ABC):
     """The contract every scheduler implements (the broker and the simulators call it alike).
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from testbed.errors import TestbedError
-from testbed.schedule.base import ClusterSnapshot, NodeState, Route
+from testbed.schedule.base import ClusterSnapshot, NodeState, Route, StepDone
 
 
 @dataclass
@@ -215,11 +215,14 @@ class Ledger:
         self._adirty.add(name)
         return take
 
-    def progress_many(self, steps: Iterable[tuple[int, int, float]]) -> None:
-        """:meth:`progress` for each (request_id, stage, done_s), in order (a simulator's batch
-        of step completions; the same arithmetic, without a call per step)."""
-        charges, books, dirty, adirty = self._charges, self._books, self._dirty, self._adirty
-        for request_id, stage, done_s in steps:
+    def progress_many(self, steps: Iterable[StepDone]) -> None:
+        """:meth:`progress` for each step's (request_id, stage, predicted_work_s as done_s), in
+        order (a simulator's batch of step completions; the same arithmetic, without a call per
+        step)."""
+        charges, books = self._charges, self._books
+        changed: set[str] = set()
+        mark = changed.add
+        for _, request_id, stage, done_s, _, _ in steps:
             c = charges.get(request_id)
             if c is None or c.left[stage]:
                 continue
@@ -230,8 +233,9 @@ class Ledger:
             c.remaining_s[stage] = rem - take
             name = c.route[stage]
             books[name].queued_work_s -= take
-            dirty.add(name)
-            adirty.add(name)
+            mark(name)
+        self._dirty |= changed
+        self._adirty |= changed
 
     def leave(self, request_id: int) -> Route | None:
         """The request left its route (done, failed or to be re-routed): drop what it holds.

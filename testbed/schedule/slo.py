@@ -6,7 +6,9 @@ else each stage's replica is chosen alone) it predicts, from the snapshot's live
 capacities (ours):
 
 - the request's time per step on node k: ``step_k = work_s[k] / max(output_tokens, 1) / c_k``
-  (its predicted work spread over its steps; ``c_k`` the node's capacity);
+  (its predicted work spread over its steps; ``c_k`` the node's speed learned from measured
+  steps, an EWMA of predicted work / service time as ARTS keeps; the snapshot's capacity until
+  then);
 - one iteration of node k's batch: ``iter_k = (queue_len_k + 1) * step_k / batch_speedup_k``
   (continuous batching: a request joins at the next step boundary, and the B rows of a step
   cost ``B / speedup`` single steps);
@@ -26,7 +28,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from testbed.schedule.base import (
@@ -36,6 +39,7 @@ from testbed.schedule.base import (
     RequestView,
     Route,
     Scheduler,
+    StageCompletion,
     up_nodes,
 )
 
@@ -57,12 +61,18 @@ class Prediction:
         return sum(max(0.0, p / t - 1.0) for p, t in pairs if t)
 
 
-def predict(request: RequestView, nodes: tuple[NodeState, ...], hop_s: float) -> Prediction:
-    """TTFT, TPOT and E2E of ``request`` on the route ``nodes`` (see the module docstring)."""
+def predict(
+    request: RequestView,
+    nodes: tuple[NodeState, ...],
+    hop_s: float,
+    capacity: Callable[[NodeState], float] | None = None,
+) -> Prediction:
+    """TTFT, TPOT and E2E of ``request`` on the route ``nodes`` (see the module docstring);
+    ``capacity(node)`` is the speed to predict with (default: the snapshot's)."""
     steps = max(request.output_tokens, 1)
     ttft = tpot = cost = 0.0
     for n in nodes:
-        c = max(n.capacity, 1e-9)
+        c = max(capacity(n) if capacity is not None else n.capacity, 1e-9)
         work = request.work_s.get(n.name, 0.0) / c
         step = work / steps
         iteration = (n.queue_len + 1) * step / max(n.batch_speedup, 1.0)
@@ -81,10 +91,29 @@ class SloAware(Scheduler):
 
     orders_stage_queues: ClassVar[bool] = True  # stages batch by (priority, least slack)
     max_routes: int = 4096  # combinations scored; above this each stage is chosen alone
+    alpha: float = 0.2  # EWMA weight of a measured step's speed (0 = keep the profile's, as ARTS)
+    _speed: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_routes < 1:
             raise ValueError(f"max_routes must be >= 1, got {self.max_routes}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def capacity(self, node: NodeState) -> float:
+        """The node's speed learned from measured steps (the snapshot's prior until then)."""
+        return self._speed.get(node.name, node.capacity)
+
+    def on_complete(self, event: StageCompletion) -> None:
+        """Learn each node's speed as ARTS does: predicted work / measured service time, EWMA
+        (so routes are predicted with the speed the stages show, not only the profile's)."""
+        if self.alpha == 0.0 or event.service_s <= 0.0 or event.predicted_work_s <= 0.0:
+            return
+        speed = event.predicted_work_s / event.service_s
+        old = self._speed.get(event.node)
+        self._speed[event.node] = (
+            speed if old is None else (1.0 - self.alpha) * old + self.alpha * speed
+        )
 
     def route(self, request: RequestView, snapshot: ClusterSnapshot) -> Route:
         live = [up_nodes(stage, s) for s, stage in enumerate(snapshot.stages)]
@@ -97,11 +126,10 @@ class SloAware(Scheduler):
         best = min(itertools.product(*live), key=lambda r: self._key(request, r, hop_s))
         return tuple(n.name for n in best)
 
-    @staticmethod
     def _key(
-        request: RequestView, nodes: tuple[NodeState, ...], hop_s: float
+        self, request: RequestView, nodes: tuple[NodeState, ...], hop_s: float
     ) -> tuple[float, float, float, tuple[str, ...]]:
-        p = predict(request, nodes, hop_s)
+        p = predict(request, nodes, hop_s, self.capacity)
         names = tuple(n.name for n in nodes)
         has_targets = any((request.ttft_slo_s, request.tpot_slo_s, request.e2e_slo_s))
         if not has_targets:

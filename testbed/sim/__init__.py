@@ -9,7 +9,8 @@ stage servers and links would do is modelled:
 - :mod:`testbed.sim.links`: each inter-tier link as two FIFO pipes (one per direction),
   bandwidth occupancy plus one-way delay;
 - :mod:`testbed.sim.engine`: the event loop (nodes as stage servers: FIFO, in-flight cap,
-  KV-cache capacity), with exact shortcuts; :mod:`testbed.sim.state` its data,
+  KV-cache capacity), with exact shortcuts; :mod:`testbed.sim.fastpath` its event loop with
+  the hot paths written out; :mod:`testbed.sim.state` its data,
   :mod:`testbed.sim.records` the records and outcome it writes;
   :mod:`testbed.sim.batching` continuous batching (``max_batch``);
   :mod:`testbed.sim.reference` the first event-per-step engine, kept to test that the

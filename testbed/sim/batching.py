@@ -1,8 +1,8 @@
-"""Continuous batching in the simulated node model (``SimConfig.max_batch`` > 1).
+"""Continuous batching in the simulated node model (a node's ``max_batch`` > 1).
 
 A node that starts computing takes the steps waiting in its FIFO that have arrived by then
 (prefills and decode steps of different requests; requests join and leave at step
-boundaries), up to ``max_batch``, as one forward timed by :meth:`StepTimes.batch_s`. Every
+boundaries), up to the node's ``max_batch``, as one forward timed by :meth:`StepTimes.batch_s`. Every
 step of the batch takes the batch's time (what a stage server would measure for it); the node
 is busy once per batch.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING
 
+from testbed.sim.classes import pop_next
 from testbed.sim.state import _DONE, _Node, _Req
 
 if TYPE_CHECKING:
@@ -21,7 +22,10 @@ if TYPE_CHECKING:
 def start_batch(sim: Simulator, node: _Node, batch: list[tuple[_Req, int]], now: float) -> None:
     """Start one batched forward at ``now``: ``batch`` plus the steps waiting in the FIFO
     that have arrived by then, up to max_batch (requests join at step boundaries)."""
-    fifo, cap = node.fifo, sim.config.max_batch
+    fifo, cap = node.fifo, node.max_batch
+    if sim._ordered:  # by (priority, least slack): every waiting step has arrived
+        while fifo and len(batch) < cap:
+            batch.append(pop_next(fifo))
     while fifo and len(batch) < cap and fifo[0][0].ready_s <= now:
         batch.append(fifo.popleft())
     node.busy += 1
@@ -55,11 +59,9 @@ def batch_done(sim: Simulator, batch: list[tuple[_Req, int]], now: float) -> Non
         if sim._spans:
             sim._span(r, "compute", node.name, r.start_s, now, s)
         predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
-        sim._prog.append((r.rid, s, predicted))
-        if sim._learns:
-            sim._obs.append((node.name, r.rid, predicted, svc, now))
+        sim._done.append((node.name, r.rid, s, predicted, svc, now))
     if node.fifo:
-        nr, ns = node.fifo.popleft()
+        nr, ns = pop_next(node.fifo) if sim._ordered else node.fifo.popleft()
         start_batch(sim, node, [(nr, ns)], now if now >= nr.ready_s else nr.ready_s)
     for r, s in batch:
         r.sent_s = now

@@ -16,8 +16,11 @@ output tokens); if it does not fit the step waits, FIFO, until a request leaving
 A request whose cache can never fit the node fails, as the stage server refuses it. Records,
 spans and the outcome are written as the broker writes them (:mod:`testbed.sim.records`).
 
-With ``max_batch`` > 1 (continuous batching) a node that starts computing takes the waiting
-steps that have arrived, up to ``max_batch``, as one forward timed by ``StepTimes.batch_s``.
+With ``max_batch`` > 1 (continuous batching, per node) a node that starts computing takes the
+waiting steps that have arrived, up to its ``max_batch``, as one forward timed by
+``StepTimes.batch_s``. Requests carry their class (``SimConfig.classes``); when the scheduler
+orders the stage queues (``slo``) a node takes the waiting steps by (priority, least slack)
+instead of FIFO (:mod:`testbed.sim.classes`), and arrivals are processed at their time.
 
 Events at the same instant run step ends first, then arrivals at nodes, then tokens, then
 admissions; ties keep insertion order, so runs are deterministic for a seed.
@@ -27,18 +30,23 @@ engine, kept to test this: tests/unit/test_sim_exact.py):
 
 - Admissions are merged from the arrivals sorted by time, not pushed as heap events.
 - Step completions reach the ledger (``progress_many``) and the scheduler (ARTS's
-  ``step_observer``, else ``on_complete``) in one batch, in their original order, just before
-  the next decision or leave - the only moments either is read.
+  ``step_observer``, else ``on_complete``) in one batch of ``StepDone`` tuples, in their
+  original order, just before the next decision or leave - the only moments either is read.
 - Arrival after a forward hop: every arrival at a node of stage s >= 1 comes through the hop's
   FIFO pipes, which deliver in send order, so when the node has no arrival event pending and
-  no request waiting for KV room (and the step's KV fits now, which stays true since only
-  releases can come first), the arrival is processed when it is sent: FIFO position, start
-  time (``max(arrival, node free)``) and reservation are what they would be at its time.
+  the step's KV fits now (which stays true since only releases can come first), the arrival
+  is processed when it is sent: FIFO position, start time (``max(arrival, node free)``) and
+  reservation are what they would be at its time. With requests waiting for KV room there,
+  only for a step that holds its cache and when no request can finish before it arrives.
 - A token that is not the request's last: its return and the next step's arrival at the first
   stage are processed when it is sent, under the same conditions plus: no admission before it,
   and no finish before it that could admit a waiting request (see ``_send_token``).
 - ARTS decides from the ledger's per-stage numpy arrays (``Arts.route_ledger``) over many
-  replicas instead of a snapshot and a loop; step-time tables per (stage, device, length).
+  replicas instead of a snapshot and a loop; step-time tables per (stage, device, length),
+  and per node with its slowdown applied (the same product).
+
+The loop itself is :func:`testbed.sim.fastpath.run_events`: these methods' hot paths written
+out, the rest called. The two early-processing shortcuts are off with ordered stage queues.
 """
 
 from __future__ import annotations
@@ -51,9 +59,11 @@ from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.metrics.records import RequestRecord
-from testbed.schedule.base import NoRouteError, RequestView, Scheduler, StageCompletion
+from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion, StepDone
 from testbed.schedule.ledger import InvalidRouteError, Ledger
-from testbed.sim.batching import batch_done, start_batch
+from testbed.sim.batching import start_batch
+from testbed.sim.classes import batch_limits, request_class, request_view
+from testbed.sim.fastpath import run_events, step_s
 from testbed.sim.links import Network
 from testbed.sim.records import outcome, request_record, step_span
 from testbed.sim.state import (
@@ -94,8 +104,10 @@ class Simulator:
             tuple(st.nodes for st in layout.stages),
             {n: info.kv_capacity_bytes for n, info in layout.nodes.items()},
         )
+        limits = batch_limits(self.config, layout.nodes)  # per node (testbed.spec.batching)
+        slow = self.config.slowdown
         self.nodes = {
-            n: _Node(n, info.stage, info.kv_capacity_bytes, float(self.config.slowdown.get(n, 1.0)))
+            n: _Node(n, info.stage, info.kv_capacity_bytes, float(slow.get(n, 1.0)), limits[n])
             for n, info in layout.nodes.items()
         }
         self.act_bytes = predictor.cost.profile.activation_bytes_per_token()
@@ -105,13 +117,17 @@ class Simulator:
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
-        if self.config.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.config.max_batch}")
-        self._batching = self.config.max_batch > 1
+        # stages batch by (priority, least slack) for this scheduler (testbed.sim.classes);
+        # then arrivals are processed at their time (the FIFO shortcuts below do not apply)
+        self._ordered = scheduler.orders_stage_queues
         self.batches = self.batched_steps = 0  # batched forwards started, steps in them
         self._next_admit_s = _INF  # arrival time of the next admission not yet processed
-        self._finals = 0  # last-token events pending (their finish may admit a waiting request)
+        # times of the last-token events pending, in order (their finish releases KV room and
+        # may admit a waiting request); the reverse pipes are FIFO, so the times never decrease
+        self._finals: deque[float] = deque()
         self._doomed = 0  # requests in flight whose KV cache cannot fit a node of their route
+        # the shortest trip of a token back to the first stage (propagation delays)
+        self._back_delay_s = sum(p.delay_s for hop in network.rev for p in hop)
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
@@ -120,12 +136,7 @@ class Simulator:
         self._route_ledger = getattr(scheduler, "route_ledger", None)
         observer = getattr(scheduler, "step_observer", None)
         self._observe_many = observer() if observer is not None else None
-        self._prog: list[tuple[int, int, float]] = []  # (request, stage, predicted work done)
-        self._obs: list[tuple[str, int, float, float, float]] = []  # (node, request, pred, svc, t)
-        self._dec = steps.decode_tables()
-        for n in self.nodes.values():
-            n.gid = steps.group(n.name)
-            n.dec = self._dec[n.gid]
+        self._done: list[StepDone] = []  # steps finished since the last _flush, in order
 
     # -- the loop -------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, obj: Any, s: int = 0) -> None:
@@ -139,61 +150,7 @@ class Simulator:
         # gave them (they were pushed first, so they had the lowest sequence numbers), and at an
         # equal time every other kind of event goes first, as before. The heap stays small.
         arrivals = sorted(admitted, key=lambda q: q.arrival_s)
-        n_arr, k = len(arrivals), 0
-        now = 0.0
-        heap, pop = self._heap, heapq.heappop
-        spans = self._spans
-        prog, obs, learns = self._prog, self._obs, self._learns
-        forward, act = self.net.forward, self.act_bytes
-        events = 0
-        self._next_admit_s = arrivals[0].arrival_s if arrivals else _INF
-        while heap or k < n_arr:
-            if k < n_arr and (not heap or arrivals[k].arrival_s < heap[0][0]):
-                now = arrivals[k].arrival_s
-                events += 1
-                k += 1
-                self._next_admit_s = arrivals[k].arrival_s if k < n_arr else _INF
-                self._admit(arrivals[k - 1], now)
-                continue
-            now, kind, _, r, s = pop(heap)
-            events += 1
-            if kind != _DONE or s < 0:
-                if s < 0:
-                    batch_done(self, r, now)
-                elif kind == _TOKEN:
-                    if s:
-                        r.nodes[0].pending -= 1
-                    else:
-                        self._finals -= 1
-                    self._token(r, now)
-                else:
-                    self._arrive_event(r, s, now)
-                continue
-            # a step ends on r.nodes[s] (the hottest path: written out)
-            node = r.nodes[s]
-            node.busy -= 1
-            svc = r.service_s
-            node.busy_s += svc
-            r.compute[s] += svc
-            if spans:
-                self._span(r, "compute", node.name, r.start_s, now, s)
-            step = r.step
-            predicted = r.work_pre[s] if step == 0 else r.work_dec[s]
-            # ledger progress and the scheduler's completion: applied in this order before the
-            # next decision or leave (see _flush), the only times they are read
-            prog.append((r.rid, s, predicted))
-            if learns:
-                obs.append((node.name, r.rid, predicted, svc, now))
-            if node.fifo:
-                nr, ns = node.fifo.popleft()
-                # an early-processed arrival (see _forward) may wait in the FIFO for its time
-                self._start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
-            r.sent_s = now
-            if s < r.last:
-                self._forward(r, s + 1, forward(s, now, act * (r.prompt if step == 0 else 1)))
-            else:
-                self._send_token(r, now)
-        self.events += events
+        now = run_events(self, arrivals)
         self._flush()
         return outcome(
             admitted, self._records, self.nodes, self.layout.node_names(), self.net,
@@ -205,17 +162,18 @@ class Simulator:
         """Apply the step completions since the last decision, in the order they happened: the
         ledger's progress, then the scheduler's feedback (the two are independent objects, and
         each sees the calls in the original order, before anything reads them)."""
-        if self._prog:
-            self.ledger.progress_many(self._prog)
-            self._prog.clear()
-        if self._obs:
+        done = self._done
+        if not done:
+            return
+        self.ledger.progress_many(done)
+        if self._learns:
             if self._observe_many is not None:
-                self._observe_many(self._obs)
+                self._observe_many(done)
             else:
                 on_complete = self.scheduler.on_complete
-                for name, rid, predicted, svc, t in self._obs:
+                for name, rid, _, predicted, svc, t in done:
                     on_complete(StageCompletion(name, rid, predicted, svc, t, False))
-            self._obs.clear()
+        done.clear()
 
     # -- decide ---------------------------------------------------------------------------------
     def _admit(self, req: TraceRequest, now: float) -> None:
@@ -225,14 +183,12 @@ class Simulator:
         self._active += 1
         self._flush()
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
+        cls = request_class(req.request_id, self.config)
         r = _Req(
-            req, pred, rid=req.request_id, prompt=req.prompt_tokens,
-            held=[False] * len(self.layout.stages), admitted_s=now,
+            req, pred, rid=req.request_id, prompt=req.prompt_tokens, out=req.output_tokens,
+            held=[False] * len(self.layout.stages), admitted_s=now, cls=cls,
         )  # fmt: skip
-        view = RequestView(
-            req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens,
-            pred.work_s, pred.kv_bytes,
-        )  # fmt: skip
+        view = request_view(req, pred, cls)
         try:
             if self._route_ledger is not None:
                 route = tuple(self._route_ledger(view, self.ledger, now, pred.hop_s))
@@ -300,7 +256,7 @@ class Simulator:
 
     def _start(self, node: _Node, r: _Req, s: int, now: float) -> None:
         """Start ``r``'s step on ``node`` at ``now`` (>= when it arrived there)."""
-        if self._batching:
+        if node.max_batch > 1:
             start_batch(self, node, [(r, s)], now)
             return
         node.busy += 1
@@ -308,13 +264,7 @@ class Simulator:
             r.queue_s += now - r.ready_s
             if self._spans:
                 self._span(r, "queue", node.name, r.ready_s, now, s)
-        step = r.step
-        if step == 0:
-            base = self.steps.prefill_s(node.name, r.prompt)
-        else:
-            ctx = r.prompt + step - 1
-            base = node.dec.get(ctx) or self.steps.decode_s(node.name, ctx)
-        svc = r.service_s = base * node.slowdown
+        svc = r.service_s = step_s(self, node, r)
         r.start_s = now
         heapq.heappush(self._heap, (now + svc, _DONE, self._next(), r, s))
 
@@ -322,12 +272,26 @@ class Simulator:
         """The step's activations reach stage ``s`` (>= 1) at ``at``. Exact shortcut: every
         arrival at a stage-s node comes through the hop's FIFO pipes, so arrivals there happen
         in send order, and nothing reaches the node before ``at`` that is not already known.
-        When the node has no earlier arrival still pending, no request waiting for KV room, and
-        the step needs no KV decision that a release before ``at`` could change, the arrival is
-        processed now (FIFO position, start time, KV reservation: all as at ``at``) instead of
-        as an event at ``at``."""
+        When the node has no earlier arrival still pending and the step needs no KV decision
+        that a release before ``at`` could change, the arrival is processed now (FIFO position,
+        start time, KV reservation: all as at ``at``) instead of as an event at ``at``. With
+        requests waiting for KV room there, only a step that holds its cache, when no request
+        can finish by ``at`` (a release would let a waiting one in first): no pending last
+        token or doomed request does, and a last token sent from now on cannot arrive in time.
+        (A request admitted later reaches this node through the same pipes, after ``at``.)"""
         node = r.nodes[s]
-        if node.pending or node.kv_wait:
+        if (
+            self._ordered
+            or node.pending
+            or (
+                node.kv_wait
+                and (
+                    not r.held[s]
+                    or self._release_by(at)
+                    or at - r.sent_s >= self._back_delay_s  # a last token sent later may beat it
+                )
+            )
+        ):
             node.pending += 1
             self._push(at, _ARRIVE, r, s)
             return
@@ -359,17 +323,17 @@ class Simulator:
         """
         t = self.net.back(now, self.config.token_bytes)
         if r.step + 1 >= r.req.output_tokens:
-            self._finals += 1
+            self._finals.append(t)
             heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 0))
             return
         x0 = r.nodes[0]
         if (
-            x0.pending
-            or x0.kv_wait
+            self._ordered
+            or x0.pending
             or self.net.overhead_s > 0
             or not r.held[0]
             or self._next_admit_s <= t
-            or (self._waiting and (self._finals or self._doomed))
+            or ((x0.kv_wait or self._waiting) and self._release_by(t))
         ):
             x0.pending += 1
             heapq.heappush(self._heap, (t, _TOKEN, self._next(), r, 1))
@@ -385,6 +349,12 @@ class Simulator:
             self._start(x0, r, 0, t)
         else:
             x0.fifo.append((r, 0))
+
+    def _release_by(self, t: float) -> bool:
+        """Can a request finish at or before ``t`` (freeing KV room that a waiting step may take,
+        or an admission slot)? Finishes come from last tokens (pending, in time order) and from
+        requests that fail where their cache does not fit (``_doomed``)."""
+        return bool(self._doomed) or (bool(self._finals) and self._finals[0] <= t)
 
     def _token(self, r: _Req, now: float) -> None:
         if now > r.sent_s:

@@ -42,12 +42,23 @@ class Network:
     fwd: list[list[Pipe]] = field(init=False, default_factory=list)
     rev: list[list[Pipe]] = field(init=False, default_factory=list)
 
-    _back: list[Pipe] = field(init=False, default_factory=list)  # reverse pipes, in travel order
+    back_pipes: list[Pipe] = field(init=False, default_factory=list)  # reverse, in travel order
 
     def __post_init__(self) -> None:
         self.fwd = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
         self.rev = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
-        self._back = [p for hop in reversed(self.rev) for p in reversed(hop)]
+        self.back_pipes = [p for hop in reversed(self.rev) for p in reversed(hop)]
+
+    def share(self, links: dict[int, tuple[Pipe, Pipe]], first_tier: Sequence[int]) -> None:
+        """Use the pipes of ``links`` (tier j -> j+1: forward, reverse) for the hops that cross
+        them, adding this network's own for the links not there yet: the plans of a run that
+        re-partitions share the physical links. ``first_tier[h]``: the tier hop h leaves."""
+        for h, hop in enumerate(self.fwd):
+            for k in range(len(hop)):
+                j = first_tier[h] + k
+                links.setdefault(j, (self.fwd[h][k], self.rev[h][k]))
+                self.fwd[h][k], self.rev[h][k] = links[j]
+        self.back_pipes = [p for hop in reversed(self.rev) for p in reversed(hop)]
 
     def forward(self, hop: int, now_s: float, nbytes: int) -> float:
         """Send stage ``hop``'s output to stage ``hop + 1``; -> arrival time."""
@@ -64,10 +75,19 @@ class Network:
         """Send the sampled token from the last stage back along the chain to the client
         (stage 0's side); -> arrival time."""
         t = now_s
-        for p in self._back:  # Pipe.send, written out
+        for p in self.back_pipes:  # Pipe.send, written out
             free = p.free_at_s
             occ = nbytes * 8.0 / p.bandwidth_bps
             free = p.free_at_s = (t if t >= free else free) + occ
             p.busy_s += occ
             t = free + p.delay_s
         return t
+
+    def busy_s(self) -> dict[str, float]:
+        """Occupancy seconds of every pipe, named "hop0.fwd[0]" (a run's ``link_busy_s``)."""
+        return {
+            f"hop{h}.{d}[{k}]": p.busy_s
+            for h in range(len(self.fwd))
+            for d, pipes in (("fwd", self.fwd[h]), ("rev", self.rev[h]))
+            for k, p in enumerate(pipes)
+        }

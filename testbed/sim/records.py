@@ -22,6 +22,7 @@ def request_record(r: _Req, now: float, reason: str | None) -> RequestRecord:
         prompt_tokens=req.prompt_tokens,
         output_tokens=req.output_tokens,
         route=r.route,
+        slo_class=None if r.cls is None else r.cls.name,
         reason=reason,
         token_times_s=tuple(r.tokens) if reason is None else (),
         end_s=now,

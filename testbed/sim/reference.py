@@ -25,6 +25,14 @@ A request whose cache can never fit the node fails, as the stage server refuses 
 
 Events at the same instant run step ends first, then arrivals at nodes, then tokens, then
 admissions; ties keep insertion order, so runs are deterministic for a seed.
+
+Request classes as in the optimised engine (:mod:`testbed.sim.classes`): the class's targets
+in the scheduler's view, and the stage order (priority, least slack) for ``slo``.
+
+A plan's parts (layout, predictor, step times, links, ledger) form a :class:`Generation`; a run
+has one, unless adaptive re-partitioning (:mod:`testbed.sim.migrate`) switches to a new plan:
+each request keeps the generation it was admitted on (its steps, ledger and hops), new
+admissions take the current one, and the nodes (their queues and KV caches) are shared.
 """
 
 from __future__ import annotations
@@ -37,15 +45,36 @@ from typing import Any
 
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
 from testbed.metrics.records import RequestRecord, Span
-from testbed.schedule.base import NoRouteError, RequestView, Scheduler, StageCompletion
+from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
+from testbed.sim.classes import batch_limits, pop_next, request_class, request_view
 from testbed.sim.engine import SimConfig, SimOutcome
 from testbed.sim.links import Network
 from testbed.sim.steps import StepTimes
+from testbed.spec.classes import RequestClass
 from testbed.workload.request import TraceRequest
 
 CLIENT = "client"
 _DONE, _ARRIVE, _TOKEN, _ADMIT, _EXTERNAL = 0, 1, 2, 3, 4
+
+
+@dataclass(eq=False)
+class Generation:
+    """One plan's parts; requests admitted while it is current run on it to the end."""
+
+    index: int  # 0: the run's first plan
+    layout: Layout
+    predictor: WorkPredictor
+    steps: StepTimes
+    net: Network
+    ledger: Ledger
+    dec: list[dict[int, float]] = field(default_factory=list)  # steps.decode_tables()
+    gid: dict[str, int] = field(default_factory=dict)  # node -> its StepTimes group
+    active: int = 0  # requests on it, not finished
+
+    def __post_init__(self) -> None:
+        self.dec = self.steps.decode_tables()
+        self.gid = {n: self.steps.group(n) for n in self.layout.nodes}
 
 
 @dataclass
@@ -54,7 +83,6 @@ class _Node:
     stage: int
     kv_cap: int
     slowdown: float
-    gid: int = 0  # StepTimes group (stage, device)
     busy: int = 0
     busy_s: float = 0.0
     kv_used: int = 0
@@ -66,6 +94,7 @@ class _Node:
 class _Req:
     req: TraceRequest
     pred: Prediction
+    gen: Generation | None = None  # the plan it runs on (set when admitted)
     route: tuple[str, ...] = ()
     step: int = 0  # 0 = prefill, k = k-th decode step
     ready_s: float = 0.0  # when the current step reached the current node
@@ -77,6 +106,7 @@ class _Req:
     spans: list[Span] = field(default_factory=list)
     queue_s: float = 0.0
     admitted_s: float | None = None  # when admission let it in (later than arrival if full)
+    cls: RequestClass | None = None  # its request class (scenario ``classes``)
     nodes: list[_Node] = field(default_factory=list)  # the route's servers
     work_pre: list[float] = field(default_factory=list)  # per stage: predicted prefill work
     work_dec: list[float] = field(default_factory=list)  # per stage: predicted decode step
@@ -97,14 +127,17 @@ class ReferenceSimulator:
         config: SimConfig | None = None,
         on_record: Callable[[RequestRecord], None] | None = None,
     ) -> None:
-        self.layout, self.predictor, self.scheduler = layout, predictor, scheduler
-        self.steps, self.net = steps, network
+        self.scheduler = scheduler
         self.config = config or SimConfig()
         self.on_record = on_record
-        self.ledger = Ledger(
+        ledger = Ledger(
             tuple(st.nodes for st in layout.stages),
             {n: info.kv_capacity_bytes for n, info in layout.nodes.items()},
         )
+        self.gens: list[Generation] = []  # every plan of the run, in order
+        self.use(Generation(0, layout, predictor, steps, network, ledger))
+        # called when a request leaves a generation that is no longer current and it empties
+        self.on_drained: Callable[[Generation, float], None] | None = None
         self.nodes = {
             n: _Node(n, info.stage, info.kv_capacity_bytes, float(self.config.slowdown.get(n, 1.0)))
             for n, info in layout.nodes.items()
@@ -116,14 +149,33 @@ class ReferenceSimulator:
         self._active = 0
         self._waiting: deque[TraceRequest] = deque()
         self.events = 0
-        if self.config.max_batch != 1:
+        if any(v != 1 for v in batch_limits(self.config, layout.nodes).values()):
             raise ValueError("the reference engine has no batching (max_batch must be 1)")
+        self._ordered = scheduler.orders_stage_queues  # stage queues by (priority, slack)
         self._spans = self.config.record_spans
         # a scheduler that keeps the base class's no-op hook is not fed step completions
         self._learns = type(scheduler).on_complete is not Scheduler.on_complete
-        self._dec = steps.decode_tables()
-        for n in self.nodes.values():
-            n.gid = steps.group(n.name)
+
+    def use(self, gen: Generation) -> None:
+        """Make ``gen`` current: requests admitted from now on run on it."""
+        if gen not in self.gens:
+            self.gens.append(gen)
+        self.gen = gen
+        self.layout, self.predictor, self.steps = gen.layout, gen.predictor, gen.steps
+        self.net, self.ledger = gen.net, gen.ledger
+
+    def bind(self, r: _Req, now: float) -> None:
+        """Put ``r`` on the current generation (admitted, or re-routed after a crash)."""
+        old = r.gen
+        r.gen = self.gen
+        self.gen.active += 1
+        if old is not None:
+            self._left(old, now)
+
+    def _left(self, gen: Generation, now: float) -> None:
+        gen.active -= 1
+        if gen.active == 0 and gen is not self.gen and self.on_drained is not None:
+            self.on_drained(gen, now)
 
     # -- the loop -------------------------------------------------------------------------------
     def at(self, t: float, fn: Callable[[ReferenceSimulator, float], None]) -> None:
@@ -156,17 +208,23 @@ class ReferenceSimulator:
                 self._admit(obj, now)
             else:
                 obj(self, now)  # an external event (testbed.sim.timeline): it acts on the state
+        first = self.gens[0]  # links named by the first plan's hops (pipes are shared)
         links = {
             f"hop{h}.{d}[{k}]": p.busy_s
-            for h in range(len(self.net.fwd))
-            for d, pipes in (("fwd", self.net.fwd[h]), ("rev", self.net.rev[h]))
+            for h in range(len(first.net.fwd))
+            for d, pipes in (("fwd", first.net.fwd[h]), ("rev", first.net.rev[h]))
             for k, p in enumerate(pipes)
         }
+        names = list(dict.fromkeys(n for g in self.gens for n in g.layout.node_names()))
+        routed: dict[str, int] = {}
+        for g in self.gens:
+            for n, b in g.ledger.books.items():
+                routed[n] = routed.get(n, 0) + b.routed_total
         return SimOutcome(
             records=tuple(self._records[r.request_id] for r in admitted),
-            node_busy_s={n: self.nodes[n].busy_s for n in self.layout.node_names()},
+            node_busy_s={n: self.nodes[n].busy_s for n in names},
             link_busy_s=links,
-            routed={n: b.routed_total for n, b in self.ledger.books.items()},
+            routed=routed,
             scheduler=self.scheduler.describe(),
             events=self.events,
             sim_end_s=now,
@@ -179,11 +237,10 @@ class ReferenceSimulator:
             return
         self._active += 1
         pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
-        r = _Req(req, pred, held=[False] * len(self.layout.stages), admitted_s=now)
-        view = RequestView(
-            req.request_id, req.arrival_s, req.prompt_tokens, req.output_tokens,
-            pred.work_s, pred.kv_bytes,
-        )  # fmt: skip
+        cls = request_class(req.request_id, self.config)
+        r = _Req(req, pred, held=[False] * len(self.layout.stages), admitted_s=now, cls=cls)
+        self.bind(r, now)
+        view = request_view(req, pred, cls)
         try:
             route = tuple(self.scheduler.route(view, self.ledger.snapshot(now, pred.hop_s)))
             self.ledger.check_route(route)
@@ -244,10 +301,12 @@ class ReferenceSimulator:
             if self._spans:
                 self._span(r, "queue", node.name, r.ready_s, now, s)
         p = r.req.prompt_tokens
+        g = r.gen
+        assert g is not None
         if r.step == 0:
-            base = self.steps.prefill_s(node.name, p)
+            base = g.steps.prefill_s(node.name, p)
         else:
-            base = self._dec[node.gid].get(p + r.step - 1) or self.steps.decode_s(
+            base = g.dec[g.gid[node.name]].get(p + r.step - 1) or g.steps.decode_s(
                 node.name, p + r.step - 1
             )
         r.service_s = base * node.slowdown
@@ -263,20 +322,22 @@ class ReferenceSimulator:
             self._span(r, "compute", node.name, r.start_s, now, s)
         predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
         rid = r.req.request_id
-        self.ledger.progress(rid, s, predicted)
+        g = r.gen
+        assert g is not None
+        g.ledger.progress(rid, s, predicted)
         if self._learns:
             self.scheduler.on_complete(
                 StageCompletion(node.name, rid, predicted, r.service_s, now, False)
             )
         if node.fifo:
-            nr, ns = node.fifo.popleft()
+            nr, ns = pop_next(node.fifo) if self._ordered else node.fifo.popleft()
             self._start(node, nr, ns, now)
         r.sent_s = now
         if s + 1 < len(r.route):
             nbytes = self.act_bytes * (r.req.prompt_tokens if r.step == 0 else 1)
-            self._push(self.net.forward(s, now, nbytes), _ARRIVE, r, s + 1)
+            self._push(g.net.forward(s, now, nbytes), _ARRIVE, r, s + 1)
         else:
-            self._push(self.net.back(now, self.config.token_bytes), _TOKEN, r)
+            self._push(g.net.back(now, self.config.token_bytes), _TOKEN, r)
 
     def _token(self, r: _Req, now: float) -> None:
         if now > r.sent_s:
@@ -292,8 +353,8 @@ class ReferenceSimulator:
 
     def _finish(self, r: _Req, now: float, reason: str | None) -> None:
         rid = r.req.request_id
-        if r.route:
-            self.ledger.leave(rid)
+        if r.route and r.gen is not None:
+            r.gen.ledger.leave(rid)
             for s, name in enumerate(r.route):
                 node = self.nodes[name]
                 if r.held[s]:
@@ -309,6 +370,7 @@ class ReferenceSimulator:
             prompt_tokens=req.prompt_tokens,
             output_tokens=req.output_tokens,
             route=r.route,
+            slo_class=None if r.cls is None else r.cls.name,
             reason=reason,
             token_times_s=tuple(r.tokens) if reason is None else (),
             end_s=now,
@@ -321,6 +383,8 @@ class ReferenceSimulator:
         if self.on_record is not None:
             self.on_record(self._records[rid])
         self._active -= 1
+        if r.gen is not None:
+            self._left(r.gen, now)
         if self._waiting:
             self._admit(self._waiting.popleft(), now)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from testbed.broker.layout import Prediction
 from testbed.metrics.records import RequestRecord, Span
+from testbed.spec.classes import RequestClass
 from testbed.workload.request import TraceRequest
 
 CLIENT = "client"
@@ -25,8 +26,13 @@ class SimConfig:
     slowdown: Mapping[str, float] = field(default_factory=dict)  # node -> true time multiplier
     # continuous batching: a node computes up to max_batch waiting steps (prefills and decode
     # steps of different requests) as one forward, timed by StepTimes.batch_s; 1 = one step at
-    # a time, as the stage server does today
-    max_batch: int = 1
+    # a time. max_batch: every node's (None: 1), unless node_max_batch names the node
+    max_batch: int | None = None
+    node_max_batch: Mapping[str, int] = field(default_factory=dict)  # node -> its own
+    # request classes (scenario ``classes``), drawn per request with class_seed as the broker
+    # draws them (testbed.spec.classes.class_of); () = no classes
+    classes: tuple[RequestClass, ...] = ()
+    class_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,10 @@ class _Node:
     stage: int
     kv_cap: int
     slowdown: float
-    gid: int = 0  # StepTimes group (stage, device)
-    dec: dict[int, float] = field(default_factory=dict)  # its group's decode times (a cache)
+    max_batch: int = 1  # steps it computes as one forward (1: one at a time)
+    # step times on this node, slowdown applied (caches): prompt -> prefill, context -> decode
+    pre_s: dict[int, float] = field(default_factory=dict)
+    dec_s: dict[int, float] = field(default_factory=dict)
     busy: int = 0
     busy_s: float = 0.0
     kv_used: int = 0
@@ -62,9 +70,11 @@ class _Req:
     pred: Prediction
     rid: int = 0  # req.request_id
     prompt: int = 0  # req.prompt_tokens
+    out: int = 0  # req.output_tokens
     route: tuple[str, ...] = ()
     last: int = 0  # len(route) - 1
     doomed: bool = False  # its KV cache cannot fit some node of its route
+    cls: RequestClass | None = None  # its request class (scenario ``classes``)
     step: int = 0  # 0 = prefill, k = k-th decode step
     ready_s: float = 0.0  # when the current step reached the current node
     start_s: float = 0.0  # when its compute started
@@ -80,3 +90,17 @@ class _Req:
     work_dec: list[float] = field(default_factory=list)  # per stage: predicted decode step
     compute: list[float] = field(default_factory=list)  # per stage: compute seconds
     hops: list[float] = field(default_factory=list)  # per hop into stage s (len(route): back)
+
+
+def per_node(route: tuple[str, ...], values: list[float]) -> dict[str, float]:
+    """Summed values per node of ``route`` (a node may serve two stages)."""
+    out: dict[str, float] = {}
+    for name, v in zip(route, values, strict=False):
+        out[name] = out.get(name, 0.0) + v
+    return out
+
+
+def per_hop(route: tuple[str, ...], values: list[float]) -> dict[str, float]:
+    """Values per hop "a->b" (client -> first stage .. last stage -> client), zeros left out."""
+    names = (CLIENT, *route, CLIENT)
+    return {f"{names[s]}->{names[s + 1]}": v for s, v in enumerate(values) if v > 0}

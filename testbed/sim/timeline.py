@@ -66,7 +66,8 @@ class SimTimeline:
         elif ev.kind == "speed":
             assert ev.node is not None and ev.speed is not None
             if ev.node in sim.nodes:
-                sim.nodes[ev.node].slowdown = self._base_slowdown[ev.node] / ev.speed
+                base = self._base_slowdown.get(ev.node, float(sim.config.slowdown.get(ev.node, 1)))
+                sim.nodes[ev.node].slowdown = base / ev.speed
         elif ev.kind == "down":
             assert ev.node is not None
             if ev.node in sim.nodes:
@@ -74,7 +75,9 @@ class SimTimeline:
         elif ev.kind == "up":
             assert ev.node is not None
             if ev.node in sim.nodes:
-                sim.ledger.mark_up(ev.node)
+                for g in sim.gens:  # every plan's ledger that knows it (re-partitioned runs)
+                    if ev.node in g.ledger.books:
+                        g.ledger.mark_up(ev.node)
                 sim.scheduler.on_node_change(ev.node, True, now)
         self.applied.append(
             {"at_s": ev.at_s, "applied_s": now, "kind": ev.kind, "what": ev.describe()} | detail
@@ -84,19 +87,20 @@ class SimTimeline:
         tiers = self.topology.tier_names
         a, b = ev.tiers
         j = min(tiers.index(a), tiers.index(b))
-        stages = sim.layout.stages
         new = None
-        for h in range(len(stages) - 1):
-            k = j - stages[h].tier_index
-            if not 0 <= k < len(sim.net.fwd[h]):
-                continue
-            for pipes in (sim.net.fwd[h], sim.net.rev[h]):
-                pipe = pipes[k]
-                if ev.bandwidth_bps is not None:
-                    pipe.bandwidth_bps = ev.bandwidth_bps
-                if ev.delay_s is not None:
-                    pipe.delay_s = ev.delay_s
-                new = (pipe.bandwidth_bps, pipe.delay_s)
+        pipes_at = [  # the pipes of link j in every plan's hops (plans share them)
+            pipes[j - g.layout.stages[h].tier_index]
+            for g in sim.gens
+            for h in range(len(g.layout.stages) - 1)
+            for pipes in (g.net.fwd[h], g.net.rev[h])
+            if 0 <= j - g.layout.stages[h].tier_index < len(pipes)
+        ]
+        for pipe in {id(p): p for p in pipes_at}.values():
+            if ev.bandwidth_bps is not None:
+                pipe.bandwidth_bps = ev.bandwidth_bps
+            if ev.delay_s is not None:
+                pipe.delay_s = ev.delay_s
+            new = (pipe.bandwidth_bps, pipe.delay_s)
         if new is None:
             return {"note": "no hop of this plan crosses the link"}
         return {"bandwidth_bps": new[0], "delay_s": new[1]}
@@ -104,7 +108,9 @@ class SimTimeline:
     def _down(self, sim: Simulator, node: str, how: str, now: float) -> int:
         """Mark ``node`` down and resume (or fail) every request whose route holds it."""
         reason = f"node {node} down ({how}) at {now:.3f}s"
-        sim.ledger.mark_down(node, reason)
+        for g in sim.gens:
+            if node in g.ledger.books:
+                g.ledger.mark_down(node, reason)
         sim.scheduler.on_node_change(node, False, now)
         hit: dict[int, _Req] = {}
         kept = []
@@ -136,7 +142,8 @@ class SimTimeline:
 
     def _resume(self, sim: Simulator, r: _Req, reason: str, now: float) -> None:
         rid = r.req.request_id
-        sim.ledger.leave(rid)
+        assert r.gen is not None
+        r.gen.ledger.leave(rid)
         for s, name in enumerate(r.route):
             n = sim.nodes[name]
             if r.held[s]:
@@ -166,6 +173,7 @@ class SimTimeline:
             sim._finish(r, now, f"{reason}; no route: {exc}")
             return
         sim.ledger.charge(rid, route, [pred.work_s[n] for n in route], pred.kv_bytes)
+        sim.bind(r, now)  # it runs on the current plan from here on
         r.req, r.pred, r.route, r.step = req, pred, route, 0
         r.nodes = [sim.nodes[n] for n in route]
         r.held = [False] * len(route)

@@ -21,6 +21,7 @@ compare: [bsdp+arts, even+round_robin, heft+heft]
 execution: real                        # real | emulated (nodes emulate their devices running
                                        # `model`; a generated stand-in computes the outputs)
 timeline: [{at: 60s, link: edge->fog, bandwidth: 10Mbit}]   # see testbed.spec.timeline
+max_batch: 8                           # nodes without their own max_batch (spec/batching.py)
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from testbed.errors import ConfigError
+from testbed.spec.batching import check_max_batch
 from testbed.spec.classes import RequestClass, check_classes
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.plan import RequestShape
 from testbed.spec.quantities import LongSeconds, Seconds, StrictInt
+from testbed.spec.repartition import ADAPTIVE, RepartitionSpec, split_pair
 from testbed.spec.timeline import TimelineEvent
 from testbed.workload.knobs import MAX_REQUESTS
 
@@ -93,6 +96,11 @@ class Scenario(BaseModel):
     # arrivals x k, measured times / k) for hosts too small for the cluster
     dilation: float = Field(default=1.0, ge=1.0, le=1000.0)
     timeline: tuple[TimelineEvent, ...] = ()  # changes during the run (testbed.spec.timeline)
+    # continuous batching: the max_batch of nodes that do not set their own (precedence:
+    # testbed.spec.batching); None: the stage server's default (16), the simulator's (1)
+    max_batch: int | None = None
+    # adaptive re-partitioning (simulated runs; testbed.spec.repartition); None: a static plan
+    repartition: RepartitionSpec | None = None
     # how hidden states travel: relay (stage -> broker -> next stage) or forward (stage to
     # stage, the token back along the chain; local runtime only), see testbed.broker.chain
     transport: Literal["relay", "forward"] = "relay"
@@ -100,6 +108,7 @@ class Scenario(BaseModel):
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 
     _classes = field_validator("classes")(lambda cls, v: check_classes(v))
+    _max_batch = field_validator("max_batch", mode="before")(lambda cls, v: check_max_batch(v))
 
     @field_validator("runtime")
     @classmethod
@@ -114,8 +123,11 @@ class Scenario(BaseModel):
     @classmethod
     def _pairs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for item in v:
-            if item.count("+") != 1:
-                raise ValueError(f"{item!r} is not PARTITIONER+SCHEDULER; write e.g. 'bsdp+arts'")
+            if split_pair(item)[0].count("+") != 1:
+                raise ValueError(
+                    f"{item!r} is not PARTITIONER+SCHEDULER (or PARTITIONER+SCHEDULER+{ADAPTIVE}); "
+                    "write e.g. 'bsdp+arts'"
+                )
         return v
 
 
@@ -141,6 +153,12 @@ def parse_pair(pair: str, source: str = "--policies") -> tuple[str, str]:
     from testbed.partition import PARTITIONERS
     from testbed.schedule import SCHEDULERS
 
+    if split_pair(pair)[1]:
+        raise ConfigError(
+            f"{pair!r}: re-partitioning runs in the simulator only so far; use "
+            "`testbed compare --simulate`, or write the pair without +adaptive",
+            field=source,
+        )
     if pair.count("+") != 1:
         raise ConfigError(
             f"{pair!r} is not PARTITIONER+SCHEDULER; write e.g. 'bsdp+arts'", field=source
@@ -189,10 +207,19 @@ def load_scenario(path: str | Path) -> LoadedScenario:
     )
     SCHEDULERS.create(spec.scheduler.name, spec.scheduler.params, source=src, field="scheduler")
     for k, pair in enumerate(spec.compare):
+        base_pair, adaptive = split_pair(pair)
         try:
-            parse_pair(pair)
+            parse_pair(base_pair)
         except ConfigError as exc:
             raise ConfigError(str(exc), source=src, field=f"compare[{k}]") from None
+        if adaptive and spec.repartition is None:
+            raise ConfigError(
+                f"{pair!r} re-partitions but the scenario has no `repartition:`; add e.g. "
+                "repartition: {every: 10s, threshold: 10%}, or write the pair without +adaptive",
+                source=src,
+                field=f"compare[{k}]",
+            )
+    _check_repartition(spec, src)
     base = p.parent
     topo_path = spec.topology if spec.topology.is_absolute() else (base / spec.topology)
     if not topo_path.exists():
@@ -236,6 +263,19 @@ def load_scenario(path: str | Path) -> LoadedScenario:
         topology_path=topo_path.resolve(),
         workload=workload.with_context(context),  # longer trace requests: clipped, with a warning
     )
+
+
+def _check_repartition(spec: Scenario, src: str) -> None:
+    rp = spec.repartition
+    if rp is None:
+        return
+    if spec.duration_s is not None and rp.every_s >= spec.duration_s:
+        raise ConfigError(
+            f"every {rp.every_s:g}s is not shorter than the run (duration {spec.duration_s:g}s): "
+            "no check would run; make every shorter",
+            source=src,
+            field="repartition.every",
+        )
 
 
 def _check_workload_fits(workload: Any, context: int, src: str) -> None:

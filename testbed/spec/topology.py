@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from testbed.errors import ConfigError, brief
+from testbed.spec.batching import check_max_batch
 from testbed.spec.devices import DeviceProfile, resolve_device
 from testbed.spec.loading import read_mapping, validate
 from testbed.spec.quantities import LinkSeconds, Percent, RateBps
@@ -69,6 +70,11 @@ class Node(BaseModel):
     # GPU nodes: which GPUs of its host it gets (a list of indices) or how many (a count);
     # None: every GPU of the host (docker) / one GPU (swarm)
     gpus: tuple[int, ...] | int | None = None
+    # continuous batching: most requests one step of its stage server runs together (None:
+    # the scenario's max_batch, else the server's default; precedence in spec/batching.py)
+    max_batch: int | None = None
+
+    _max_batch = field_validator("max_batch", mode="before")(lambda cls, v: check_max_batch(v))
 
     @field_validator("gpus")
     @classmethod

@@ -81,6 +81,13 @@ def _cli(
     )
 
 
+def _listeners() -> str:
+    """The host's listening TCP sockets and their processes (when the health wait failed:
+    who else holds a published port)."""
+    ss = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True, check=False)
+    return f"\nhost listeners (pytest is pid {os.getpid()}):\n{ss.stdout[-3000:]}"
+
+
 def _leftovers(c: Any, run_id: str) -> dict[str, list[str]]:
     label = f"testbed.run={run_id}"
     out = {
@@ -110,7 +117,7 @@ def test_swarm_up_measure_replay_down(tmp_path: Path) -> None:
                 "900",
                 "--json",
             )
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert proc.returncode == 0, proc.stderr[-3000:] + _listeners()
             tb = json.loads(proc.stdout)
             run_id = tb["run_id"]
             assert tb["runtime"] == "swarm" and tb["status"] == "up"

@@ -76,10 +76,13 @@ def test_route_ledger_decides_as_route(seed: int) -> None:
             assert route is not None
             s = rng.randrange(3)
             done, svc = rng.random() * 0.3, rng.choice([0.0, rng.random()])
-            led_a.progress_many([(j, s, done)])
+            led_a.progress_many([(route[s], j, s, done, svc, float(i))])
             led_b.progress(j, s, done)
-            fast.on_complete(StageCompletion(route[s], j, done, svc, float(i)))
+            observe = fast.step_observer()
+            assert observe is not None
+            observe([(route[s], j, s, done, svc, float(i)), (route[0], j, 0, done, 0.0, 0.0)])
             slow.on_complete(StageCompletion(route[s], j, done, svc, float(i)))
+            slow.on_complete(StageCompletion(route[0], j, done, 0.0, 0.0))
         if rng.random() < 0.4 and live:
             j = live.pop(rng.randrange(len(live)))
             led_a.leave(j)

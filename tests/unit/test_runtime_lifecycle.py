@@ -181,7 +181,7 @@ def test_clean_all_needs_confirmation_when_not_interactive(state_dir):
 def test_down_of_an_unrecorded_run_asks_every_runtime(monkeypatch):
     import testbed.runtime.docker as dockermod
 
-    monkeypatch.setattr(dockermod, "down_sync", lambda run_id: (2, 1))
+    monkeypatch.setattr(dockermod, "remove_by_label", lambda c, label: (2, 1))
     msg = down_sync("tb0123abcd")
     assert "removed 2 containers, 1 networks" in msg
 

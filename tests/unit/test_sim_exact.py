@@ -115,3 +115,48 @@ def test_same_records_with_kv_waits_slowdown_and_admission_cap(tiny: SimSetup) -
     )  # fmt: skip
     assert 0 < sum(r.status == "failed" for r in ref.records) < len(reqs)
     same(ref, new)
+
+
+def test_same_records_with_request_classes_and_the_slo_stage_order(tiny: SimSetup) -> None:
+    """Classes reach the scheduler in both engines; for slo the stages take waiting steps by
+    (priority, least slack), which the optimised engine gets by processing arrivals at their
+    time (its FIFO shortcuts off)."""
+    from testbed.spec.classes import RequestClass
+
+    classes = tuple(
+        RequestClass.model_validate(c)
+        for c in (
+            {"name": "chat", "share": 0.6, "slo": {"ttft": "200ms", "tpot": "50ms"}, "priority": 1},
+            {"name": "batch", "share": 0.4, "slo": {"e2e": "5s"}},
+        )
+    )
+    reqs = workload(tiny, 8.0)
+    for sched in ("slo", "arts"):
+        ref, new = both(tiny, reqs, sched, classes=classes, class_seed=3)
+        same(ref, new)
+        assert {r.slo_class for r in new.records} == {"chat", "batch"}
+    ref, new = both(tiny, reqs, "slo", classes=classes, class_seed=3, slots=2)
+    same(ref, new)
+
+
+def test_same_records_with_kv_waits_behind_long_prefill_transfers(three_tier: SimSetup) -> None:
+    """KV waits at a later stage while long prompts' activations cross a slow link: a step sent
+    there may arrive after a request that finishes in the meantime frees room (the early-arrival
+    shortcut must then wait for the arrival's time)."""
+    lay = three_tier.layout
+    pred = WorkPredictor(lay, three_tier.prep.cost)
+    need = pred.predict(1800, 40).kv_bytes
+    tight = {
+        n: replace(i, kv_capacity_bytes=need[i.stage] * 3) if i.stage == 1 else i
+        for n, i in lay.nodes.items()
+    }
+    layout = Layout(lay.stages, tight, lay.hop_links, lay.num_blocks)
+    for gap, sched in ((0.6, "round_robin"), (1.0, "round_robin"), (0.6, "arts")):
+        reqs = [
+            TraceRequest(i, gap * i, 1800 if i % 3 == 0 else 64 + 7 * i, 8 + (5 * i) % 33, i)
+            for i in range(80)
+        ]
+        ref, new = both(three_tier, reqs, sched, layout=layout, record_spans=False)
+        assert all(r.status == "completed" for r in ref.records)
+        assert max(r.queueing_s for r in ref.records) > 5.0  # KV waits
+        same(ref, new)

@@ -42,3 +42,22 @@ def test_routes_combine_stages_and_fall_back_per_stage() -> None:
     assert SloAware().route(req(work, ttft_slo_s=1.0), snap) == ("a", "d")
     assert SloAware(max_routes=1).route(req(work, ttft_slo_s=1.0), snap) == ("a", "d")
     assert "slo" in SCHEDULERS.names()
+
+
+def test_speeds_are_learned_from_measured_steps() -> None:
+    """Both nodes look equal in the profile; x measures 10x slower: the route moves to y, and
+    with alpha 0 (no learning) it stays on the profile's tie-break."""
+    from testbed.schedule.base import StageCompletion
+
+    snap = ClusterSnapshot(0.0, ((NodeState("x", 0), NodeState("y", 0)),))
+    r = req({"x": 1.0, "y": 1.0}, tpot_slo_s=0.5)
+    learner, fixed = SloAware(), SloAware(alpha=0.0)
+    assert learner.route(r, snap) == fixed.route(r, snap) == ("x",)  # tie: names
+    for s in (learner, fixed):
+        s.on_complete(StageCompletion("x", 0, predicted_work_s=0.1, service_s=1.0, now_s=1.0))
+        s.on_complete(StageCompletion("y", 1, predicted_work_s=0.1, service_s=0.1, now_s=1.0))
+    assert learner.capacity(snap.stages[0][0]) == pytest.approx(0.1)
+    assert learner.route(r, snap) == ("y",)
+    assert fixed.route(r, snap) == ("x",)
+    with pytest.raises(ValueError, match="alpha"):
+        SloAware(alpha=1.5)

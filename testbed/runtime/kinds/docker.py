@@ -3,12 +3,11 @@ kernel from the host where it can (see :mod:`testbed.runtime.docker`)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from testbed.runtime.image import ImageMode
-from testbed.runtime.interface import RUNTIMES, Runtime, UpRequest
+from testbed.runtime.interface import RUNTIMES, UpRequest
+from testbed.runtime.kinds.engine import EngineRuntime
 
 if TYPE_CHECKING:
     from testbed.net.shaping import DirShape, ShapingBackend
@@ -17,23 +16,10 @@ if TYPE_CHECKING:
 
 @RUNTIMES.register("docker")
 @dataclass(frozen=True)
-class DockerRuntime(Runtime):
+class DockerRuntime(EngineRuntime):
     """Containers with CPU quotas and memory limits; kernel shaping (tc) when the host has it."""
 
-    image_mode: ImageMode = "auto"  # how to build the node image (testbed.runtime.image)
-
-    def __post_init__(self) -> None:
-        modes = get_args(ImageMode)
-        if self.image_mode not in modes:
-            raise ValueError(f"image_mode {self.image_mode!r} is not one of {', '.join(modes)}")
-
-    async def backend(self, requested: ShapingBackend | None) -> ShapingBackend:
-        from testbed.net.detect import probe_qdiscs
-
-        if requested is not None:
-            return requested
-        support = await probe_qdiscs()
-        return support.backend("docker")
+    nodes_are: ClassVar[str] = "containers"
 
     async def up(self, req: UpRequest, backend: ShapingBackend) -> RunningTestbed:
         from testbed.runtime.docker import DockerTestbed
@@ -50,37 +36,13 @@ class DockerRuntime(Runtime):
         )
         return await dt.up(health_timeout_s=req.health_timeout_s)
 
-    def remove(self, run_id: str, tb: RunningTestbed | None) -> str:
-        from testbed.runtime.control import forget
-        from testbed.runtime.docker import down_sync
+    def remove_labelled(self, c: Any, label_filter: str) -> tuple[int, int]:
+        from testbed.runtime.docker import remove_by_label
 
-        n_ctr, n_net = down_sync(run_id)
-        forget(run_id)
-        return f"{run_id}: removed {n_ctr} containers, {n_net} networks"
+        return remove_by_label(c, label_filter)
 
-    def remove_all(self) -> list[str]:
-        from testbed.errors import RuntimeBackendError
-        from testbed.runtime.base import LABEL_RUN
-        from testbed.runtime.docker import client, remove_by_label
-
-        try:
-            n_ctr, n_net = remove_by_label(client(), LABEL_RUN)
-        except RuntimeBackendError as exc:
-            return [f"docker skipped: {exc}"]
-        if n_ctr or n_net:
-            return [f"removed {n_ctr} containers and {n_net} networks labelled {LABEL_RUN}"]
-        return []
-
-    def present(self, tb: RunningTestbed) -> bool:
-        from testbed.errors import RuntimeBackendError
-        from testbed.runtime.base import LABEL_RUN
-        from testbed.runtime.docker import client
-
-        try:
-            ctrs = client().containers.list(filters={"label": f"{LABEL_RUN}={tb.run_id}"})
-        except RuntimeBackendError:
-            return True  # cannot tell: leave it alone
-        return bool(ctrs)
+    def list_labelled(self, c: Any, label_filter: str) -> list[Any]:
+        return list(c.containers.list(filters={"label": label_filter}))
 
     async def set_link(
         self,
@@ -111,14 +73,3 @@ class DockerRuntime(Runtime):
         from testbed.runtime.docker import set_cpu_docker
 
         await set_cpu_docker(tb, node, cpus)
-
-    async def engine_version(self) -> str | None:
-        def probe() -> str | None:
-            try:
-                import docker
-
-                return str(docker.from_env(timeout=10).version().get("Version"))
-            except Exception:  # provenance only: no engine = unknown
-                return None
-
-        return await asyncio.to_thread(probe)

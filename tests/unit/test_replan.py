@@ -1,0 +1,145 @@
+"""Adaptive re-partitioning: the `repartition:` spec and the pure re-plan decision (measured
+links and node speeds in, migrate or not out) with its migration cost."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.cost.model import CostModel
+from testbed.cost.planner import make_plan
+from testbed.cost.replan import (
+    MeasuredState,
+    decide,
+    measured_topology,
+    migration_cost,
+    range_weight_bytes,
+)
+from testbed.errors import ConfigError
+from testbed.partition.bsdp import BSDP
+from testbed.spec.model_profile import load_model_profile
+from testbed.spec.plan import RequestShape
+from testbed.spec.repartition import split_pair
+from testbed.spec.scenario import load_scenario, parse_pair
+from testbed.spec.topology import load_topology
+from tests.factories import REPO, scenario_dict, topology_dict, write_yaml
+
+TOPO = load_topology(REPO / "topologies" / "three-tier.yaml")
+COST = CostModel(load_model_profile("phi-3-medium", dtype="float16"))
+SHAPE = RequestShape(prompt_tokens=1024, output_tokens=256, concurrency=8)
+STATIC = make_plan(TOPO, COST, BSDP(), SHAPE)
+
+
+def _links(edge_fog_bps: float = 100e6) -> MeasuredState:
+    up0, up1 = TOPO.uplink(0), TOPO.uplink(1)
+    assert up0 is not None and up1 is not None
+    return MeasuredState((up0.model_copy(update={"bandwidth_bps": edge_fog_bps}), up1))
+
+
+def test_nothing_changed_keeps_the_plan():
+    d = decide(STATIC.cuts, TOPO, COST, SHAPE, _links(), threshold=0.1)
+    assert not d.migrate and d.new_cuts == d.old_cuts and "still the best" in d.reason
+    assert d.old_bottleneck_s == pytest.approx(STATIC.bottleneck_s)
+
+
+def test_a_slow_access_link_moves_the_edge_blocks_off_it():
+    d = decide(STATIC.cuts, TOPO, COST, SHAPE, _links(10e6), threshold=0.1)
+    assert d.migrate and d.new_cuts[1] == 0  # the edge tier is emptied: only token ids cross
+    assert d.improvement > 0.5 and "migrate" in d.reason
+    # without empty tiers every split ships the same hidden states over the slow link
+    kept = decide(STATIC.cuts, TOPO, COST, SHAPE, _links(10e6), threshold=0.1, allow_empty=False)
+    assert not kept.migrate
+
+
+def test_the_threshold_holds_back_small_gains():
+    moved = decide(STATIC.cuts, TOPO, COST, SHAPE, _links(10e6), threshold=0.1)
+    back = decide(moved.new_cuts, TOPO, COST, SHAPE, _links(100e6), threshold=0.1)
+    assert 0 <= back.improvement < 0.1 and not back.migrate and "threshold" in back.reason
+    eager = decide(moved.new_cuts, TOPO, COST, SHAPE, _links(100e6), threshold=0.001)
+    assert eager.migrate == (eager.improvement >= 0.001) and eager.new_cuts != moved.new_cuts
+
+
+def test_measured_node_speed_moves_blocks_off_a_slow_tier():
+    slow = {n.name: 0.2 for n in TOPO.tiers[2].nodes}  # the cloud runs at a fifth of the model
+    d = decide(STATIC.cuts, TOPO, COST, SHAPE, MeasuredState(_links().links, slow), threshold=0.1)
+    assert d.migrate and d.new_cuts[2] > STATIC.cuts[2]  # fewer blocks on the cloud
+
+
+def test_measured_topology_replaces_only_the_link_fields():
+    topo = measured_topology(TOPO, _links(10e6).links)
+    assert topo.uplink(0).bandwidth_bps == 10e6 and topo.uplink(1) == TOPO.uplink(1)
+    assert topo.tiers == TOPO.tiers
+    with pytest.raises(ValueError, match="links"):
+        measured_topology(TOPO, ())
+
+
+def test_migration_loads_only_new_blocks_and_holds_the_union():
+    p = COST.profile
+    old = {"f": (1, 13), "c": (13, 40), "e": (0, 1)}
+    new = {"f": (0, 12), "c": (12, 40)}
+    m = migration_cost(COST, old, new, load_Bps=1e9)
+    assert m.load_bytes["f"] == p.block_weight_bytes() + p.embed_weight_bytes()
+    assert m.load_bytes["c"] == p.block_weight_bytes()
+    assert m.load_s == pytest.approx(max(m.load_bytes.values()) / 1e9)
+    assert m.overlap_weight_bytes["f"] == range_weight_bytes(COST, 0, 13)
+    assert m.overlap_weight_bytes["e"] == range_weight_bytes(COST, 0, 1)  # until it drains
+    assert range_weight_bytes(COST, 5, 5) == 0
+    with pytest.raises(ValueError):
+        migration_cost(COST, old, new, load_Bps=0)
+
+
+# -- the scenario field ------------------------------------------------------------------------
+def _load(tmp_path, **over):
+    write_yaml(tmp_path / "topo.yaml", topology_dict())
+    return load_scenario(write_yaml(tmp_path / "s.yaml", scenario_dict(duration="60s", **over)))
+
+
+def test_repartition_parses_with_units(tmp_path):
+    rp = _load(tmp_path, repartition={"every": "10s", "threshold": "10%"}).spec.repartition
+    assert rp is not None and rp.every_s == 10 and rp.threshold == pytest.approx(0.1)
+    assert rp.allow_empty and rp.load_bandwidth_Bps == 1e9
+    rp = _load(
+        tmp_path, repartition={"every": "5s", "threshold": "25%", "load_bandwidth": "2GB/s"}
+    ).spec.repartition
+    assert rp is not None and rp.load_bandwidth_Bps == 2e9
+
+
+BAD = [
+    ({"every": "10s"}, "repartition.threshold", "required field is missing"),
+    ({"every": "10s", "threshold": "0%"}, "repartition.threshold", "greater than 0"),
+    ({"every": "90s", "threshold": "10%"}, "repartition.every", "not shorter than the run"),
+    ({"every": 10, "threshold": "10%"}, "repartition.every", "no unit"),
+    ({"every": "10s", "threshold": "10%", "evry": 1}, "repartition", "evry"),
+]
+
+
+@pytest.mark.parametrize(("block", "field", "text"), BAD)
+def test_bad_repartition_names_the_field(tmp_path, block, field, text):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, repartition=block)
+    msg = str(err.value)
+    assert "s.yaml" in msg and field in msg and text in msg, msg
+    assert err.value.exit_code == 2
+
+
+def test_adaptive_pairs_need_a_repartition_block(tmp_path):
+    assert split_pair("bsdp+arts+adaptive") == ("bsdp+arts", True)
+    assert split_pair("bsdp+arts") == ("bsdp+arts", False)
+    ok = _load(tmp_path, compare=["bsdp+arts", "bsdp+arts+adaptive"],
+               repartition={"every": "10s", "threshold": "10%"})  # fmt: skip
+    assert ok.spec.compare[1] == "bsdp+arts+adaptive"
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, compare=["bsdp+arts+adaptive"])
+    assert "compare[0]" in str(err.value) and "repartition" in str(err.value)
+    with pytest.raises(ConfigError, match="simulator only"):
+        parse_pair("bsdp+arts+adaptive")
+
+
+def test_a_replay_refuses_to_re_partition(tmp_path):
+    from testbed.experiment.prepare import load_parts, prepare
+
+    loaded = _load(tmp_path, repartition={"every": "10s", "threshold": "10%"})
+    parts = load_parts(loaded)
+    with pytest.raises(ConfigError) as err:
+        prepare(parts)
+    assert "repartition" in str(err.value) and "simulator only" in str(err.value)
+    assert prepare(parts, "bsdp+arts").pair == "bsdp+arts"  # a static pair still replays
