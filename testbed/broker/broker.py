@@ -15,7 +15,9 @@ For each request, in order:
    the last stage returns is fed back whatever it is (EOS included). Every step's compute time
    (reported by the stage server), transfer and queueing become spans of the request's record;
    every step is fed to the scheduler as a :class:`StageCompletion` (ARTS learns capacity).
-4. **Leave**: caches released on every node of the route, the ledger uncharged.
+   ``config.transport``: ``relay`` sends every hop from here; ``forward`` sends each step to
+   the route's first stage, which passes it on stage to stage (:mod:`testbed.broker.chain`).
+4. **Leave**: the last step freed the caches on the route's nodes; the ledger is uncharged.
 
 Per node, at most ``max_inflight_per_node`` calls are outstanding (the rest wait in the broker,
 recorded as queueing): backpressure is explicit. A node that does not answer (timeout, refused,
@@ -29,11 +31,13 @@ failed with a reason; none is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
 
+from testbed.broker.chain import HopStep, HopTimes, chain_spans, hop_spans
 from testbed.broker.health import NodeHealth
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
 from testbed.broker.slo import request_view, step_options
@@ -46,12 +50,13 @@ from testbed.broker.state import (
     Tracker,
 )
 from testbed.broker.transport import (
+    ChainTransport,
     StageError,
-    StageProtocolError,
     StageRejectedError,
     StageTransport,
     StageUnreachableError,
     StepKind,
+    as_token,
     marks_node_down,
 )
 from testbed.errors import ConfigError
@@ -125,6 +130,12 @@ class Broker:
     async def start(self) -> None:
         """Open the transport and probe every node; a node that does not answer is marked down
         (and a stage with no node up is an error)."""
+        if self.config.transport == "forward" and not hasattr(self.transport, "forward_route"):
+            raise ConfigError(
+                f"transport: forward needs a stage transport that can send along a route; "
+                f"{type(self.transport).__name__} cannot (use transport: relay)",
+                field="transport",
+            )
         await self.transport.start()
         self._started = True
         await self.health.probe_at_start(self.layout.node_names())
@@ -307,15 +318,18 @@ class Broker:
         for step in range(len(tr.tokens), req.output_tokens):
             first = data is prefix
             kind: StepKind = "prefill" if first else "decode"
-            for s in range(len(route)):
-                data = await self._call(tr, pred, s, route, sid, kind, step, pos, data)
-            token = _as_token(data, route[-1])
+            if self.config.transport == "forward":
+                data = await self._chain(tr, pred, route, sid, kind, step, pos, data)
+            else:
+                for s in range(len(route)):
+                    data = await self._call(tr, pred, s, route, sid, kind, step, pos, data)
+            token = as_token(data, route[-1])
             tr.tokens.append(token)
             tr.token_times_s.append(self.now_s())
             pos += len(prefix) if first else 1
             data = [token]  # forced length: whatever the token, it is fed back
         self.ledger.leave(req.request_id)
-        await self._release(tr, route)
+        await self._release(tr, route, freed=True)  # the last step freed the caches
 
     async def _call(
         self,
@@ -331,7 +345,6 @@ class Broker:
     ) -> object:
         node = route[s]
         rid = tr.req.request_id
-        sender = route[s - 1] if s > 0 else CLIENT
         waited_from = self.now_s()
         async with self._node_slots[node]:
             t0 = self.now_s()
@@ -348,21 +361,64 @@ class Broker:
         service = min(max(res.service_s, 0.0), t1 - t0)
         queued = min(max(res.queue_s, 0.0), t1 - t0 - service)
         c0 = t1 - service
-        q0 = c0 - queued
-        tr.spans.append(
-            Span("transfer", sender, t0, q0, rid, s, kind, step, peer=node, nbytes=res.nbytes)
-        )
-        if queued > 0:
-            tr.spans.append(Span("queue", node, q0, c0, rid, s, kind, step))
-        tr.spans.append(Span("compute", node, c0, t1, rid, s, kind, step, batch=res.batch_size))
-        predicted = pred.prefill_s[node] if kind == "prefill" else pred.decode_step_s[node]
-        self.ledger.progress(rid, s, predicted)
-        self.scheduler.on_complete(StageCompletion(node, rid, predicted, service, t1, False))
+        times = HopTimes(t0, c0 - queued, c0, t1)
+        self._record_hop(tr, pred, route, times, HopStep(s, kind, step, res.nbytes, res.batch_size))
         return res.output
 
-    async def _release(self, tr: Tracker, route: Route, skip: str | None = None) -> None:
-        """Free the request's caches on its route (best effort, bounded; errors are logged) and
-        tell the scheduler the request left those nodes."""
+    async def _chain(
+        self,
+        tr: Tracker,
+        pred: Prediction,
+        route: Route,
+        sid: str,
+        kind: StepKind,
+        step: int,
+        pos: int,
+        data: object,
+    ) -> object:
+        """One step through the whole route in the forward transport (:mod:`.chain`): a slot
+        on every node of the route is held while the step is in the chain (taken in stage
+        order, so two chains never wait on each other)."""
+        rid = tr.req.request_id
+        transport: ChainTransport = self.transport  # type: ignore[assignment]  # checked in start()
+        waited_from = self.now_s()
+        async with contextlib.AsyncExitStack() as held:
+            for node in route:
+                await held.enter_async_context(self._node_slots[node])
+            t0 = self.now_s()
+            if t0 - waited_from > 1e-6:
+                tr.spans.append(Span("queue", route[0], waited_from, t0, rid, 0, kind, step))
+            for node in route:
+                if not self.ledger.book(node).up:
+                    down = self.ledger.book(node).down_reason or "marked down"
+                    raise StageUnreachableError(node, down)
+            opts = step_options(tr, t0, ordered=self.scheduler.orders_stage_queues)
+            res = await transport.forward_route(
+                route, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
+            )
+            t1 = self.now_s()
+        for s, (hop, at) in enumerate(zip(res.hops, chain_spans(t0, t1, res.hops), strict=True)):
+            self._record_hop(
+                tr, pred, route, at, HopStep(s, kind, step, hop.nbytes, hop.batch_size)
+            )
+        return res.output
+
+    def _record_hop(
+        self, tr: Tracker, pred: Prediction, route: Route, at: HopTimes, hop: HopStep
+    ) -> None:
+        """A hop's spans, its progress on the ledger, its completion for the scheduler."""
+        node, rid, s = route[hop.stage], tr.req.request_id, hop.stage
+        tr.spans.extend(hop_spans(route, rid, at, hop))
+        predicted = pred.prefill_s[node] if hop.kind == "prefill" else pred.decode_step_s[node]
+        self.ledger.progress(rid, s, predicted)
+        done = StageCompletion(node, rid, predicted, at.compute_s, at.compute_end_s, False)
+        self.scheduler.on_complete(done)
+
+    async def _release(
+        self, tr: Tracker, route: Route, skip: str | None = None, *, freed: bool = False
+    ) -> None:
+        """Free the request's caches on its route (best effort, bounded; errors are logged;
+        not when its last step ``freed`` them) and tell the scheduler it left those nodes."""
         sid = self._stage_id(tr)
 
         async def one(node: str) -> None:
@@ -373,7 +429,7 @@ class Broker:
 
         async with asyncio.TaskGroup() as tg:
             for n in route:
-                if n != skip and self.ledger.book(n).up:
+                if not freed and n != skip and self.ledger.book(n).up:
                     tg.create_task(one(n))
         now = self.now_s()
         for n in route:  # nothing new to learn (no work, no time): only "it left"
@@ -389,11 +445,3 @@ class Broker:
         self._records[tr.req.request_id] = rec
         if self.on_record is not None:
             self.on_record(rec)
-
-
-def _as_token(data: object, node: str) -> int:
-    if isinstance(data, int) and not isinstance(data, bool):
-        return data
-    if isinstance(data, list | tuple) and len(data) == 1 and isinstance(data[0], int):
-        return int(data[0])
-    raise StageProtocolError(node, f"the last stage returned {type(data).__name__}, not a token id")

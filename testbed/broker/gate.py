@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from testbed.broker.transport import (
     NO_OPTIONS,
+    ChainTransport,
+    RouteResult,
     StageTimeoutError,
     StageTransport,
     StepKind,
@@ -72,6 +74,26 @@ class GatedTransport:
         left = await self._through(node, timeout_s, f"{kind} step of {request_id!r}")
         return await self.inner.forward(
             node, request_id, kind, start_pos, data, timeout_s=left, options=options
+        )
+
+    async def forward_route(
+        self,
+        route: Sequence[str],
+        request_id: str,
+        kind: StepKind,
+        start_pos: int,
+        data: object,
+        *,
+        timeout_s: float,
+        options: StepOptions = NO_OPTIONS,
+    ) -> RouteResult:
+        """Held while any node of the route is cut off (checked when the step is sent)."""
+        inner: ChainTransport = self.inner  # type: ignore[assignment]
+        left = timeout_s
+        for node in route:
+            left = await self._through(node, left, f"{kind} step of {request_id!r}")
+        return await inner.forward_route(
+            route, request_id, kind, start_pos, data, timeout_s=left, options=options
         )
 
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None:

@@ -33,12 +33,14 @@ def request_view(req: TraceRequest, pred: Prediction, cls: RequestClass | None) 
 
 def step_options(tr: Tracker, now_s: float, *, ordered: bool) -> StepOptions:
     """What the request's next step tells its stage: always its class name; its priority and
-    slack only when the scheduler orders the stages' queues (``ordered``)."""
+    slack only when the scheduler orders the stages' queues (``ordered``); on its last step,
+    to free its cache once computed (no release message after it)."""
     cls = tr.slo_class
     return StepOptions(
         slo_class=None if cls is None else cls.name,
         priority=0 if cls is None or not ordered else cls.priority,
         slack_s=None if cls is None or not ordered else slack_s(tr, now_s),
+        release=len(tr.tokens) >= tr.req.output_tokens - 1,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from testbed.errors import ConfigError
 from testbed.metrics.records import RequestRecord, Span, totals_from_spans
@@ -39,6 +39,9 @@ class BrokerConfig:
     classes: tuple[RequestClass, ...] = ()  # request classes (scenario ``classes``)
     class_seed: int = 0  # seeds each request's class draw (testbed.spec.classes.class_of)
     probe_interval_s: float = 1.0  # how often a node marked down is probed for re-admission
+    # relay: the broker sends every hop (stage -> broker -> next stage); forward: a step goes
+    # to the route's first stage and the stages pass it on (testbed.broker.chain)
+    transport: Literal["relay", "forward"] = "relay"
 
     def __post_init__(self) -> None:
         for name in (
@@ -52,6 +55,10 @@ class BrokerConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}", field=name)
         if self.max_inflight_per_node < 1 or self.max_active_requests < 1:
             raise ConfigError("max_inflight_per_node and max_active_requests must be >= 1")
+        if self.transport not in ("relay", "forward"):
+            raise ConfigError(
+                f"transport {self.transport!r} is not one of relay, forward", field="transport"
+            )
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
 

@@ -44,6 +44,16 @@ class StepResult:
     link_s: float = 0.0  # time spent in the emulated link hook before the send
     nbytes: int = 0  # request body bytes sent
     batch_size: int | None = None  # requests in the stage's batched step (None: not reported)
+    wall_s: float = 0.0  # send start -> answer read at the sender (0 when not reported)
+    forward_s: float = 0.0  # forward transport: seconds the stage spent passing the step on
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """A step through a whole route in the forward transport (:mod:`testbed.broker.chain`)."""
+
+    output: object  # the last stage's token id
+    hops: tuple[StepResult, ...]  # one per stage of the route, as each hop's sender measured it
 
 
 class StageTransport(Protocol):
@@ -68,10 +78,28 @@ class StageTransport(Protocol):
     async def release(self, node: str, request_id: str, *, timeout_s: float) -> None: ...
 
 
+class ChainTransport(StageTransport, Protocol):
+    """A transport that can also send a step along a whole route, stage to stage."""
+
+    async def forward_route(
+        self,
+        route: Sequence[str],
+        request_id: str,
+        kind: StepKind,
+        start_pos: int,
+        data: object,
+        *,
+        timeout_s: float,
+        options: StepOptions = NO_OPTIONS,
+    ) -> RouteResult: ...
+
+
 # The errors a transport raises (re-exported for the broker and other transports).
 __all__ = [
     "NO_OPTIONS",
+    "ChainTransport",
     "ErrorCode",
+    "RouteResult",
     "StageError",
     "StageProtocolError",
     "StageRejectedError",
@@ -93,3 +121,12 @@ def token_ids(data: object) -> Sequence[int] | None:
 
 
 NodeMap = Mapping[str, str]  # node -> base URL
+
+
+def as_token(data: object, node: str) -> int:
+    """The last stage's output as a token id (:class:`StageProtocolError` when it is none)."""
+    if isinstance(data, int) and not isinstance(data, bool):
+        return data
+    if isinstance(data, list | tuple) and len(data) == 1 and isinstance(data[0], int):
+        return int(data[0])
+    raise StageProtocolError(node, f"the last stage returned {type(data).__name__}, not a token id")

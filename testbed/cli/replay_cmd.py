@@ -27,6 +27,11 @@ def _check_runtime(name: str | None) -> None:
             raise ConfigError(str(exc), field="--runtime") from None
 
 
+def _check_transport(name: str | None) -> None:
+    if name is not None and name not in ("relay", "forward"):
+        raise ConfigError(f"{name!r} is not a transport; use relay or forward", field="--transport")
+
+
 def _summary_and_paths_of(summary: Summary, label: str) -> None:
     from testbed.metrics.compare import summary_table
 
@@ -84,6 +89,14 @@ def replay_cmd(
         str | None,
         typer.Option("--policy", help="PARTITIONER+SCHEDULER instead of the scenario's"),
     ] = None,
+    transport: Annotated[
+        str | None,
+        typer.Option(
+            "--transport",
+            help="relay: the broker carries every hop; forward: stage to stage "
+            "(local runtime); default: the scenario's",
+        ),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ) -> None:
     """Replay the scenario's workload through the testbed and write a results folder."""
@@ -91,6 +104,7 @@ def replay_cmd(
     from testbed.spec.scenario import load_scenario
 
     _check_runtime(runtime)
+    _check_transport(transport)
     loaded = load_scenario(scenario)
     opts = ReplayOptions(
         run_id=run_id,
@@ -99,6 +113,7 @@ def replay_cmd(
         output=output.resolve() if output else None,
         requests=requests,
         progress=not no_progress,
+        transport=transport,
     )
     run = run_async(replay_scenario(loaded, opts, console, pair=policy))
     _summary_and_paths_of(run.summary, run.label)
@@ -135,6 +150,14 @@ def compare_cmd(
             "--strict", help="emulated runs: fail (exit 1) when over 1 % of steps overran"
         ),
     ] = False,
+    transport: Annotated[
+        str | None,
+        typer.Option(
+            "--transport",
+            help="relay: the broker carries every hop; forward: stage to stage "
+            "(local runtime); default: the scenario's",
+        ),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="in simulated time")] = False,
 ) -> None:
@@ -151,6 +174,7 @@ def compare_cmd(
     from testbed.spec.scenario import load_scenario
 
     _check_runtime(runtime)
+    _check_transport(transport)
     loaded = load_scenario(scenario)
     pairs = (
         [p.strip() for p in policies.split(",") if p.strip()]
@@ -163,6 +187,7 @@ def compare_cmd(
         output=output.resolve() if output else None,
         requests=requests,
         progress=not no_progress,
+        transport=transport,
     )
     res = run_async(compare_scenario(loaded, pairs, opts, console))
     labels = [r.label for r in res.runs]

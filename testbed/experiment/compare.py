@@ -81,6 +81,7 @@ async def compare_scenario(
                 console=console,
                 progress=opts.progress,
                 plots=opts.plots,
+                transport=opts.transport,
             )
             runs.append(run)
     finally:

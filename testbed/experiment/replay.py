@@ -22,6 +22,7 @@ from testbed.broker.broker import Broker, BrokerConfig, BrokerResult, NodeEvent
 from testbed.broker.gate import GatedTransport
 from testbed.broker.http import HttpStageTransport
 from testbed.broker.layout import Layout, WorkPredictor
+from testbed.errors import ConfigError
 from testbed.experiment.lifecycle import testbed_for
 from testbed.experiment.prepare import Prepared, load_parts, prepare, with_model_dir
 from testbed.experiment.provenance import run_metadata, testbed_description
@@ -54,11 +55,34 @@ class ReplayRun:
 
 def make_transport(tb: RunningTestbed) -> GatedTransport:
     """HTTP to every stage node through its app-level hop hook; a node partitioned at app
-    level (a timeline event, non-kernel shaping) holds its messages (:mod:`testbed.broker.gate`)."""
+    level (a timeline event, non-kernel shaping) holds its messages (:mod:`testbed.broker.gate`).
+    In the forward transport the same hooks' shapes travel with each step's route, and the
+    stage sending a hop shapes it."""
     urls = {n.name: n.url for n in tb.stage_nodes()}
-    hooks = {n: tb.hook_for(n) for n in urls}
-    http = HttpStageTransport(urls, {n: h.before_send for n, h in hooks.items() if h is not None})
+    hooks = {n: h for n in urls if (h := tb.hook_for(n)) is not None}
+    http = HttpStageTransport(
+        urls, {n: h.before_send for n, h in hooks.items()}, shapers=hooks, seed=tb.seed
+    )
     return GatedTransport(http, lambda node: tb.nodes[node].partitioned)
+
+
+FORWARD_RUNTIMES = ("local",)  # runtimes whose stages reach each other at their URLs
+
+
+def broker_config(
+    config: BrokerConfig, spec_transport: str, transport: str | None, tb: RunningTestbed
+) -> BrokerConfig:
+    """``config`` with the run's transport (``--transport``, else the scenario's), checked
+    against the runtime: stages must reach each other to forward."""
+    chosen = transport or spec_transport
+    if chosen == "forward" and tb.runtime not in FORWARD_RUNTIMES:
+        raise ConfigError(
+            f"transport: forward needs stages that reach each other; the {tb.runtime} runtime "
+            "puts each tier on its own network with no route between tiers. Use "
+            f"transport: relay, or runtime: {' / '.join(FORWARD_RUNTIMES)}",
+            field="transport",
+        )
+    return replace(config, transport=chosen)  # type: ignore[arg-type]
 
 
 class RecordStream:
@@ -200,15 +224,17 @@ async def replay_once(
     console: Console,
     progress: bool = True,
     plots: bool = True,
+    transport: str | None = None,
 ) -> ReplayRun:
-    """Replay against the running testbed ``tb`` and write the results folder."""
+    """Replay against the running testbed ``tb`` and write the results folder; ``transport``
+    (relay | forward) overrides the scenario's."""
     from testbed.emulation import fidelity
     from testbed.emulation.dilation import undilate_records
     from testbed.emulation.report import fidelity_line, load_line, offered_load, overrun_warning
     from testbed.metrics.report import write_run_report
 
     k = prep.dilation
-    config = config or BrokerConfig()
+    config = broker_config(config or BrokerConfig(), prep.loaded.spec.transport, transport, tb)
     if prep.loaded.spec.classes and not config.classes:  # the scenario's request classes
         config = replace(config, classes=prep.loaded.spec.classes, class_seed=prep.loaded.spec.seed)
     layout = Layout.from_running(tb, prep.topology, prep.cost)
@@ -276,6 +302,7 @@ async def replay_once(
             "testbed_run_id": tb.run_id,
             "runtime": tb.runtime,
             "shaping": tb.backend,
+            "transport": config.transport,
             "routed": result.routed,
             "node_events": [asdict(e) for e in result.node_events],
             "not_admitted": result.not_admitted,
@@ -324,6 +351,7 @@ class ReplayOptions:
     progress: bool = True
     plots: bool = True
     health_timeout_s: float = 300.0
+    transport: str | None = None  # relay | forward (--transport); default: the scenario's
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 
 
@@ -363,4 +391,5 @@ async def replay_scenario(
             console=console,
             progress=opts.progress,
             plots=opts.plots,
+            transport=opts.transport,
         )

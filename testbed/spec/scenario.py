@@ -101,6 +101,9 @@ class Scenario(BaseModel):
     max_batch: int | None = None
     # adaptive re-partitioning (simulated runs; testbed.spec.repartition); None: a static plan
     repartition: RepartitionSpec | None = None
+    # how hidden states travel: relay (stage -> broker -> next stage) or forward (stage to
+    # stage, the token back along the chain; local runtime only), see testbed.broker.chain
+    transport: Literal["relay", "forward"] = "relay"
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))
 

@@ -33,6 +33,7 @@ from testbed.stage.errors import (
 from testbed.stage.forward import NO_OPTIONS, StepOptions
 from testbed.stage.hooks import HopHook, SendHook, as_send_hook
 from testbed.stage.payload import WirePayload
+from testbed.stage.route import RouteHop, chain_error, route_to_meta
 from testbed.stage.wire import (
     WireFormatError,
     WireLimits,
@@ -80,6 +81,8 @@ class ForwardResult:
     bytes_sent: int
     bytes_received: int
     batch_size: int = 1  # requests in the stage's batched step that computed this one
+    hops: tuple[dict[str, Any], ...] = ()  # a chain: each later hop's timings (stage.route)
+    forward_s: float = 0.0  # a chain: seconds the stage spent passing the step on
 
     @property
     def transfer_s(self) -> float:
@@ -258,6 +261,9 @@ class StageClient:
         self._tcp_pool.append(conn)
         status = msg.meta.get("status", 200)
         if status != 200:
+            downstream = chain_error(msg.meta)  # a stage further down the route failed
+            if downstream is not None:
+                raise downstream
             code = parse_code(msg.meta.get("code"))
             raise StageRejectedError(
                 self.name, int(status), code, str(msg.meta.get("error", "error"))
@@ -294,16 +300,23 @@ class StageClient:
         want_logits: bool = False,
         timeout_s: float | None = None,
         options: StepOptions = NO_OPTIONS,
+        route: Sequence[RouteHop] = (),
+        chain_timeout_s: float | None = None,
     ) -> ForwardResult:
         """Send one prefill/decode step: token ids (first stage) or hidden states.
 
         ``options``: the request's class, its priority (higher is batched first) and the
         seconds this step may wait and still meet its SLO (least slack is batched first among
-        equal priorities)."""
+        equal priorities). ``route``: the stages after this one; the stage forwards its output
+        along them and answers with the last one's token (:mod:`testbed.stage.route`), within
+        ``chain_timeout_s``."""
         meta: dict[str, Any] = {"request_id": request_id, "kind": kind, "start_pos": start_pos}
         if want_logits:
             meta["want_logits"] = True
         meta.update(options.to_meta())
+        if route:
+            meta["route"] = route_to_meta(route)
+            meta["timeout_s"] = chain_timeout_s if chain_timeout_s is not None else self.timeout_s
         parts = encode_parts(meta, {"input": _input_tensor(data)})
         nbytes = sum(p.nbytes for p in parts)
         use_tcp = await self._use_tcp()
@@ -359,6 +372,8 @@ class StageClient:
                 bytes_sent=nbytes,
                 bytes_received=msg.nbytes,
                 batch_size=int(meta_out.get("batch_size", 1)),
+                hops=tuple(meta_out.get("hops", ())),
+                forward_s=float(meta_out.get("forward_s", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StageProtocolError(self.name, f"response meta lacks {exc}") from None
@@ -382,6 +397,9 @@ async def _raise_for_status(stage: str, resp: aiohttp.ClientResponse) -> None:
         body = json.loads(text)
     except ValueError:
         body = None
+    downstream = chain_error(body) if isinstance(body, dict) else None
+    if downstream is not None:  # a stage further down the route failed
+        raise downstream
     if isinstance(body, dict) and "error" in body:
         reason = str(body["error"])
         code = parse_code(body.get("code"))

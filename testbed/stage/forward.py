@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from testbed.model.contract import ExecutorInputError
+from testbed.stage.route import RouteHop, parse_route, parse_timeout
 from testbed.stage.wire import WireMessage
 
 MAX_REQUEST_ID = 128
@@ -23,6 +24,9 @@ _META_KEYS = {
     "class",
     "priority",
     "slack_s",
+    "route",
+    "timeout_s",
+    "release",
 }
 
 
@@ -38,6 +42,7 @@ class StepOptions:
     slo_class: str | None = None  # the request's class (scenario ``classes``), for metrics
     priority: int = 0  # higher is batched first
     slack_s: float | None = None  # seconds this step may wait and still meet its SLO
+    release: bool = False  # the request's last step: free its cache once computed
 
     def to_meta(self) -> dict[str, Any]:
         """The options as /forward meta keys (defaults left out)."""
@@ -48,6 +53,8 @@ class StepOptions:
             meta["priority"] = self.priority
         if self.slack_s is not None:
             meta["slack_s"] = self.slack_s
+        if self.release:
+            meta["release"] = True
         return meta
 
 
@@ -64,6 +71,8 @@ class ForwardRequest:
     want_logits: bool
     input: torch.Tensor  # token ids int64[1, q] (first stage) or hidden states float[1, q, H]
     options: StepOptions = NO_OPTIONS  # class, priority and slack (the batch order)
+    route: tuple[RouteHop, ...] = ()  # the stages after this one (the forward transport)
+    timeout_s: float | None = None  # what is left of the caller's timeout for the chain
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,14 @@ def parse_forward(msg: WireMessage) -> ForwardRequest:
     # finiteness is checked by the executor's step validator (check_step), on the values it
     # computes with: an emulated device's wire tensor is packed bytes, not values
     return ForwardRequest(
-        rid, kind, start_pos, want_logits, msg.tensors["input"], parse_options(meta)
+        rid,
+        kind,
+        start_pos,
+        want_logits,
+        msg.tensors["input"],
+        parse_options(meta),
+        parse_route(meta.get("route", [])),
+        parse_timeout(meta.get("timeout_s")),
     )
 
 
@@ -116,4 +132,7 @@ def parse_options(meta: dict[str, Any]) -> StepOptions:
         isinstance(slack, bool) or not isinstance(slack, (int, float)) or slack != slack
     ):
         raise ExecutorInputError(f"meta.slack_s must be a number of seconds, got {slack!r}")
-    return StepOptions(cls, priority, None if slack is None else float(slack))
+    release = meta.get("release", False)
+    if not isinstance(release, bool):
+        raise ExecutorInputError(f"meta.release must be true or false, got {release!r}")
+    return StepOptions(cls, priority, None if slack is None else float(slack), release)

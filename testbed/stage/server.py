@@ -49,6 +49,7 @@ from testbed.stage.batcher import Pending, StepQueue
 from testbed.stage.config import StageConfig
 from testbed.stage.errors import ErrorCode, StageRejectedError, status_and_code
 from testbed.stage.forward import ForwardReply, ForwardRequest, parse_forward
+from testbed.stage.forwarder import Forwarder
 from testbed.stage.info import emulation_response, info_body, load_executor
 from testbed.stage.info import error_response as _error
 from testbed.stage.intake import JSON_BODY_MAX_BYTES, READ_BUFSIZE_BYTES, Intake
@@ -60,7 +61,7 @@ from testbed.stage.slots import RecentRequests
 from testbed.stage.steps import encode_reply, run_batch
 from testbed.stage.tasks import cancel_and_wait
 from testbed.stage.tensor_port import TensorPortServer, start_tensor_port
-from testbed.stage.wire import WireMessage
+from testbed.stage.wire import WireMessage, encode_parts
 
 __all__ = ["StageConfig", "StageServer"]  # StageConfig lives in testbed.stage.config
 
@@ -89,6 +90,7 @@ class StageServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
         self._tensor_server: TensorPortServer | None = None
+        self.forwarder = Forwarder(config.label, config.limits)  # steps that carry a route
         self.port: int | None = None
         self.tensor_port: int | None = None
         self.warmup: WarmUp | None = None  # what the warm-up after loading ran (None: skipped)
@@ -176,6 +178,7 @@ class StageServer:
             await runner.cleanup()
         if self._queue is not None:
             await self._queue.aclose()
+        await self.forwarder.aclose()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> StageServer:
@@ -371,6 +374,7 @@ class StageServer:
 
         Shared by the HTTP route and the tensor port. `admitted`: capacity already checked.
         """
+        received_at = time.monotonic()
         if not admitted:
             self._admit()
         self._metrics.bytes_in += msg.nbytes
@@ -387,7 +391,11 @@ class StageServer:
                     self._waiting -= 1
                     waiting = False
                     done = await self._queue.submit(req)
-                    reply, compute_s = self._reply(req, done.future.result(), done)
+                    out = done.future.result()
+                    reply, compute_s = self._reply(req, out, done)
+                    if req.options.release:  # the request's last step: no /release to wait for
+                        ex.release(req.request_id)
+                        self._recent.forget(req.request_id)
             except Exception as exc:  # a refusal or a model failure: report it, keep serving
                 raise self._refuse_exc(exc) from None
             if not ex.has_request(req.request_id):
@@ -398,10 +406,28 @@ class StageServer:
                 compute_s,
                 sum(p.nbytes for p in reply.parts),
             )
+            if req.route:  # the forward transport: on to the next stage, its token back
+                reply = await self._pass_on(req, out, reply, received_at)
             return reply
         finally:
             if waiting:
                 self._waiting -= 1
+
+    async def _pass_on(
+        self, req: ForwardRequest, out: StepOutput, reply: ForwardReply, received_at: float
+    ) -> ForwardReply:
+        """Send the step's hidden states along its route; this stage's answer carries the
+        chain's token and every later hop's timings (:mod:`testbed.stage.route`)."""
+        if out.hidden is None:
+            raise self._refuse(
+                400,
+                ErrorCode.BAD_INPUT,
+                f"stage {self.config.label} is the last stage; the step's route goes on to "
+                f"{req.route[0].node}",
+            )
+        chain = await self.forwarder.pass_on(req, out.hidden, received_at)
+        meta = reply.meta | chain
+        return ForwardReply(meta, encode_parts(meta))
 
     async def _run_batch(self, steps: list[BatchStep]) -> list[StepOutput | Exception]:
         """One batch on a worker thread (the step queue's runner)."""

@@ -1,6 +1,7 @@
 """`testbed replay` / `testbed compare` end to end with `--runtime local`: the generated tiny
 model in real stage processes on loopback, a window of the shipped Azure trace, the broker,
-the results folder; and a stage process killed mid-run."""
+the results folder; the forward transport (same tokens as the relay, links paid stage to
+stage); and a stage process killed mid-run."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pytest
 import yaml
 from rich.console import Console
 
-from testbed.broker.broker import Broker, BrokerConfig
+from testbed.broker.broker import Broker, BrokerConfig, BrokerResult
 from testbed.broker.layout import Layout, WorkPredictor
+from testbed.broker.state import Tracker
 from testbed.experiment.compare import compare_scenario
 from testbed.experiment.lifecycle import bring_up, take_down
 from testbed.experiment.prepare import prepare
@@ -141,6 +143,69 @@ async def test_replay_of_a_trace_window_through_the_tiny_testbed(testbed: Any) -
     assert {n["name"] for n in cfg["testbed"]["nodes"]} == {"edge-1", "edge-2", "fog-1", "cloud-1"}
     trace = json.loads((out / "trace.json").read_text())
     assert any(e.get("ph") == "X" for e in trace["traceEvents"])
+
+
+class _TokenBroker(Broker):
+    """The broker, keeping each request's generated token ids (records keep only times)."""
+
+    tokens: dict[int, list[int]]
+
+    def _finish(self, tr: Tracker, status: str, reason: str | None = None) -> None:
+        self.tokens = getattr(self, "tokens", {})
+        self.tokens[tr.req.request_id] = list(tr.tokens)
+        super()._finish(tr, status, reason)
+
+
+async def _tokens(tb: Any, prep: Any, transport: str) -> tuple[dict[int, list[int]], BrokerResult]:
+    layout = Layout.from_running(tb, prep.topology, prep.cost)
+    broker = _TokenBroker(
+        layout,
+        WorkPredictor(layout, prep.cost),
+        prep.make_scheduler(),
+        make_transport(tb),
+        prep.prompt_fn(),
+        config=BrokerConfig(call_timeout_s=20.0, transport=transport),  # type: ignore[arg-type]
+    )
+    async with broker:
+        res = await broker.run(prep.requests)
+    return broker.tokens, res
+
+
+async def test_forwarding_gives_the_relays_tokens(testbed: Any) -> None:
+    """The same requests relayed by the broker and forwarded stage to stage (the forward
+    transport: testbed.broker.chain) give the same tokens."""
+    tb, _, prep, _ = testbed
+    relayed, r_res = await _tokens(tb, prep, "relay")
+    forwarded, f_res = await _tokens(tb, prep, "forward")
+    for res in (r_res, f_res):
+        assert all(r.status == "completed" for r in res.records), [r.reason for r in res.records]
+    assert set(relayed) == {q.request_id for q in prep.requests}
+    assert forwarded == relayed
+    for q in prep.requests:
+        assert len(forwarded[q.request_id]) == q.output_tokens
+    # the model's tokens, not a constant: the greedy continuations differ between prompts
+    assert len({tuple(t) for t in forwarded.values()}) > 1
+
+
+async def test_a_forwarded_replay_records_every_hop_and_pays_the_links(testbed: Any) -> None:
+    tb, _, prep, tmp = testbed
+    console = Console(quiet=True)
+    run = await replay_once(
+        prep, tb, tmp / "fwd", console=console, progress=False, plots=False, transport="forward"
+    )
+    assert run.summary.completed == len(prep.requests) and run.summary.failed == 0
+    for r, q in zip(run.records, prep.requests, strict=True):
+        assert len(r.token_times_s) == q.output_tokens
+        assert set(r.stage_compute_s) == set(r.route)
+        # each hop costs at least its round trip per step, paid by the stage that sends it
+        # (edge->fog 2 x (5 +- 1) ms, fog->cloud 2 x 10 ms)
+        assert r.hop_transfer_s[f"{r.route[0]}->fog-1"] >= 0.008 * q.output_tokens
+        assert r.hop_transfer_s["fog-1->cloud-1"] >= 0.019 * q.output_tokens
+        assert r.ttft_s is not None and r.ttft_s >= 0.028  # one prefill: both round trips
+    summary = json.loads((run.out_dir / "summary.json").read_text())
+    assert summary["run"]["transport"] == "forward"
+    cfg = json.loads((run.out_dir / "config.json").read_text())
+    assert cfg["broker"]["transport"] == "forward" and cfg["scenario"]["transport"] == "relay"
 
 
 async def test_a_killed_stage_process_reroutes_or_fails_its_requests(testbed: Any) -> None:
