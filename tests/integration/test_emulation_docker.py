@@ -60,7 +60,9 @@ def test_emulated_replay_through_containers(tmp_path: Path, monkeypatch: pytest.
     steps = sum(r.output_tokens for r in run.records) * len(run.records[0].route)
     assert 0 < em["steps"] <= steps
     assert em["dilation"] == 10
-    assert em["overrun_fraction"] < 0.25, em
+    # warmed-up stages at dilation 10: 0 of 96 windows overran here under load 7 (9.4 % before
+    # the warm-up); allow 2 for a noisy host, the target of 1 % is the benchmark's
+    assert em["overrun_fraction"] < 0.03, em
     summary = json.loads((run.out_dir / "summary.json").read_text())
     assert summary["emulation"]["steps"] == em["steps"]
     assert summary["load"]["bottleneck_utilisation"] < 1
