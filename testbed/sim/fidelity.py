@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,44 +157,57 @@ def run_setup(
     records: Sequence[RequestRecord],
     profile: CalibratedProfile,
 ) -> Any:
-    """A :class:`~testbed.sim.run.SimSetup` of the run: its scenario file (as recorded), its
-    plan, its policies, its requests, and ``profile`` for the step times."""
+    """A :class:`~testbed.sim.run.SimSetup` of the run, from its ``config.json`` alone (the
+    scenario file may have changed or gone since): the scenario, topology and model profile as
+    resolved for the run, its plan, its policies, its requests, and ``profile`` for the step
+    times. A measured profile the scenario named (cost-model predictions) is read if still there."""
     from testbed.broker.layout import Layout
-    from testbed.experiment.prepare import Prepared, load_parts
+    from testbed.cost.model import CostModel
+    from testbed.experiment.prepare import Prepared
     from testbed.sim.run import SimSetup
-    from testbed.spec.batching import with_max_batch
+    from testbed.spec.model_profile import ModelProfile
     from testbed.spec.plan import Plan
-    from testbed.spec.scenario import load_scenario, policies
+    from testbed.spec.scenario import LoadedScenario, Scenario, policies
+    from testbed.spec.topology import Topology
+    from testbed.workload.request import Workload, WorkloadStats
 
-    scen = cfg["scenario"]
-    path = Path(str(scen.get("path", "")))
-    if not path.is_file():
-        raise ConfigError(
-            f"the run's scenario file {str(path)!r} is gone; fidelity re-reads it (topology, "
-            "model, policies) and checks it against the copy in config.json",
-            source=str(Path(run_dir) / "config.json"),
-        )
-    loaded = load_scenario(path)
-    recorded = {k: v for k, v in scen.items() if k != "path"}
-    now = loaded.spec.model_dump(mode="json", by_alias=False)
-    changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
-    if changed:
-        raise ConfigError(
-            f"{path} changed since the run ({', '.join(changed)} differ from config.json); "
-            "restore it to compare with this run"
-        )
-    parts = replace(load_parts(loaded, simulate=True), calibrated=profile)
-    pair = f"{cfg['partitioner']['name']}+{cfg['scheduler']['name']}"
-    part, part_params, sched, _ = policies(loaded.spec, pair)
+    src = str(Path(run_dir) / "config.json")
+    try:
+        scen = dict(cfg["scenario"])
+        path = Path(str(scen.pop("path", run_dir)))
+        spec = Scenario.model_validate(scen)
+        topo_cfg = dict(cfg["topology"])
+        topo_path = Path(str(topo_cfg.pop("path", "")))
+        topology = Topology.model_validate(topo_cfg)  # as run: every node's max_batch resolved
+        model = ModelProfile.model_validate(cfg["model_profile"])
+        plan = Plan.model_validate(cfg["plan"])
+        pair = f"{cfg['partitioner']['name']}+{cfg['scheduler']['name']}"
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{exc}; is this a run folder of `testbed replay`?", source=src) from None
+    loaded = LoadedScenario(spec, path, topo_path, workload=spec.workload)
+    part, part_params, sched, _ = policies(spec, pair)
     sched_params = dict((cfg.get("scheduler") or {}).get("params") or {})
-    plan = Plan.model_validate(cfg["plan"])
+    reqs = run_requests(records)
     prep = Prepared(
-        loaded, part, dict(part_params), sched, sched_params,
-        with_max_batch(parts.topology, loaded.spec.max_batch), None, parts.profile, parts.cost,
-        plan, parts.workload, run_requests(records), calibrated=profile,
+        loaded, part, dict(part_params), sched, sched_params, topology, None, model,
+        CostModel(model, _measured(loaded)), plan, Workload(reqs, WorkloadStats()), reqs,
+        calibrated=profile,
     )  # fmt: skip
-    urls = {n.name: f"sim://{n.name}" for _, n in prep.topology.nodes()}
-    return SimSetup(prep, Layout.from_plan(plan, prep.topology, urls, prep.cost))
+    urls = {n.name: f"sim://{n.name}" for _, n in topology.nodes()}
+    return SimSetup(prep, Layout.from_plan(plan, topology, urls, prep.cost))
+
+
+def _measured(loaded: Any) -> Any:
+    """The scenario's measured profile (`testbed profile`) if it named one that is still there."""
+    from testbed.sim.steps import is_calibrated_profile
+    from testbed.spec.model_profile import load_measured_profile
+
+    if loaded.spec.profile is None:
+        return None
+    path = loaded.resolve(loaded.spec.profile)
+    if not path.is_file() or is_calibrated_profile(path):
+        return None
+    return load_measured_profile(path)
 
 
 # -- the comparison ------------------------------------------------------------------------------
