@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from testbed.errors import ConfigError
-from testbed.metrics.records import RequestRecord
+from testbed.metrics.records import RequestRecord, Span
+from testbed.sim.calibrate import batch_rows, call_excess_s, fit_profile
 from testbed.sim.fidelity import (
     Tolerances,
     compare_summaries,
@@ -18,6 +19,7 @@ from testbed.sim.fidelity import (
     run_requests,
     served_max_batch,
 )
+from testbed.spec.topology import LinkSpec
 
 
 def _summary(p50: float, p99: float, util: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -119,3 +121,79 @@ def test_a_simulated_or_foreign_folder_is_refused(tmp_path: Any) -> None:
     (tmp_path / "config.json").write_text('{"scenario": {}}')
     with pytest.raises(ConfigError, match="no 'plan'"):
         read_config(tmp_path)
+
+
+# -- calibration of batched runs -----------------------------------------------------------------
+def _rec(rid: int, p: int, spans: list[Span], route: tuple[str, ...] = ("n1",)) -> RequestRecord:
+    return RequestRecord(
+        rid, 0.0, "completed", p, 4, route, token_times_s=(1.0,), spans=tuple(spans)
+    )
+
+
+def test_batched_steps_are_one_row_per_forward() -> None:
+    # requests 0 and 1 decode together twice (batch 2, 0.05 s; spans start 1 ms apart, as the
+    # broker places them), request 2 prefills alone; a later forward of the same size and length
+    # is a row of its own
+    recs = [
+        _rec(0, 10, [Span("compute", "n1", 1.000, 1.050, 0, 0, "decode", 1, batch=2),
+                     Span("compute", "n1", 2.000, 2.050, 0, 0, "decode", 2, batch=2)]),
+        _rec(1, 20, [Span("compute", "n1", 1.001, 1.051, 1, 0, "decode", 3, batch=2),
+                     Span("compute", "n1", 2.001, 2.051, 1, 0, "decode", 4, batch=2)]),
+        _rec(2, 30, [Span("compute", "n1", 0.0, 0.2, 2, 0, "prefill", 0, batch=1)]),
+    ]  # fmt: skip
+    rows = sorted(batch_rows(recs)["n1"])
+    want = [(2, 10 + 22, 0.05), (2, 11 + 23, 0.05), (30, 0, 0.2)]
+    assert [r[:2] for r in rows] == [w[:2] for w in want]
+    assert [r[2] for r in rows] == pytest.approx([w[2] for w in want])
+
+
+def test_fit_recovers_a_per_forward_line_from_batches() -> None:
+    fixed, per_tok, per_ctx = 0.08, 1e-3, 2e-5
+    recs: dict[int, list[Span]] = {i: [] for i in range(4)}
+    prompts = {i: 10 + 5 * i for i in range(4)}
+    t = 0.0
+    for k in range(1, 6):  # decode step k of 1..4 requests batched together
+        members = list(range(1 + k % 4))
+        ctx = sum(prompts[i] + k - 1 for i in members)
+        d = fixed + per_tok * len(members) + per_ctx * ctx
+        for j, i in enumerate(members):
+            recs[i].append(Span("compute", "n1", t + j * 1e-3, t + d + j * 1e-3, i, 0, "decode", k, batch=len(members)))  # fmt: skip
+        t += 1.0
+    for i in range(4):  # every prefill alone
+        d = fixed + per_tok * prompts[i]
+        recs[i].append(Span("compute", "n1", t, t + d, i, 0, "prefill", 0, batch=1))
+        t += 1.0
+    prof = fit_profile([_rec(i, prompts[i], recs[i]) for i in range(4)])
+    f = prof.nodes["n1"]
+    assert (f.fixed_s, f.per_token_s, f.per_context_s) == pytest.approx(
+        (fixed, per_tok, per_ctx), rel=1e-6
+    )
+    assert f.samples == 5 + 4  # forwards, not steps
+
+
+def test_call_overhead_is_the_mean_excess_over_the_link_model() -> None:
+    link = LinkSpec(bandwidth="8Mbit", delay="10ms")
+    extra = 0.003
+    # one decode step through n1 -> n2: the call into n1 (no link), the call into n2 (one way
+    # + 1000 bytes at 1 MB/s, and the token's way back, charged to the last call)
+    spans = [
+        Span("transfer", "client", 0.0, extra, 0, 0, "decode", 1, peer="n1", nbytes=10),
+        Span("transfer", "n1", 0.1, 0.1 + 0.01 + 0.001 + 0.01 + extra, 0, 1, "decode", 1, peer="n2", nbytes=1000),
+    ]  # fmt: skip
+    rec = _rec(0, 5, spans, route=("n1", "n2"))
+    assert call_excess_s([rec], [(link,)]) == pytest.approx(extra)
+    assert call_excess_s([], [(link,)]) is None
+
+
+def test_a_calibrated_batch_is_the_line_over_its_sums() -> None:
+    from testbed.sim.run import prepare_sim
+    from testbed.sim.steps import CalibratedProfile, StepFit, StepTimes
+    from testbed.spec.scenario import load_scenario
+    from tests.factories import REPO
+
+    setup = prepare_sim(load_scenario(REPO / "scenarios" / "tiny-azure.yaml"), "bsdp+arts")
+    node = next(iter(setup.layout.nodes))
+    fit = StepFit(fixed_s=0.05, per_token_s=1e-3, per_context_s=1e-5)
+    steps = StepTimes(setup.layout, setup.prep.cost, CalibratedProfile(nodes={node: fit}))
+    assert steps.batch_s(node, [16], [40, 50]) == pytest.approx(0.05 + 1e-3 * 18 + 1e-5 * 90)
+    assert steps.batch_s(node, [], [40]) == pytest.approx(steps.decode_s(node, 40))
