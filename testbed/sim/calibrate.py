@@ -142,11 +142,11 @@ def batch_rows(records: Iterable[RequestRecord]) -> dict[str, list[tuple[float, 
     for (node, _, _), steps in sorted(groups.items()):
         steps.sort()
         first, new_sum, ctx_sum, dur = steps[0][0], 0.0, 0.0, steps[0][3]
-        for start, new, ctx, d in steps:
+        for start, step_new, step_ctx, d in steps:
             if start - first > dur / 2:  # the next forward of the same size and duration
                 rows.setdefault(node, []).append((new_sum, ctx_sum, dur))
                 first, new_sum, ctx_sum = start, 0.0, 0.0
-            new_sum, ctx_sum, dur = new_sum + new, ctx_sum + ctx, d
+            new_sum, ctx_sum, dur = new_sum + step_new, ctx_sum + step_ctx, d
         rows.setdefault(node, []).append((new_sum, ctx_sum, dur))
     return rows
 

@@ -82,11 +82,12 @@ def test_median_and_p99_e2e_within_tolerance(scored: Any) -> None:
 
 
 @pytest.mark.xfail(
-    reason="known simulator gap (README, Fidelity): a simulated node that is idle when a burst of "
-    "steps arrives starts a forward with the first step alone (the others arrive microseconds "
-    "later and wait a whole forward), where the stage server's loop gathers the burst; so the "
-    "simulator runs 20-50 % more forwards on the busy nodes and, with a fixed cost of ~0.1 s per "
-    "forward on the shared CPUs, puts their utilisation 6-12 points above the run's",
+    reason="known simulator gaps (README, Fidelity), about half the runs here: (1) a "
+    "simulated node idle when a burst of steps arrives starts a forward with the first step alone, where the stage "
+    "server's loop gathers the burst, so busy nodes run ~30 % more forwards (~0.1 s fixed each "
+    "on the shared CPUs) and read up to 8 points high; (2) ARTS splits a stage's replicas "
+    "differently on noisy real times than on fitted ones (14/10 vs 7/17 requests), so a replica "
+    "misses by 10-15 points while the stage total is close",
     strict=False,
 )
 def test_every_node_utilisation_within_tolerance(scored: Any) -> None:
