@@ -80,4 +80,4 @@ def fidelity_cmd(
     verdict = "[green]within tolerances[/]" if res.ok else "[red]tolerances missed[/]"
     console.print(f"{verdict}; wrote [bold]{dest}[/]")
     if strict and not res.ok:
-        raise typer.Exit(1)
+        raise SystemExit(1)  # as replay --strict (typer.Exit is returned, not raised, by main)
