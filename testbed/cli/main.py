@@ -20,8 +20,10 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its commands to `app` (import for side effect). One line per area.
-    # plan/list/check; up/status/down/clean/doctor/image; replay/compare; model/profile/stage/generate
+    # plan/list/check; up/status/down/clean/doctor/image; replay/compare; model/profile/stage/generate;
+    # simulate/sweep/calibrate; fidelity
     from testbed.cli import (  # noqa: F401
+        fidelity_cmd,
         generate_cmd,
         model_cmd,
         plan_cmd,

@@ -7,8 +7,9 @@ tokens, so the measured-profile calibration applies exactly as the planner sees 
 
 A :class:`CalibratedProfile` (``testbed calibrate``) overrides the nodes it names with a fitted
 line: ``fixed_s + per_token_s * new_tokens + per_context_s * context_tokens`` (prefill: P new
-tokens, context 0; decode step: 1 new token at context c), scaled by the number of blocks the
-node serves now over the number it served when measured (when that is known).
+tokens, context 0; decode step: 1 new token at context c; a batch: the sums over its steps),
+scaled by the number of blocks the node serves now over the number it served when measured
+(when that is known).
 """
 
 from __future__ import annotations
@@ -200,9 +201,15 @@ class StepTimes:
         steps' times (as :meth:`prefill_s` / :meth:`decode_s` give them, calibrated or not)
         scaled by what batching saves on the node's device: the roofline of the batch (weights
         read once, FLOPs and KV reads summed; :meth:`CostModel.block_batch_s`) over the sum of
-        the single steps' rooflines. A batch of one is exactly the single step."""
+        the single steps' rooflines. A batch of one is exactly the single step. A calibrated
+        node's fit is per forward (:func:`testbed.sim.calibrate.batch_rows`): its line over the
+        batch's summed new and context tokens, one fixed part per forward."""
         if len(prompts) + len(contexts) == 1:
             return self.prefill_s(node, prompts[0]) if prompts else self.decode_s(node, contexts[0])
+        fit = self.calibrated.nodes.get(node) if self.calibrated else None
+        if fit is not None:  # fitted per forward (calibrate.batch_rows): the line over the sums
+            new = sum(prompts) + len(contexts)
+            return fit.step_s(new, sum(contexts)) * self._scale(node, fit)
         single = sum(self.prefill_s(node, p) for p in prompts) + sum(
             self.decode_s(node, c) for c in contexts
         )
