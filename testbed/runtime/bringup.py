@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from testbed.runtime import owner
-from testbed.runtime.base import RunningTestbed, new_run_id
+from testbed.runtime.base import PROBE_PORT, NodeEndpoint, RunningTestbed, new_run_id
 from testbed.runtime.image import ImageMode
 
 if TYPE_CHECKING:
+    from testbed.net.links import NodeShaping
     from testbed.net.shaping import ShapingBackend
-    from testbed.spec.plan import Plan
-    from testbed.spec.topology import Topology
+    from testbed.spec.plan import Plan, StagePlan
+    from testbed.spec.topology import Node, Tier, Topology
 
 
 def log_up(msg: str) -> None:
@@ -84,3 +85,40 @@ class EngineBringUp(ABC):
     @abstractmethod
     def remove_run(self) -> None:
         """Blocking: remove everything labelled with this run's id."""
+
+
+def node_endpoint(
+    run_id: str,
+    tier: Tier,
+    tier_index: int,
+    node: Node,
+    stage: StagePlan,
+    shape: NodeShaping,
+    *,
+    device: str,
+    address: str = "",
+    url: str = "",
+) -> NodeEndpoint:
+    """A planned node's endpoint as the engine runtimes record it (container ``tb-<run>-<node>``,
+    the stage and probe ports inside it, its device's CPUs and memory, its feeding link);
+    ``address``/``url`` empty until the runtime knows them."""
+    dev = node.device
+    return NodeEndpoint(
+        name=node.name,
+        tier=tier.name,
+        tier_index=tier_index,
+        url=url,
+        start=stage.start,
+        end=stage.end,
+        device=device,
+        address=address,
+        probe_port=PROBE_PORT,
+        cpus=dev.cpus,
+        mem_limit_bytes=dev.container_mem_limit,
+        container=f"tb-{run_id}-{node.name}",
+        max_batch=node.max_batch,
+        link=shape.link,
+        link_rtt_s=shape.configured_rtt_s,
+        link_rate_bps=shape.configured_rate_bps,
+        hop=shape.hop,
+    )

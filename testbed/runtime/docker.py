@@ -36,7 +36,7 @@ from testbed.runtime.base import (
     cli_launcher,
     stage_serve_argv,
 )
-from testbed.runtime.bringup import EngineBringUp, log_up
+from testbed.runtime.bringup import EngineBringUp, log_up, node_endpoint
 from testbed.runtime.gpus import docker_device_request, gpu_ask
 from testbed.runtime.image import ImageMode, ensure_image
 
@@ -205,32 +205,15 @@ class DockerTestbed(EngineBringUp):
                     continue
                 address = str(next(hosts))
                 dev = node.device
-                cpus = dev.cpus
                 device = "cpu"
                 if dev.kind == "gpu":
                     device = "cuda" if gpu else "cpu (no NVIDIA runtime on this host: CPU fallback)"
                 if node.name in self.extra_serve_args:  # emulated devices
                     device = f"emulated {dev.label or dev.kind}"
-                ns = shaping[node.name]
-                ep = NodeEndpoint(
-                    name=node.name,
-                    tier=tier.name,
-                    tier_index=j,
-                    url=f"http://{address}:{STAGE_PORT}",
-                    start=stage.start,
-                    end=stage.end,
-                    device=device,
-                    address=address,
-                    probe_port=PROBE_PORT,
-                    cpus=cpus,
-                    mem_limit_bytes=dev.container_mem_limit,
-                    container=f"tb-{self.run_id}-{node.name}",
-                    max_batch=node.max_batch,
-                    link=ns.link,
-                    link_rtt_s=ns.configured_rtt_s,
-                    link_rate_bps=ns.configured_rate_bps,
-                    hop=ns.hop,
-                )
+                ep = node_endpoint(
+                    self.run_id, tier, j, node, stage, shaping[node.name], device=device,
+                    address=address, url=f"http://{address}:{STAGE_PORT}",
+                )  # fmt: skip
                 tb.nodes[node.name] = ep
                 ctrs[node.name] = await asyncio.to_thread(
                     self._run_container,

@@ -43,7 +43,7 @@ from testbed.runtime.base import (
     cli_launcher,
     stage_serve_argv,
 )
-from testbed.runtime.bringup import EngineBringUp, log_up
+from testbed.runtime.bringup import EngineBringUp, log_up, node_endpoint
 from testbed.runtime.docker import MODEL_IN_CONTAINER, SHM_BYTES, client, free_subnets
 from testbed.runtime.gpus import GpuAsk, gpu_ask, swarm_gpu_request
 from testbed.runtime.image import ImageMode, ensure_image
@@ -154,25 +154,8 @@ class SwarmTestbed(EngineBringUp):
                 use_gpu = dev.kind == "gpu" and gpu_units > 0
                 if dev.kind == "gpu":
                     device = "cuda" if use_gpu else "cpu (no swarm node advertises NVIDIA-GPU)"
-                ns = shaping[node.name]
-                ep = NodeEndpoint(
-                    name=node.name,
-                    tier=tier.name,
-                    tier_index=j,
-                    url="",  # known once the task runs (published port)
-                    start=stage.start,
-                    end=stage.end,
-                    device=device,
-                    address="",
-                    probe_port=PROBE_PORT,
-                    cpus=dev.cpus,
-                    mem_limit_bytes=dev.container_mem_limit,
-                    container=f"tb-{self.run_id}-{node.name}",
-                    max_batch=node.max_batch,
-                    link=ns.link,
-                    link_rtt_s=ns.configured_rtt_s,
-                    link_rate_bps=ns.configured_rate_bps,
-                    hop=ns.hop,
+                ep = node_endpoint(  # address and url: once the task runs (published port)
+                    self.run_id, tier, j, node, stage, shaping[node.name], device=device
                 )
                 tb.nodes[node.name] = ep
                 services[node.name] = await asyncio.to_thread(

@@ -1,9 +1,9 @@
 """Request classes and per-node batching in the simulators, as the broker and stage servers do.
 
-- :func:`request_view`: the :class:`RequestView` the broker builds at admission, with the
-  request's class (drawn by :func:`~testbed.spec.classes.class_of` from the same seed), its
-  priority and its TTFT / TPOT / E2E targets, so the ``slo`` scheduler decides on the same
-  inputs in both.
+- the engines build each request's :class:`RequestView` with the broker's own
+  :func:`testbed.broker.slo.request_view`, its class drawn by :func:`request_class` (the
+  broker's :func:`~testbed.spec.classes.class_of`, same seed), so the ``slo`` scheduler decides
+  on the same inputs in both.
 - :func:`pop_next`: the stage server's batch order when the scheduler asks for it
   (``Scheduler.orders_stage_queues``, as ``slo`` does): priority high first, then the earliest
   deadline of the step's token (``testbed.stage.batcher.Pending.order``, with the broker's
@@ -22,36 +22,16 @@ from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from testbed.errors import ConfigError
-from testbed.schedule.base import RequestView
 from testbed.spec.batching import node_max_batch
 from testbed.spec.classes import RequestClass, class_of
 
 if TYPE_CHECKING:
-    from testbed.broker.layout import Prediction
     from testbed.sim.run import SimSetup
     from testbed.sim.state import SimConfig
-    from testbed.workload.request import TraceRequest
 
 
 def request_class(request_id: int, config: SimConfig) -> RequestClass | None:
     return class_of(request_id, config.classes, config.class_seed)
-
-
-def request_view(req: TraceRequest, pred: Prediction, cls: RequestClass | None) -> RequestView:
-    """What the broker's scheduler sees at admission (``Broker._decide``)."""
-    return RequestView(
-        request_id=req.request_id,
-        arrival_s=req.arrival_s,
-        prompt_tokens=req.prompt_tokens,
-        output_tokens=req.output_tokens,
-        work_s=pred.work_s,
-        kv_bytes=pred.kv_bytes,
-        slo_class=None if cls is None else cls.name,
-        priority=0 if cls is None else cls.priority,
-        ttft_slo_s=None if cls is None else cls.slo.ttft_s,
-        tpot_slo_s=None if cls is None else cls.slo.tpot_s,
-        e2e_slo_s=None if cls is None else cls.slo.e2e_s,
-    )
 
 
 def step_deadline_s(cls: RequestClass | None, arrival_s: float, tokens: list[float]) -> float:

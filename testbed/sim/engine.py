@@ -58,11 +58,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
+from testbed.broker.slo import request_view
 from testbed.metrics.records import RequestRecord
 from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion, StepDone
 from testbed.schedule.ledger import InvalidRouteError, Ledger
 from testbed.sim.batching import start_batch
-from testbed.sim.classes import batch_limits, request_class, request_view
+from testbed.sim.classes import batch_limits, request_class
 from testbed.sim.fastpath import run_events, step_s
 from testbed.sim.links import Network
 from testbed.sim.records import outcome, request_record, step_span

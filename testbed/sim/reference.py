@@ -44,10 +44,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
+from testbed.broker.slo import request_view
 from testbed.metrics.records import RequestRecord, Span
 from testbed.schedule.base import NoRouteError, Scheduler, StageCompletion
 from testbed.schedule.ledger import InvalidRouteError, Ledger
-from testbed.sim.classes import batch_limits, pop_next, request_class, request_view
+from testbed.sim.classes import batch_limits, pop_next, request_class
 from testbed.sim.engine import SimConfig, SimOutcome
 from testbed.sim.links import Network
 from testbed.sim.steps import StepTimes
