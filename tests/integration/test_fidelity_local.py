@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +44,8 @@ def _scenario(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = tmp_path_factory.mktemp("tbstate")
-    old = os.environ.get("TESTBED_STATE_DIR")
-    os.environ["TESTBED_STATE_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("TESTBED_STATE_DIR", None)
-    else:
-        os.environ["TESTBED_STATE_DIR"] = old
+def state_dir(module_state_dir: Path) -> Path:
+    return module_state_dir
 
 
 @pytest.fixture(scope="module")

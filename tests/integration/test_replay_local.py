@@ -53,15 +53,8 @@ def _scenario(tmp: Path, requests: int = 10, rate_scale: float = 3.0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = tmp_path_factory.mktemp("tbstate")
-    old = os.environ.get("TESTBED_STATE_DIR")
-    os.environ["TESTBED_STATE_DIR"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("TESTBED_STATE_DIR", None)
-    else:
-        os.environ["TESTBED_STATE_DIR"] = old
+def state_dir(module_state_dir: Path) -> Path:
+    return module_state_dir
 
 
 @pytest.fixture(scope="module")
