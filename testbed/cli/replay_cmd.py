@@ -214,4 +214,9 @@ def report_cmd(
     _summary_and_paths_of(res.summary, run_dir.name)
     if res.skipped_lines:
         console.print(f"[yellow]skipped {res.skipped_lines} unreadable line(s)[/] (cut by a kill)")
+    if res.not_recorded:
+        console.print(
+            f"[yellow]{res.not_recorded} of {res.planned} planned requests have no record[/]: "
+            "the replay stopped before they ended; the summary covers the others"
+        )
     console.print(f"rebuilt from {res.records} records: [bold]{run_dir}[/]")

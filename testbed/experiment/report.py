@@ -3,6 +3,7 @@ records (``requests.jsonl``) and ``run.json``, e.g. after the replay was killed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,12 @@ class Rebuilt:
     records: int
     skipped_lines: int  # a line cut short by the kill, or otherwise unreadable
     files: dict[str, Path]
+    planned: int | None = None  # requests the replay set out to send (run.json), if known
+
+    @property
+    def not_recorded(self) -> int:
+        """Requests planned but without a record: the replay stopped before they ended."""
+        return max(0, self.planned - self.records) if self.planned is not None else 0
 
 
 def read_records(path: Path) -> tuple[list[RequestRecord], int]:
@@ -55,11 +62,17 @@ def rebuild(run_dir: Path, *, plots: bool = True) -> Rebuilt:
     records, bad = read_records(rec_path)
     slo = SLO(**info["slo"]) if isinstance(info.get("slo"), dict) else None
     summary = summarize(records, slo=slo, nodes=info.get("nodes") or ())
-    extra = {
-        "run": info,
-        "rebuilt_from": {"file": RECORDS_FILE, "records": len(records), "skipped_lines": bad},
+    planned = info.get("requests_planned")
+    res = Rebuilt(summary, len(records), bad, {}, planned if isinstance(planned, int) else None)
+    rebuilt_from: dict[str, Any] = {
+        "file": RECORDS_FILE,
+        "records": res.records,
+        "skipped_lines": bad,
     }
+    if res.planned is not None:
+        rebuilt_from |= {"requests_planned": res.planned, "not_recorded": res.not_recorded}
+    extra = {"run": info, "rebuilt_from": rebuilt_from}
     files = write_run_report(
         run_dir, records, summary, extra=extra, run_name=info.get("label", "run"), plots=plots
     )
-    return Rebuilt(summary, len(records), bad, files)
+    return dataclasses.replace(res, files=files)

@@ -296,11 +296,19 @@ def _explain(err: Any, roots: list[type[BaseModel]], prefix: tuple[Any, ...]) ->
     return msg if field == "(top level)" else f"{field}: {msg}"
 
 
+def _without_echoes(errs: list[Any]) -> list[Any]:
+    """Drop pydantic's "too short" for a sequence whose items failed: it counts only the items
+    that validated, so one bad node of a one-node tier also reads as an empty tier."""
+    failed_under = {tuple(e["loc"][:i]) for e in errs for i in range(len(e["loc"]))}
+    kept = [e for e in errs if not (e["type"] == "too_short" and tuple(e["loc"]) in failed_under)]
+    return kept or errs
+
+
 def format_errors(
     exc: ValidationError, roots: list[type[BaseModel]], prefix: tuple[Any, ...] = ()
 ) -> str:
     """Every problem of ``exc`` on one line (the first :data:`MAX_PROBLEMS` spelled out)."""
-    errs = exc.errors(include_url=False)
+    errs = _without_echoes(exc.errors(include_url=False))
     lines = [_explain(e, roots, prefix) for e in errs[:MAX_PROBLEMS]]
     if len(errs) == 1:
         return lines[0]

@@ -159,3 +159,41 @@ def test_comparison(tmp_path: Path) -> None:
     console.print(summary_table(runs[0][1]))
     text = console.export_text()
     assert "E2E mean" in text and "2.00x" in text and "TTFT" in text
+
+
+def _killed_run(tmp_path: Path, planned: int) -> Path:
+    """A results folder as a replay killed after 7 of ``planned`` requests leaves it."""
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    info = {"label": "bsdp+arts", "nodes": ["edge-0", "cloud-0"], "requests_planned": planned}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    lines = [json.dumps(r.to_dict()) for r in make_records()]
+    (run_dir / "requests.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
+    return run_dir
+
+
+def test_report_of_a_killed_run_says_how_many_requests_have_no_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from testbed.cli.main import main
+
+    run_dir = _killed_run(tmp_path, planned=40)
+    main(["report", str(run_dir), "--no-plots"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "33 of 40 planned requests have no record" in text
+    assert "skipped 1 unreadable line" in text
+    rebuilt = json.loads((run_dir / "summary.json").read_text())["rebuilt_from"]
+    assert rebuilt == {
+        "file": "requests.jsonl",
+        "records": 7,
+        "skipped_lines": 1,
+        "requests_planned": 40,
+        "not_recorded": 33,
+    }
+
+
+def test_report_of_a_finished_run_has_nothing_missing(tmp_path: Path) -> None:
+    from testbed.experiment.report import rebuild
+
+    res = rebuild(_killed_run(tmp_path, planned=7), plots=False)
+    assert res.records == 7 and res.planned == 7 and res.not_recorded == 0

@@ -6,6 +6,7 @@ import csv
 import itertools
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,47 @@ def test_quick_run_writes_the_report_and_hyperion_beats_gpipe_where_both_are_sta
     for r in ratios:  # never a ratio where either plan is past capacity
         unstable = float(r["util_pair"]) >= 1 or float(r["util_baseline"]) >= 1
         assert (r["ratio"] == "") == unstable or r["e2e_pair_s"] == ""
+
+
+def test_emulate_pairs_each_emulated_run_with_its_simulation_and_prints_the_agreement(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--emulate without a testbed: `compare` is replaced by runs whose summaries are the
+    simulator's for the same pair, scenario and requests, with a known overrun fraction. Every
+    agreement row must then read 1.000 (an emulated run matched with another pair's or another
+    load's simulation would not) and carry the overrun; the report and the CLI show them."""
+    from types import SimpleNamespace
+
+    from testbed.experiment import compare
+    from testbed.experiment.reproduce_sim import simulate_at
+    from testbed.sim.run import prepare_sim
+
+    calls: list[tuple[str, tuple[str, ...], str | None]] = []
+
+    async def fake_compare(loaded: Any, pairs: Any, opts: Any, console: Any) -> Any:
+        assert loaded.spec.execution == "emulated"
+        calls.append((loaded.spec.name, tuple(pairs), opts.runtime))
+        runs = []
+        for label in pairs:
+            summary, _ = simulate_at(prepare_sim(loaded, label), None)
+            runs.append(
+                SimpleNamespace(label=label, summary=summary, emulation={"overrun_fraction": 0.25})
+            )
+        return SimpleNamespace(runs=runs)
+
+    monkeypatch.setattr(compare, "compare_scenario", fake_compare)
+    out = tmp_path / "emu"
+    main(["reproduce", "hyperion", "--emulate", "--quick", "--runtime", "local",
+          "--models", "llama-3-8b", "-o", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    cfg = rp.ReproConfig.quick()
+    assert len(calls) == len(cfg.emu_fractions)
+    assert all(p == cfg.pairs and rt == "local" for _, p, rt in calls)
+    report = (out / "reproduction.md").read_text(encoding="utf-8")
+    assert "## Emulated vs simulated" in report
+    rows = [ln for ln in report.splitlines() if ln.startswith("| llama-3-8b |")]
+    agreement = [ln for ln in rows if ln.endswith("| 25.00 % |")]
+    assert len(agreement) == len(cfg.pairs) * len(cfg.emu_fractions), rows
+    for ln in agreement:
+        assert ln.split("|")[6].strip() == "1.000", ln
+        assert ln in printed  # the CLI prints the agreement too

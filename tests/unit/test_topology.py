@@ -155,3 +155,19 @@ def test_unreadable_files(tmp_path, content, words):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_topology(tmp_path / "nope.yaml")
+
+
+def test_a_bad_node_is_one_problem_not_also_an_empty_tier(tmp_path):
+    """pydantic also reports a tuple with a failed item as too short ('Tuple should have at
+    least 1 item after validation, not 0'): an echo of the real problem, not a second one."""
+    d = topology_dict()
+    d["tiers"][0]["nodes"] = [{**d["tiers"][0]["nodes"][0], "step_overhead": "1ms"}]
+    with pytest.raises(ConfigError) as info:
+        load_topology(write_yaml(tmp_path / "bad.yaml", d))
+    msg = str(info.value)
+    assert "tiers[0].nodes[0]: unknown field 'step_overhead'" in msg
+    assert "problems" not in msg and "at least 1 item" not in msg, msg
+    d = topology_dict()
+    d["tiers"][0]["nodes"] = []  # an empty tier is still refused as such
+    with pytest.raises(ConfigError, match=r"tiers\[0\]\.nodes: .*at least 1"):
+        load_topology(write_yaml(tmp_path / "empty.yaml", d))
