@@ -20,12 +20,13 @@ For each request, in order:
 4. **Leave**: the last step freed the caches on the route's nodes; the ledger is uncharged.
 
 Per node, at most ``max_inflight_per_node`` calls are outstanding (the rest wait in the broker,
-recorded as queueing): backpressure is explicit. A node that does not answer (timeout, refused,
-reset) is marked down; the request resumes on a new route up to ``max_retries`` times, its
-caches rebuilt there by one prefill of the prompt plus the tokens generated so far, else it
-fails with the reason. Every ``probe_interval_s`` the nodes marked down are health-checked; one
-that answers is re-admitted (``scheduler.on_node_change``). Every request ends completed or
-failed with a reason; none is lost.
+recorded as queueing, and take freed slots in the stages' batch order when the scheduler
+orders them, :mod:`testbed.broker.slots`): backpressure is explicit. A node that does not
+answer (timeout, refused, reset) is marked down; the request resumes on a new route up to
+``max_retries`` times, its caches rebuilt there by one prefill of the prompt plus the tokens
+generated so far, else it fails with the reason. Every ``probe_interval_s`` the nodes marked
+down are health-checked; one that answers is re-admitted (``scheduler.on_node_change``). Every
+request ends completed or failed with a reason; none is lost.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from collections.abc import Callable, Sequence
 from testbed.broker.chain import HopStep, HopTimes, chain_spans, hop_spans
 from testbed.broker.health import NodeHealth
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
-from testbed.broker.slo import request_view, step_options
+from testbed.broker.slo import request_view, step_options, wait_order
+from testbed.broker.slots import NodeSlots
 from testbed.broker.state import (
     CLIENT,
     BrokerConfig,
@@ -119,7 +121,7 @@ class Broker:
         self.run_tag = secrets.token_hex(3)  # stage-side request ids are unique per run
         self._t0 = 0.0
         self._node_slots = {
-            n: asyncio.Semaphore(self.config.max_inflight_per_node) for n in layout.nodes
+            n: NodeSlots(self.config.max_inflight_per_node, self.now_s) for n in layout.nodes
         }
         self._records: dict[int, RequestRecord] = {}
         self._trackers: dict[int, Tracker] = {}
@@ -346,7 +348,8 @@ class Broker:
         node = route[s]
         rid = tr.req.request_id
         waited_from = self.now_s()
-        async with self._node_slots[node]:
+        order = wait_order(tr, ordered=self.scheduler.orders_stage_queues)
+        async with self._node_slots[node].hold(order):
             t0 = self.now_s()
             if t0 - waited_from > 1e-6:
                 tr.spans.append(Span("queue", node, waited_from, t0, rid, s, kind, step))
@@ -382,9 +385,10 @@ class Broker:
         rid = tr.req.request_id
         transport: ChainTransport = self.transport  # type: ignore[assignment]  # checked in start()
         waited_from = self.now_s()
+        order = wait_order(tr, ordered=self.scheduler.orders_stage_queues)
         async with contextlib.AsyncExitStack() as held:
             for node in route:
-                await held.enter_async_context(self._node_slots[node])
+                await held.enter_async_context(self._node_slots[node].hold(order))
             t0 = self.now_s()
             if t0 - waited_from > 1e-6:
                 tr.spans.append(Span("queue", route[0], waited_from, t0, rid, 0, kind, step))

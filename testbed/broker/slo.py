@@ -6,7 +6,10 @@ Pure: no I/O, no clock of its own (the broker passes the run time in).
 
 from __future__ import annotations
 
+import math
+
 from testbed.broker.layout import Prediction
+from testbed.broker.slots import OrderKey, fifo
 from testbed.broker.state import Tracker
 from testbed.broker.transport import StepOptions
 from testbed.schedule.base import RequestView
@@ -44,18 +47,39 @@ def step_options(tr: Tracker, now_s: float, *, ordered: bool) -> StepOptions:
     )
 
 
-def slack_s(tr: Tracker, now_s: float) -> float | None:
-    """Seconds until the request's next token is due by its class's SLO (the first by the
+def due_s(tr: Tracker) -> float | None:
+    """Run-clock time the request's next token is due by its class's SLO (the first by the
     TTFT target, the next by the last one's time + TPOT, else the E2E deadline); None
-    without targets. The stages batch least slack first among equal priorities."""
+    without targets."""
     cls = tr.slo_class
     if cls is None:
         return None
     slo, arrival = cls.slo, tr.req.arrival_s
     if not tr.token_times_s and slo.ttft_s is not None:
-        return arrival + slo.ttft_s - now_s
+        return arrival + slo.ttft_s
     if tr.token_times_s and slo.tpot_s is not None:
-        return tr.token_times_s[-1] + slo.tpot_s - now_s
+        return tr.token_times_s[-1] + slo.tpot_s
     if slo.e2e_s is not None:
-        return arrival + slo.e2e_s - now_s
+        return arrival + slo.e2e_s
     return None
+
+
+def slack_s(tr: Tracker, now_s: float) -> float | None:
+    """Seconds until the request's next token is due (:func:`due_s`); None without targets.
+    The stages batch least slack first among equal priorities."""
+    due = due_s(tr)
+    return None if due is None else due - now_s
+
+
+def wait_order(tr: Tracker, *, ordered: bool) -> OrderKey:
+    """The key by which the request's next step takes a node's slot in the broker
+    (:class:`~testbed.broker.slots.NodeSlots`) when the scheduler orders the stages' queues:
+    the stage server's batch order (``testbed.stage.batcher.Pending.order``: priority, then
+    the steps still on time by earliest due time, then the late ones); else first come,
+    first served."""
+    cls = tr.slo_class
+    if cls is None or not ordered:
+        return fifo
+    due = due_s(tr)
+    at = math.inf if due is None else due
+    return lambda now_s: (-cls.priority, at < now_s, at)

@@ -25,7 +25,7 @@ def start_batch(sim: Simulator, node: _Node, batch: list[tuple[_Req, int]], now:
     fifo, cap = node.fifo, node.max_batch
     if sim._ordered:  # by (priority, least slack): every waiting step has arrived
         while fifo and len(batch) < cap:
-            batch.append(pop_next(fifo))
+            batch.append(pop_next(fifo, now))
     while fifo and len(batch) < cap and fifo[0][0].ready_s <= now:
         batch.append(fifo.popleft())
     node.busy += 1
@@ -61,7 +61,7 @@ def batch_done(sim: Simulator, batch: list[tuple[_Req, int]], now: float) -> Non
         predicted = r.work_pre[s] if r.step == 0 else r.work_dec[s]
         sim._done.append((node.name, r.rid, s, predicted, svc, now))
     if node.fifo:
-        nr, ns = pop_next(node.fifo) if sim._ordered else node.fifo.popleft()
+        nr, ns = pop_next(node.fifo, now) if sim._ordered else node.fifo.popleft()
         start_batch(sim, node, [(nr, ns)], now if now >= nr.ready_s else nr.ready_s)
     for r, s in batch:
         r.sent_s = now

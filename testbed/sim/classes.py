@@ -5,8 +5,9 @@
   broker's :func:`~testbed.spec.classes.class_of`, same seed), so the ``slo`` scheduler decides
   on the same inputs in both.
 - :func:`pop_next`: the stage server's batch order when the scheduler asks for it
-  (``Scheduler.orders_stage_queues``, as ``slo`` does): priority high first, then the earliest
-  deadline of the step's token (``testbed.stage.batcher.Pending.order``, with the broker's
+  (``Scheduler.orders_stage_queues``, as ``slo`` does): priority high first, then the steps
+  whose deadline has not passed, earliest first, then the late ones
+  (``testbed.stage.batcher.Pending.order``; the deadline of the step's token with the broker's
   slack: the first token by arrival + TTFT, the next by the last token + TPOT, else arrival +
   E2E), then arrival at the node. Other schedulers: first come, first served.
 - :func:`scenario_config`: a :class:`SimConfig` with the scenario's classes and every node's
@@ -49,20 +50,21 @@ def step_deadline_s(cls: RequestClass | None, arrival_s: float, tokens: list[flo
     return math.inf
 
 
-def _key(r: Any) -> tuple[int, float]:
+def _key(r: Any, now_s: float) -> tuple[int, bool, float]:
     cls = r.cls
     if cls is None:
-        return (0, math.inf)
-    return (-cls.priority, step_deadline_s(cls, r.req.arrival_s, r.tokens))
+        return (0, False, math.inf)
+    due = step_deadline_s(cls, r.req.arrival_s, r.tokens)
+    return (-cls.priority, due < now_s, due)
 
 
-def pop_next(fifo: deque[tuple[Any, int]]) -> tuple[Any, int]:
-    """Remove and return the waiting step the stage server batches first (see the module
-    docstring; ties: arrival at the node). Every entry must have arrived (the engines process
-    arrivals at their time when the order applies)."""
-    best, best_key = 0, _key(fifo[0][0])
+def pop_next(fifo: deque[tuple[Any, int]], now_s: float) -> tuple[Any, int]:
+    """Remove and return the waiting step the stage server batches first at ``now_s`` (see
+    the module docstring; ties: arrival at the node). Every entry must have arrived (the
+    engines process arrivals at their time when the order applies)."""
+    best, best_key = 0, _key(fifo[0][0], now_s)
     for i in range(1, len(fifo)):
-        k = _key(fifo[i][0])
+        k = _key(fifo[i][0], now_s)
         if k < best_key:
             best, best_key = i, k
     entry = fifo[best]

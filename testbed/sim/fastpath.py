@@ -125,7 +125,7 @@ def run_events(sim: Simulator, arrivals: Sequence[TraceRequest]) -> float:
         # next decision or leave (Simulator._flush), the only times they are read
         done_add((node.name, r.rid, s, predicted, svc, now))
         if node.fifo:
-            nr, ns = pop_next(node.fifo) if ordered else node.fifo.popleft()
+            nr, ns = pop_next(node.fifo, now) if ordered else node.fifo.popleft()
             # an early-processed arrival may wait in the FIFO for its time
             start(node, nr, ns, now if now >= nr.ready_s else nr.ready_s)
         r.sent_s = now

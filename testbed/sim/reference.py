@@ -331,7 +331,7 @@ class ReferenceSimulator:
                 StageCompletion(node.name, rid, predicted, r.service_s, now, False)
             )
         if node.fifo:
-            nr, ns = pop_next(node.fifo) if self._ordered else node.fifo.popleft()
+            nr, ns = pop_next(node.fifo, now) if self._ordered else node.fifo.popleft()
             self._start(node, nr, ns, now)
         r.sent_s = now
         if s + 1 < len(r.route):

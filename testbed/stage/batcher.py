@@ -7,7 +7,8 @@ and position) and chunks of waiting prefills, up to ``max_batch`` rows and ``max
 tokens. A prompt longer than ``chunk_tokens`` is prefilled over several iterations, so a long
 prompt does not stall the decodes batched alongside it; its answer goes out after its last
 chunk. Requests join and leave at these step boundaries. The order of admission into a batch
-is (priority high first, deadline early first, arrival): with no classes it is first come,
+is (priority high first, steps that can still meet their deadline before those whose deadline
+has passed, deadline early first, arrival): with no classes it is first come,
 first served.
 
 The HTTP and tensor-port protocol stays per request: each step's caller awaits its own answer.
@@ -75,17 +76,22 @@ class Pending:
     def tokens_left(self) -> int:
         return int(self.req.input.shape[1]) - self.done
 
-    def order(self) -> tuple[int, float, int]:
-        return (-self.priority, self.deadline_s, self.seq)
+    def order(self, now_s: float) -> tuple[int, bool, float, int]:
+        """Batch order at monotonic time ``now_s``: priority, then the steps still on time
+        (earliest deadline first), then the late ones. A late step has missed its target
+        already; putting it first (plain EDF) would make the on-time ones miss theirs too."""
+        return (-self.priority, self.deadline_s < now_s, self.deadline_s, self.seq)
 
 
-def form_batch(pending: Sequence[Pending], limits: BatchLimits) -> list[tuple[Pending, int]]:
-    """The next iteration: (step, tokens to compute) rows, in (priority, deadline, arrival)
-    order, up to ``max_batch`` rows and ``max_batch_tokens`` tokens. Steps already running
-    (in another worker's batch) are skipped. Pure: changes nothing."""
+def form_batch(
+    pending: Sequence[Pending], limits: BatchLimits, now_s: float
+) -> list[tuple[Pending, int]]:
+    """The next iteration at monotonic time ``now_s``: (step, tokens to compute) rows, in
+    :meth:`Pending.order`, up to ``max_batch`` rows and ``max_batch_tokens`` tokens. Steps
+    already running (in another worker's batch) are skipped. Pure: changes nothing."""
     rows: list[tuple[Pending, int]] = []
     budget = limits.max_batch_tokens
-    for p in sorted((p for p in pending if not p.running), key=Pending.order):
+    for p in sorted((p for p in pending if not p.running), key=lambda p: p.order(now_s)):
         if len(rows) >= limits.max_batch or budget <= 0:
             break
         take = p.tokens_left
@@ -169,7 +175,7 @@ class StepQueue:
             await self._wake.wait()
             self._wake.clear()
             while len(self._batches) < self.max_inflight:
-                rows = form_batch(self._pending, self.limits)
+                rows = form_batch(self._pending, self.limits, time.monotonic())
                 if not rows:
                     break
                 for p, _ in rows:

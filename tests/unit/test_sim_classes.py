@@ -122,9 +122,21 @@ def test_pop_next_takes_priority_then_least_slack_then_arrival() -> None:
     none = _R(None, 0.0)
     twin = _R(CHAT, 4.5)
     fifo = deque([(late_batch, 0), (chat_far, 1), (none, 0), (chat_near, 0), (twin, 2)])
-    order = [pop_next(fifo)[0] for _ in range(5)]
+    order = [pop_next(fifo, 0.0)[0] for _ in range(5)]
     assert order == [chat_near, twin, chat_far, late_batch, none]
     assert not fifo
+
+
+def test_pop_next_puts_steps_past_their_deadline_after_those_still_on_time() -> None:
+    """As the stage server does: an overdue chat decode waits for the chat prefill that can
+    still meet its TTFT, but not for a lower priority."""
+    overdue = _R(CHAT, 0.0, tokens=[1.0])  # next token due at 1.1
+    fresh = _R(CHAT, 4.5)  # first token due at 5.5
+    batch = _R(BATCH, 4.0)  # due at 34.0
+    fifo = deque([(overdue, 1), (batch, 0), (fresh, 0)])
+    assert [pop_next(fifo, 5.0)[0] for _ in range(3)] == [fresh, overdue, batch]
+    fifo = deque([(overdue, 1), (batch, 0), (fresh, 0)])
+    assert [pop_next(fifo, 1.0)[0] for _ in range(3)] == [overdue, fresh, batch]  # all on time
 
 
 def test_slo_serves_chat_before_queued_batch_work(mixed: SimSetup) -> None:

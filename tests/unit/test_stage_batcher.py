@@ -25,15 +25,15 @@ def pending(rid, kind="decode", q=1, priority=0, deadline=math.inf, seq=0, done=
 
 def test_batch_respects_rows_tokens_and_chunks():
     ps = [pending(f"d{i}", seq=i) for i in range(5)] + [pending("p", "prefill", 100, seq=9)]
-    rows = form_batch(ps, BatchLimits(max_batch=16, max_batch_tokens=40, chunk_tokens=32))
+    rows = form_batch(ps, BatchLimits(max_batch=16, max_batch_tokens=40, chunk_tokens=32), 0.0)
     assert [(p.req.request_id, take) for p, take in rows][-1] == ("p", 32)
-    rows = form_batch(ps, BatchLimits(max_batch=16, max_batch_tokens=20, chunk_tokens=32))
+    rows = form_batch(ps, BatchLimits(max_batch=16, max_batch_tokens=20, chunk_tokens=32), 0.0)
     assert rows[-1][1] == 15  # the prefill gets what the budget leaves
-    rows = form_batch(ps, BatchLimits(max_batch=3))
+    rows = form_batch(ps, BatchLimits(max_batch=3), 0.0)
     assert [p.req.request_id for p, _ in rows] == ["d0", "d1", "d2"]
-    assert form_batch(ps, BatchLimits(chunk_tokens=0))[-1][1] == 100  # no chunking
+    assert form_batch(ps, BatchLimits(chunk_tokens=0), 0.0)[-1][1] == 100  # no chunking
     ps[-1].done = 90
-    assert form_batch(ps, BatchLimits(chunk_tokens=32))[-1][1] == 10  # the rest of the prompt
+    assert form_batch(ps, BatchLimits(chunk_tokens=32), 0.0)[-1][1] == 10  # the rest of the prompt
 
 
 def test_batch_order_is_priority_then_deadline_then_arrival():
@@ -44,8 +44,24 @@ def test_batch_order_is_priority_then_deadline_then_arrival():
         pending("fifo", seq=3),
     ]
     ps[3].running = True  # already in another batch
-    rows = form_batch(ps, BatchLimits())
+    rows = form_batch(ps, BatchLimits(), 0.0)
     assert [p.req.request_id for p, _ in rows] == ["vip", "soon", "late"]
+
+
+def test_a_step_past_its_deadline_goes_after_those_still_on_time():
+    """Plain earliest-deadline-first would batch the overdue decode first; under overload
+    that makes the on-time steps miss too (the domino effect), so it waits for them. Priority
+    still comes first, and among late steps the earliest deadline."""
+    ps = [
+        pending("overdue", seq=0, priority=1, deadline=4.0),
+        pending("older_overdue", seq=1, priority=1, deadline=3.0),
+        pending("on_time", seq=2, priority=1, deadline=6.0),
+        pending("low", seq=3, deadline=5.5),
+    ]
+    rows = form_batch(ps, BatchLimits(max_batch=3), now_s=5.0)
+    assert [p.req.request_id for p, _ in rows] == ["on_time", "older_overdue", "overdue"]
+    rows = form_batch(ps, BatchLimits(), now_s=2.0)  # earlier: nothing late yet
+    assert [p.req.request_id for p, _ in rows] == ["older_overdue", "overdue", "on_time", "low"]
 
 
 def test_limits_are_checked():
