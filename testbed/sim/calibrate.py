@@ -23,6 +23,7 @@ import numpy as np
 
 from testbed.errors import ConfigError
 from testbed.metrics.records import RequestRecord
+from testbed.sim.links import expected_loss_s
 from testbed.sim.steps import CalibratedProfile, HopFit, StepFit
 from testbed.spec.topology import LinkSpec
 
@@ -108,7 +109,9 @@ def call_excess_s(
             model = back if sp.stage == last else 0.0
             if 1 <= sp.stage <= len(hop_links):
                 model += sum(
-                    ln.delay_s + (sp.nbytes or 0) * 8.0 / ln.bandwidth_bps
+                    ln.delay_s
+                    + (sp.nbytes or 0) * 8.0 / ln.bandwidth_bps
+                    + expected_loss_s(sp.nbytes or 0, ln.loss_pct / 100.0, ln.delay_s)
                     for ln in hop_links[sp.stage - 1]
                 )
             total += sp.dur_s - model
@@ -149,6 +152,7 @@ def contended_call_overhead_s(
             for k, ln in enumerate(hop_links[stage - 1]):
                 key = (stage - 1, k)
                 t = max(t, free.get(key, 0.0)) + nbytes * 8.0 / ln.bandwidth_bps
+                t += expected_loss_s(nbytes, ln.loss_pct / 100.0, ln.delay_s)
                 free[key] = t
                 t += ln.delay_s
         total += dur - (t - start) - b
