@@ -139,3 +139,5 @@ def test_the_command_writes_fidelity_json_and_strict_follows_the_verdict(scored:
     assert data["dilation"] == DILATION and not data["in_sample"]
     assert data["hop_overhead_s"] == pytest.approx(res.hop_overhead_s)
     assert {c["metric"] for c in data["checks"]} == set(by)
+    assert code(str(run.out_dir), "-o", str(run.out_dir / "f2.json")) == 0  # no --strict: 0
+    assert json.loads((run.out_dir / "f2.json").read_text())["checks"] == data["checks"]
