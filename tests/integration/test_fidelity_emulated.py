@@ -65,7 +65,7 @@ def _scenario(tmp: Path) -> Path:
         max_requests=REQUESTS,
         max_prompt_tokens=128,
         max_output_tokens=8,
-        time_scale=0.5,  # about 2.8 req/s: every node 45-60 % busy, with batches
+        time_scale=0.5,  # about 2.1 req/s: every node 45-57 % busy, with batches
     )
     data.update(runtime="local", dilation=DILATION, output=str(tmp / "results"))
     data.pop("compare", None)
