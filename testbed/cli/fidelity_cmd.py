@@ -30,7 +30,8 @@ def fidelity_cmd(
         typer.Option(
             "--profile",
             help="a calibrated profile from another run (`testbed calibrate`): out-of-sample "
-            "(default: calibrate on RUN_DIR itself, in-sample)",
+            "(default: calibrate on RUN_DIR itself, in-sample; an emulated run: its devices' "
+            "own timing)",
         ),
     ] = None,
     out: Annotated[
@@ -42,6 +43,7 @@ def fidelity_cmd(
 ) -> None:
     """Simulate RUN_DIR's run (its plan, scheduler, requests) and compare with what it measured."""
     from testbed.sim.fidelity import (
+        EMULATED_NOTE,
         FIDELITY_FILE,
         IN_SAMPLE_NOTE,
         Tolerances,
@@ -70,7 +72,14 @@ def fidelity_cmd(
             mark,
         )  # fmt: skip
     console.print(table)
-    if res.in_sample:
+    if res.timing == "emulated":
+        k = f", time dilation {res.dilation:g} undone" if res.dilation != 1 else ""
+        over = "" if res.overrun_fraction is None else f", {res.overrun_fraction:.1%} overran"
+        console.print(
+            f"{EMULATED_NOTE} (cost model: {res.cost_source}{k}{over}; per-call overhead "
+            f"{res.hop_overhead_s * 1e3:.2f} ms)"
+        )
+    elif res.in_sample:
         console.print(f"[yellow]note[/]: {IN_SAMPLE_NOTE}")
     else:
         console.print(f"out-of-sample: profile fitted on {res.profile_source}")

@@ -10,8 +10,8 @@ results (``summary.json`` ``emulation.dilation``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from testbed.metrics.records import RequestRecord, Span
 from testbed.spec.topology import LinkSpec, Topology
@@ -37,6 +37,20 @@ def dilate_topology(topo: Topology, k: float) -> Topology:
     tiers = tuple(t.model_copy(update={"lan": dilate_link(t.lan, k)}) for t in topo.tiers)
     links = tuple(dilate_link(link, k) for link in topo.links)
     return topo.model_copy(update={"tiers": tiers, "links": links})
+
+
+def undilate_topology(topo: Topology, k: float) -> Topology:
+    """A dilated run's topology (its ``config.json`` keeps the links it ran on: k times
+    slower) back on the emulated clock, as the planner saw it."""
+    return dilate_topology(topo, 1.0 / k)
+
+
+def run_dilation(config: Mapping[str, Any]) -> float:
+    """The time dilation k of a run, from its ``config.json`` (1 for a real or undilated run)."""
+    scen = config.get("scenario") or {}
+    if scen.get("execution") != "emulated":
+        return 1.0
+    return float(scen.get("dilation") or 1.0)
 
 
 def dilate_requests(reqs: Iterable[TraceRequest], k: float) -> tuple[TraceRequest, ...]:

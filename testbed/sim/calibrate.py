@@ -23,6 +23,7 @@ import numpy as np
 
 from testbed.errors import ConfigError
 from testbed.metrics.records import RequestRecord
+from testbed.sim.links import expected_loss_s
 from testbed.sim.steps import CalibratedProfile, HopFit, StepFit
 from testbed.spec.topology import LinkSpec
 
@@ -108,12 +109,54 @@ def call_excess_s(
             model = back if sp.stage == last else 0.0
             if 1 <= sp.stage <= len(hop_links):
                 model += sum(
-                    ln.delay_s + (sp.nbytes or 0) * 8.0 / ln.bandwidth_bps
+                    ln.delay_s
+                    + (sp.nbytes or 0) * 8.0 / ln.bandwidth_bps
+                    + expected_loss_s(sp.nbytes or 0, ln.loss_pct / 100.0, ln.delay_s)
                     for ln in hop_links[sp.stage - 1]
                 )
             total += sp.dur_s - model
             calls += 1
     return max(0.0, total / calls) if calls else None
+
+
+def contended_call_overhead_s(
+    records: Iterable[RequestRecord], hop_links: Sequence[Sequence[LinkSpec]]
+) -> float | None:
+    """The transport's own cost per stage call: the mean excess of every call's transfer over
+    what the simulator's links would charge that very transfer (None: no call). Unlike
+    :func:`call_excess_s` the links' queueing is charged too: the run's transfers are replayed,
+    in the order they were sent, through the simulator's pipes (one FIFO per link and
+    direction: bytes at the bandwidth behind the transfers before it, then the one-way delay),
+    so a decode step's activations that waited behind a prefill's on a link count as the
+    link's time, which the simulator adds itself, not as overhead it would add once more.
+    The token's way back (every link's delay once) is charged to the call into the last
+    stage, as in :func:`call_excess_s`; summed over a token's calls the excess does not depend
+    on which call a shaper charges a delay to."""
+    back = sum(ln.delay_s for hop in hop_links for ln in hop)
+    calls: list[tuple[float, int, int, float, float]] = []  # start, stage, bytes, dur, back
+    for r in records:
+        if r.status != "completed":
+            continue
+        last = len(r.route) - 1
+        for sp in r.spans:
+            if sp.kind == "transfer" and sp.peer is not None:
+                b = back if sp.stage == last else 0.0
+                calls.append((sp.start_s, sp.stage, sp.nbytes or 0, sp.dur_s, b))
+    if not calls:
+        return None
+    free: dict[tuple[int, int], float] = {}  # (hop, link) -> when its pipe is free again
+    total = 0.0
+    for start, stage, nbytes, dur, b in sorted(calls):
+        t = start
+        if 1 <= stage <= len(hop_links):
+            for k, ln in enumerate(hop_links[stage - 1]):
+                key = (stage - 1, k)
+                t = max(t, free.get(key, 0.0)) + nbytes * 8.0 / ln.bandwidth_bps
+                t += expected_loss_s(nbytes, ln.loss_pct / 100.0, ln.delay_s)
+                free[key] = t
+                t += ln.delay_s
+        total += dur - (t - start) - b
+    return max(0.0, total / len(calls))
 
 
 def batch_rows(records: Iterable[RequestRecord]) -> dict[str, list[tuple[float, float, float]]]:
@@ -183,12 +226,15 @@ def served_blocks(run_dir: Path) -> dict[str, int]:
 
 def served_hop_links(run_dir: Path) -> list[tuple[LinkSpec, ...]] | None:
     """Per hop s -> s+1 of the run, the links it crossed, from config.json (the topology as
-    run and the tiers of ``stages_served``); None when the folder does not say."""
+    run and the tiers of ``stages_served``; a dilated run's links back on the emulated clock,
+    as its records are); None when the folder does not say."""
+    from testbed.emulation.dilation import run_dilation, undilate_topology
     from testbed.spec.topology import Topology
 
     try:
         cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
         topo = Topology.model_validate({k: v for k, v in cfg["topology"].items() if k != "path"})
+        topo = undilate_topology(topo, run_dilation(cfg))
         tiers = [t.name for t in topo.tiers]
         idx = [tiers.index(st["tier"]) for st in cfg["stages_served"]]
     except (OSError, ValueError, KeyError, TypeError):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from testbed.sim.batching import batch_done, start_batch
 from testbed.sim.classes import pop_next
+from testbed.sim.links import expected_loss_s
 from testbed.sim.state import _ARRIVE, _DONE, _INF, _TOKEN, CLIENT, _Node, _Req
 from testbed.workload.request import TraceRequest
 
@@ -137,6 +138,8 @@ def run_events(sim: Simulator, arrivals: Sequence[TraceRequest]) -> float:
                 occ = nbytes * 8.0 / p.bandwidth_bps
                 free = p.free_at_s = (t if t >= free else free) + occ
                 p.busy_s += occ
+                if p.loss:  # Network.forward's head-of-line retransmissions
+                    free = p.free_at_s = free + expected_loss_s(nbytes, p.loss, p.delay_s)
                 t = free + p.delay_s
             at = t + overhead
             s += 1

@@ -5,7 +5,13 @@ again), its scheduler (name and parameters), its nodes' batch limits (a node wit
 its stage server's default), and its requests as the records hold them (scheduled arrival,
 prompt and output tokens). Step times come from a calibrated profile: fitted on the same run
 (in-sample: optimistic, the fit has seen the very steps it predicts) or given with
-``--profile`` from another run (out-of-sample). Then real and simulated summaries are compared:
+``--profile`` from another run (out-of-sample). An emulated run (``execution: emulated``) is
+simulated with its devices' own timing instead: every emulated step lasted the cost model's
+time for the studied model's blocks on the node's device, so the simulator takes the same cost
+model (nothing is fitted to the stand-in's host times); a dilated run's links are taken back
+to the emulated clock its records are on, and the transport's per-call overhead (HTTP,
+serialisation, the broker: host time / k) is the one figure measured on the run.
+Then real and simulated summaries are compared:
 median E2E within 10 %, p99 E2E within 20 %, each node's utilisation within 10 points; TTFT and
 TPOT medians are reported for information.
 """
@@ -25,6 +31,12 @@ from testbed.sim.steps import CalibratedProfile
 from testbed.workload.request import TraceRequest
 
 FIDELITY_FILE = "fidelity.json"
+OVERRUN_LIMIT = 0.01  # an emulated run whose steps overran more often did not keep its timing
+EMULATED_NOTE = (
+    "emulated run: the step times are the emulated devices' own (the studied model's cost "
+    "model, as the stages paced them), not fitted; the per-call transport overhead is measured "
+    "on this run (one figure, in-sample)"
+)
 IN_SAMPLE_NOTE = (
     "in-sample: the profile was fitted on this same run, so the simulator is scored on the "
     "steps it was fitted to; this is optimistic. For an out-of-sample figure calibrate on "
@@ -163,6 +175,7 @@ def run_setup(
     times. A measured profile the scenario named (cost-model predictions) is read if still there."""
     from testbed.broker.layout import Layout
     from testbed.cost.model import CostModel
+    from testbed.emulation.dilation import run_dilation, undilate_topology
     from testbed.experiment.prepare import Prepared
     from testbed.sim.run import SimSetup
     from testbed.spec.model_profile import ModelProfile
@@ -179,6 +192,7 @@ def run_setup(
         topo_cfg = dict(cfg["topology"])
         topo_path = Path(str(topo_cfg.pop("path", "")))
         topology = Topology.model_validate(topo_cfg)  # as run: every node's max_batch resolved
+        topology = undilate_topology(topology, run_dilation(cfg))  # as planned: emulated clock
         model = ModelProfile.model_validate(cfg["model_profile"])
         plan = Plan.model_validate(cfg["plan"])
         pair = f"{cfg['partitioner']['name']}+{cfg['scheduler']['name']}"
@@ -214,12 +228,25 @@ def _measured(loaded: Any) -> Any:
 @dataclass(frozen=True)
 class Fidelity:
     run_dir: Path
-    profile_source: str  # the run the step times were fitted on
-    in_sample: bool  # fitted on this very run (optimistic)
+    profile_source: str  # the run the step times were fitted on ("" for emulated timing)
+    in_sample: bool  # step times fitted on this very run (optimistic)
     checks: tuple[Check, ...]
     real: dict[str, Any]  # the run's summary.json
     sim: dict[str, Any]  # the simulated run's summary
     notes: tuple[str, ...] = ()  # what the simulation could not reproduce of the run
+    # "emulated": the emulated devices' cost model (an emulated run, no --profile);
+    # "calibrated": a profile fitted on a run (this one or --profile's)
+    timing: Literal["emulated", "calibrated"] = "calibrated"
+    cost_source: str = ""  # emulated timing: the cost model's source ("roofline", "measured:...")
+    hop_overhead_s: float = 0.0  # per stage call, added to the link model
+    dilation: float = 1.0  # the run's time dilation k (records and links on the emulated clock)
+    overrun_fraction: float | None = None  # an emulated run's steps that overran their window
+
+    @property
+    def note(self) -> str:
+        if self.timing == "emulated":
+            return EMULATED_NOTE
+        return IN_SAMPLE_NOTE if self.in_sample else "out-of-sample: profile from another run"
 
     @property
     def ok(self) -> bool:
@@ -229,9 +256,14 @@ class Fidelity:
         keys = ("completed", "failed", "wall_s", "e2e_s", "ttft_s", "tpot_s", "node_utilisation")
         return {
             "run_dir": str(self.run_dir),
+            "timing": self.timing,
+            "cost_source": self.cost_source,
             "profile_source": self.profile_source,
             "in_sample": self.in_sample,
-            "note": IN_SAMPLE_NOTE if self.in_sample else "out-of-sample: profile from another run",
+            "hop_overhead_s": self.hop_overhead_s,
+            "dilation": self.dilation,
+            "overrun_fraction": self.overrun_fraction,
+            "note": self.note,
             "passed": self.ok,
             "tolerances": asdict(tol),
             "checks": [c.to_dict() for c in self.checks],
@@ -244,7 +276,9 @@ class Fidelity:
 def check_fidelity(
     run_dir: Path, profile: Path | None = None, tol: Tolerances = Tolerances()
 ) -> Fidelity:
-    """Simulate ``run_dir``'s run with a profile calibrated on it (or ``profile``) and compare."""
+    """Simulate ``run_dir``'s run with a profile calibrated on it (or ``profile``) and compare;
+    an emulated run without ``profile`` is simulated with its devices' own timing."""
+    from testbed.emulation.dilation import run_dilation
     from testbed.metrics.report import load_records, load_summary
     from testbed.sim.calibrate import calibrate_run
     from testbed.sim.run import simulate, summarize_outcome
@@ -255,10 +289,31 @@ def check_fidelity(
     cfg = read_config(run_dir)
     records = load_records(run_dir / "requests.jsonl")
     real = load_summary(run_dir / "summary.json")
-    prof = calibrate_run(run_dir) if profile is None else load_calibrated_profile(profile)
-    in_sample = profile is None or (bool(prof.source) and Path(prof.source).resolve() == run_dir)
-    setup = run_setup(run_dir, cfg, records, prof)
+    emulated = (cfg.get("scenario") or {}).get("execution") == "emulated"
     notes = []
+    timing: Literal["emulated", "calibrated"] = "calibrated"
+    if emulated and profile is None:
+        prof, in_sample, timing = emulated_timing(run_dir, records), False, "emulated"
+    else:
+        prof = calibrate_run(run_dir) if profile is None else load_calibrated_profile(profile)
+        in_sample = profile is None or (
+            bool(prof.source) and Path(prof.source).resolve() == run_dir
+        )
+    setup = run_setup(run_dir, cfg, records, prof)
+    overruns = ((real.get("emulation") or {}).get("overrun_fraction")) if emulated else None
+    if timing == "emulated":
+        ran = str(cfg.get("cost_source") or "")
+        if ran and ran != setup.prep.cost.source:
+            notes.append(
+                f"the run's stages paced with the {ran} cost model but the simulator has "
+                f"{setup.prep.cost.source} (the scenario's `profile:` is gone or changed)"
+            )
+        if overruns is not None and overruns > OVERRUN_LIMIT:
+            notes.append(
+                f"{overruns:.1%} of the emulated steps overran their window: they took the "
+                "host's time, not the device's, so the run is slower than its devices and the "
+                "simulator comes out fast; rerun with a larger `dilation:` or fewer nodes"
+            )
     batch = served_max_batch(cfg)
     if setup.prep.loaded.spec.timeline and any(v > 1 for v in batch.values()):
         notes.append(
@@ -274,9 +329,24 @@ def check_fidelity(
     outcome = simulate(setup, config=config)
     sim = summarize_outcome(setup, outcome).to_dict()
     return Fidelity(
-        run_dir, prof.source, in_sample, tuple(compare_summaries(real, sim, tol)), real, sim,
-        tuple(notes),
+        run_dir, prof.source if timing == "calibrated" else "", in_sample,
+        tuple(compare_summaries(real, sim, tol)), real, sim, tuple(notes), timing,
+        setup.prep.cost.source, prof.hop_overhead_s, run_dilation(cfg),
+        None if overruns is None else float(overruns),
     )  # fmt: skip
+
+
+def emulated_timing(run_dir: Path, records: Sequence[RequestRecord]) -> CalibratedProfile:
+    """An emulated run's timing for the simulator: no node fitted (the cost model, as the
+    stages paced), and the per-call overhead measured on the run: the mean excess of its calls
+    over what the simulator's links charge them, queueing included
+    (:func:`testbed.sim.calibrate.contended_call_overhead_s`, links on the emulated clock),
+    which is the host's transport cost / k, not the device's."""
+    from testbed.sim.calibrate import contended_call_overhead_s, served_hop_links
+
+    hop_links = served_hop_links(run_dir)
+    excess = None if hop_links is None else contended_call_overhead_s(records, hop_links)
+    return CalibratedProfile(source=str(run_dir), hop_overhead_s=excess or 0.0)
 
 
 def write_fidelity(result: Fidelity, out: Path, tol: Tolerances = Tolerances()) -> Path:

@@ -6,21 +6,45 @@ arrives ``delay_s`` after it left the pipe (propagation overlaps the next messag
 crosses several links goes through them in order, store-and-forward. The reservation on every
 link of a hop is made when the message is sent (exact for single-link hops; for multi-link
 hops a message sent later but reaching an inner link earlier still queues behind it).
-Jitter and loss are not modelled (their means are small next to the delays they ride on).
+Loss is charged as its expected delay (:func:`expected_loss_s`): what the testbed's shapers
+make of it (TCP's retransmissions, testbed/net/appshaper.py), in the mean; a prefill's
+activations are hundreds of segments, so on a lossy link it adds tens of milliseconds. It holds
+the pipe as one TCP stream's retransmissions hold the data behind them (head-of-line), so a
+pipe still delivers in send order, which the engine's FIFO shortcuts rely on; it is not
+counted as the link's busy time.
+Jitter is not modelled (its mean is zero).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from testbed.spec.topology import LinkSpec
+
+MSS_BYTES = 1448  # TCP payload per segment (as testbed/net/appshaper.py)
+TLP_MIN_S = 0.010  # Linux tail-loss-probe floor (as testbed/net/appshaper.py)
+
+
+def expected_loss_s(nbytes: int, loss: float, delay_s: float) -> float:
+    """The mean extra seconds a message of ``nbytes`` pays for losing segments with
+    probability ``loss`` each on a link of one-way ``delay_s``, as the app shaper charges it:
+    a lost segment with >= 3 after it is fast-retransmitted (+1 RTT), one of the last three
+    waits for the tail-loss probe (max(2 RTT, 10 ms), then +1 RTT)."""
+    if loss <= 0.0:
+        return 0.0
+    n = max(1, math.ceil(nbytes / MSS_BYTES))
+    rtt = 2.0 * delay_s
+    tail = min(n, 3)
+    return loss * ((n - tail) * rtt + tail * (max(2.0 * rtt, TLP_MIN_S) + rtt))
 
 
 @dataclass
 class Pipe:
     bandwidth_bps: float
     delay_s: float
+    loss: float = 0.0  # each segment's loss probability (forward pipes; 0: a lossless link)
     free_at_s: float = 0.0
     busy_s: float = 0.0  # total occupancy (for utilisation)
 
@@ -30,6 +54,8 @@ class Pipe:
         occ = nbytes * 8.0 / self.bandwidth_bps
         self.free_at_s = start + occ
         self.busy_s += occ
+        if self.loss:  # the stream waits for the retransmissions (head-of-line)
+            self.free_at_s += expected_loss_s(nbytes, self.loss, self.delay_s)
         return self.free_at_s, self.free_at_s + self.delay_s
 
 
@@ -45,7 +71,10 @@ class Network:
     back_pipes: list[Pipe] = field(init=False, default_factory=list)  # reverse, in travel order
 
     def __post_init__(self) -> None:
-        self.fwd = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
+        self.fwd = [
+            [Pipe(ln.bandwidth_bps, ln.delay_s, ln.loss_pct / 100.0) for ln in hop]
+            for hop in self.hop_links
+        ]
         self.rev = [[Pipe(ln.bandwidth_bps, ln.delay_s) for ln in hop] for hop in self.hop_links]
         self.back_pipes = [p for hop in reversed(self.rev) for p in reversed(hop)]
 
@@ -68,6 +97,8 @@ class Network:
             occ = nbytes * 8.0 / p.bandwidth_bps
             free = p.free_at_s = (t if t >= free else free) + occ
             p.busy_s += occ
+            if p.loss:  # the stream waits for the retransmissions (head-of-line)
+                free = p.free_at_s = free + expected_loss_s(nbytes, p.loss, p.delay_s)
             t = free + p.delay_s
         return t + self.overhead_s
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from testbed.errors import ConfigError
 from testbed.metrics.records import RequestRecord, Span
-from testbed.sim.calibrate import batch_rows, call_excess_s, fit_profile
+from testbed.sim.calibrate import (
+    batch_rows,
+    call_excess_s,
+    contended_call_overhead_s,
+    fit_profile,
+)
 from testbed.sim.fidelity import (
     Tolerances,
     compare_summaries,
@@ -197,3 +203,83 @@ def test_a_calibrated_batch_is_the_line_over_its_sums() -> None:
     steps = StepTimes(setup.layout, setup.prep.cost, CalibratedProfile(nodes={node: fit}))
     assert steps.batch_s(node, [16], [40, 50]) == pytest.approx(0.05 + 1e-3 * 18 + 1e-5 * 90)
     assert steps.batch_s(node, [], [40]) == pytest.approx(steps.decode_s(node, 40))
+
+
+def test_call_overhead_counts_link_queueing_as_the_links_time() -> None:
+    """The run's transfers replayed through the simulator's pipes: a decode step's activations
+    that waited behind a prefill's on a link are the link's time (the simulator queues them
+    itself), not overhead; which call a shaper charges a delay to does not matter."""
+    a, b = LinkSpec(bandwidth="8Mbit", delay="10ms"), LinkSpec(bandwidth="8Mbit", delay="20ms")
+    extra = 0.002
+
+    def token(rid: int, at: float, nbytes: int) -> RequestRecord:
+        # client -> n1 (no link), n1 -> n2 (the app shaper: round trip of a, 20 ms), n2 -> n3
+        # (round trip of b, 40 ms), nbytes at 1 MB/s on each link; the link model charges 10 +
+        # 20 ms forward and 30 ms back
+        occ = nbytes / 1e6
+        spans = [
+            Span("transfer", "client", at, at + extra, rid, 0, "decode", 1, peer="n1", nbytes=10),
+            Span("transfer", "n1", at + 0.1, at + 0.1 + 0.020 + occ + extra, rid, 1, "decode", 1, peer="n2", nbytes=nbytes),
+            Span("transfer", "n2", at + 0.2, at + 0.2 + 0.040 + occ + extra, rid, 2, "decode", 1, peer="n3", nbytes=nbytes),
+        ]  # fmt: skip
+        return _rec(rid, 5, spans, route=("n1", "n2", "n3"))
+
+    alone = [token(0, 0.0, 1000), token(1, 1.0, 1000)]
+    assert contended_call_overhead_s(alone, [(a,), (b,)]) == pytest.approx(extra)
+    # request 1's step is sent 10 ms after request 0's 100 kB (0.1 s on each link): it waits
+    # 90 ms behind it on each link, as the simulator's pipes would make it wait
+    big = token(0, 0.0, 100_000)
+    queued = token(1, 0.01, 1000)
+    spans = list(queued.spans)
+    for i in (1, 2):
+        spans[i] = replace(spans[i], end_s=spans[i].end_s + 0.09)
+    queued = replace(queued, spans=tuple(spans))
+    assert contended_call_overhead_s([big, queued], [(a,), (b,)]) == pytest.approx(extra)
+    # the mean excess over the bare link model charges those waits as overhead
+    assert call_excess_s([big, queued], [(a,), (b,)]) == pytest.approx(extra + 0.18 / 6)
+    assert contended_call_overhead_s([], [(a,)]) is None
+
+
+def test_an_emulated_dilated_run_is_simulated_on_the_emulated_clock(tmp_path: Any) -> None:
+    """A run folder as `replay` writes it for an emulated run at dilation 4 (its records on the
+    emulated clock, its config.json with the dilated links it ran on), here from the simulator
+    itself: `fidelity` simulates it with the devices' own timing, links undilated, and finds
+    what it measured (a dilated link would make every token 4x slower on the wire)."""
+    import json
+
+    import yaml
+
+    from testbed.emulation.dilation import dilate_topology, run_dilation, undilate_topology
+    from testbed.sim.fidelity import check_fidelity
+    from testbed.sim.run import simulate_scenario
+    from testbed.spec.scenario import load_scenario
+    from tests.factories import REPO
+
+    data = yaml.safe_load((REPO / "scenarios" / "paper-llama3-8b.yaml").read_text())
+    data["topology"] = str(REPO / "topologies" / "three-tier.yaml")
+    data["workload"].update(
+        path=str(REPO / "scenarios" / "traces" / "azure-conv-2023-head1000.csv"),
+        max_requests=6, max_prompt_tokens=128, max_output_tokens=8, time_scale=0.3,
+    )  # fmt: skip
+    data["dilation"] = 4.0
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    run = simulate_scenario(load_scenario(tmp_path / "s.yaml"), output=tmp_path, plots=False)
+    cfg = json.loads((run.out_dir / "config.json").read_text())
+    del cfg["mode"]
+    assert cfg["scenario"]["execution"] == "emulated" and run_dilation(cfg) == 4.0
+    from testbed.spec.topology import load_topology
+
+    topo = load_topology(REPO / "topologies" / "three-tier.yaml")
+    ran = dilate_topology(topo, 4.0)  # what replay records: the links the run ran on
+    assert undilate_topology(ran, 4.0).links[0].delay_s == pytest.approx(topo.links[0].delay_s)
+    cfg["topology"] = {"path": "three-tier.yaml", **ran.model_dump(mode="json")}
+    (run.out_dir / "config.json").write_text(json.dumps(cfg))
+    res = check_fidelity(run.out_dir)
+    assert res.timing == "emulated" and not res.in_sample and res.dilation == 4.0
+    assert res.cost_source == "roofline"
+    assert res.hop_overhead_s == pytest.approx(0.0, abs=1e-6)  # the token bytes on the way back
+    by = {c.metric: c for c in res.checks}  # the same, but for that sub-microsecond overhead
+    assert by["e2e p50"].error == pytest.approx(0.0, abs=1e-5)
+    assert by["e2e p99"].error == pytest.approx(0.0, abs=1e-5)
+    assert all(c.error == pytest.approx(0.0, abs=1e-5) for c in res.checks if c.kind == "points")
+    assert res.ok and res.to_dict(Tolerances())["timing"] == "emulated"
