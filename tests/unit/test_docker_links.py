@@ -100,3 +100,33 @@ def test_forward_on_docker_needs_the_link_networks() -> None:
         broker_config(base, "forward", None, _tb("docker", peers=False))
     with pytest.raises(ConfigError, match="overlay networks are not shaped"):
         broker_config(base, "forward", None, _tb("swarm", peers=True))
+
+
+def test_the_probe_cli_measures_through_the_hops_app_shaper(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What the node-to-node check runs in the sending container: the hop's app-level delay
+    (both ways) is in the RTT it prints as JSON."""
+    import asyncio
+    import json
+    import threading
+
+    from testbed.net.probe import ProbeServer, main
+
+    loop = asyncio.new_event_loop()
+    server = ProbeServer()
+    loop.run_until_complete(server.start())
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        fwd = {"rate_bps": None, "delay_s": 0.02, "jitter_s": 0.0, "loss_pct": 0.0}
+        hop = {"forward": fwd, "reverse": fwd, "apply_rate": False}
+        main(["measure", "127.0.0.1", "--port", str(server.port), "--json",
+              "--hop", json.dumps(hop)])  # fmt: skip
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.run_until_complete(server.aclose())
+        loop.close()
+    assert 0.04 <= got["rtt_s"] < 0.2 and got["throughput_bps"] is None
