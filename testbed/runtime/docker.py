@@ -428,8 +428,9 @@ async def kill_docker(tb: RunningTestbed, node: str) -> None:
 
 
 async def restart_docker(tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
-    """Start the killed container again (same address, blocks loaded anew) and shape its new
-    veth pair as ``down``/``up`` before it serves (a restarted container gets a new veth)."""
+    """Start the killed container again (same addresses, blocks loaded anew) and shape its new
+    veth pairs (tier and link network) as ``down``/``up`` before it serves (a restarted
+    container gets new veths)."""
     import docker
 
     ep = tb.nodes[node]
