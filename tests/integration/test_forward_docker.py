@@ -2,7 +2,9 @@
 link network per pair of consecutive stages, each receiver's end shaped as its link; the
 node-to-node links measured from inside a sending container match the configuration; the
 same requests relayed and forwarded give the same tokens, which are the whole model's; the
-forwarded hops pay their links; and `down` leaves no container or network of the run."""
+forwarded hops pay their links; a stage killed mid-chain is the node marked down and every
+request ends completed or failed with a reason; and `down` leaves no container or network of
+the run."""
 
 from __future__ import annotations
 
@@ -82,6 +84,26 @@ async def _tokens(
     async with broker:
         res = await broker.run(prep.requests)
     return broker.tokens, res
+
+
+async def _kill_mid_chain(tb: Any, prep: Prepared) -> BrokerResult:
+    """Forward the requests and kill cloud-1's container (the last stage, fed by fog-1) once
+    a request is on its way to it."""
+    layout = Layout.from_running(tb, prep.topology, prep.cost)
+    broker = Broker(
+        layout,
+        WorkPredictor(layout, prep.cost),
+        prep.make_scheduler(),
+        make_transport(tb),
+        prep.prompt_fn(),
+        config=BrokerConfig(call_timeout_s=10.0, transport="forward"),
+    )
+    async with broker:
+        run = asyncio.ensure_future(broker.run(prep.requests))
+        while broker.ledger.book("cloud-1").routed_total < 1 and not run.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await RUNTIMES.create("docker").kill_node(tb, "cloud-1")
+        return await run
 
 
 def _whole_model_tokens(prep: Prepared, prompt: list[int], n: int) -> list[int]:
@@ -173,6 +195,13 @@ def test_forwarding_through_link_networks(tmp_path: Path, monkeypatch: pytest.Mo
         for r in f_res.records:  # each forwarded hop pays its link's round trip per step
             assert r.hop_transfer_s[f"{r.route[0]}->fog-1"] >= 0.008 * r.output_tokens
             assert r.hop_transfer_s["fog-1->cloud-1"] >= 0.019 * r.output_tokens
+        # a stage dying mid-chain: fog-1 reports it, the broker marks cloud-1 (not fog-1)
+        # down, and every request ends completed or failed with a reason
+        res = asyncio.run(_kill_mid_chain(tb, prep))
+        assert len(res.records) == REQUESTS
+        assert [e.node for e in res.node_events] == ["cloud-1"]
+        assert all(r.status == "completed" or r.reason for r in res.records), res.records
+        assert any(r.status == "failed" for r in res.records)
     finally:
         asyncio.run(take_down(run_id))
     label = f"testbed.run={run_id}"
