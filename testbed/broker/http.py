@@ -46,6 +46,7 @@ class HttpStageTransport:
         *,
         shapers: Mapping[str, AppShaper] | None = None,
         seed: int = 0,
+        route_urls: Mapping[str, str] | None = None,
         busy_backoff_s: float = 0.005,
         busy_backoff_max_s: float = 0.2,
     ) -> None:
@@ -55,6 +56,8 @@ class HttpStageTransport:
         # timeline's set_shape reaches the stages that shape it); seeds their shapers
         self.shapers = dict(shapers or {})
         self.seed = seed
+        # forward transport: each node's URL as the stage before it reaches it (default: urls)
+        self.route_urls = dict(route_urls or {})
         self.busy_backoff_s = busy_backoff_s
         self.busy_backoff_max_s = busy_backoff_max_s
         self.busy_retries = 0  # how often a stage said "busy" (for the results)
@@ -149,7 +152,8 @@ class HttpStageTransport:
     def _route_hop(self, node: str) -> RouteHop:
         shaper = self.shapers.get(node)
         seed = self.seed * 1000 + zlib.crc32(node.encode()) % 1000
-        return RouteHop(node, self.urls[node], None if shaper is None else shaper.shape, seed)
+        url = self.route_urls.get(node, self.urls[node])
+        return RouteHop(node, url, None if shaper is None else shaper.shape, seed)
 
     async def _send(
         self,

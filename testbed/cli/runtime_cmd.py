@@ -50,13 +50,16 @@ def links_table(tb: RunningTestbed, *, now: float | None = None) -> Table:
     import time
 
     now = time.time() if now is None else now
-    t = Table(title="links: configured vs measured (hop from the host into the node)")
-    cols = ("node", "link", "RTT conf.", "RTT meas.", "rate conf.", "rate meas.", "ok", "measured")
-    for col in cols:
+    t = Table(
+        title="links: configured vs measured (from the host, or from a node of the stage before)"
+    )
+    cols = ("from", "node", "link", "RTT conf.", "RTT meas.", "rate conf.", "rate meas.", "ok")
+    for col in (*cols, "measured"):
         t.add_column(col)
     for c in tb.checks:
         when = "-" if c.measured_at is None else f"{fmt_seconds(max(0.0, now - c.measured_at))} ago"
         t.add_row(
+            c.src,
             c.node,
             c.link,
             fmt_seconds(c.configured_rtt_s),
@@ -195,7 +198,7 @@ def up(
         err_console.print(f"note: {note}")
     for c in tb.checks:
         if not c.ok:
-            err_console.print(f"[yellow]warning[/]: {c.node} ({c.link}): {c.note}")
+            err_console.print(f"[yellow]warning[/]: {c.src} -> {c.node} ({c.link}): {c.note}")
     console.print(f"run id {tb.run_id}; stop with `testbed down {tb.run_id}`")
 
 

@@ -61,12 +61,13 @@ def make_transport(tb: RunningTestbed) -> GatedTransport:
     urls = {n.name: n.url for n in tb.stage_nodes()}
     hooks = {n: h for n in urls if (h := tb.hook_for(n)) is not None}
     http = HttpStageTransport(
-        urls, {n: h.before_send for n, h in hooks.items()}, shapers=hooks, seed=tb.seed
+        urls,
+        {n: h.before_send for n, h in hooks.items()},
+        shapers=hooks,
+        seed=tb.seed,
+        route_urls={n: tb.route_url(n) for n in urls},
     )
     return GatedTransport(http, lambda node: tb.nodes[node].partitioned)
-
-
-FORWARD_RUNTIMES = ("local",)  # runtimes whose stages reach each other at their URLs
 
 
 def broker_config(
@@ -75,11 +76,11 @@ def broker_config(
     """``config`` with the run's transport (``--transport``, else the scenario's), checked
     against the runtime: stages must reach each other to forward."""
     chosen = transport or spec_transport
-    if chosen == "forward" and tb.runtime not in FORWARD_RUNTIMES:
+    why = RUNTIMES.create(tb.runtime, field="runtime").forward_refusal(tb)
+    if chosen == "forward" and why is not None:
         raise ConfigError(
-            f"transport: forward needs stages that reach each other; the {tb.runtime} runtime "
-            "puts each tier on its own network with no route between tiers. Use "
-            f"transport: relay, or runtime: {' / '.join(FORWARD_RUNTIMES)}",
+            f"transport: forward needs stages that reach each other; {why}. Use "
+            "transport: relay, or runtime: local / docker",
             field="transport",
         )
     return replace(config, transport=chosen)  # type: ignore[arg-type]

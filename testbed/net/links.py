@@ -23,6 +23,7 @@ charged on the hop into the node (see :mod:`testbed.net.appshaper`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ from testbed.net.appshaper import HopShape
 from testbed.net.shaping import DirShape, ShapingBackend
 
 if TYPE_CHECKING:
+    from testbed.spec.plan import Plan
     from testbed.spec.topology import LinkSpec, Topology
 
 
@@ -75,3 +77,27 @@ def plan_shaping(topology: Topology, backend: ShapingBackend) -> dict[str, NodeS
         for node in tier.nodes:
             out[node.name] = node_shaping_for_link(node.name, tier.name, j, label, link, backend)
     return out
+
+
+@dataclass(frozen=True)
+class PeerLink:
+    """A network joining two consecutive stages' nodes, for stage-to-stage forwarding.
+
+    Tiers that hold no blocks are skipped, as in the relay: the stage after them is fed by the
+    link into its own tier (:func:`plan_shaping`), and each receiver's end of this network is
+    shaped as that link, both directions (the receiver's own copy of the link)."""
+
+    src_tier: str
+    dst_tier: str
+    senders: tuple[str, ...]  # the previous stage's nodes
+    receivers: tuple[str, ...]  # this stage's nodes
+
+    @property
+    def label(self) -> str:
+        return f"{self.src_tier}->{self.dst_tier}"
+
+
+def plan_peer_links(plan: Plan) -> list[PeerLink]:
+    """One :class:`PeerLink` per pair of consecutive stages that hold blocks."""
+    stages = plan.active_stages()
+    return [PeerLink(a.tier, b.tier, a.nodes, b.nodes) for a, b in itertools.pairwise(stages)]

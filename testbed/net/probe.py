@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from testbed.errors import RuntimeBackendError
@@ -164,17 +165,44 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("serve", help="run the probe service")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
-    m = sub.add_parser("measure", help="measure towards a probe service (no hook)")
+    m = sub.add_parser("measure", help="measure towards a probe service")
     m.add_argument("host")
     m.add_argument("--port", type=int, default=DEFAULT_PORT)
     m.add_argument("--rate-bps", type=float, default=None)
+    m.add_argument("--seconds", type=float, default=0.5, help="length of the throughput probe")
+    m.add_argument("--timeout", type=float, default=30.0)
+    m.add_argument(
+        "--hop",
+        default=None,
+        help="app-level shape of the hop as JSON {forward, reverse, apply_rate}: sent through "
+        "an app shaper, as a forwarding stage sends (node-to-node link check)",
+    )
+    m.add_argument("--seed", type=int, default=0, help="seed of that shaper")
+    m.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(args.host, args.port))
-    else:
-        res = asyncio.run(measure_link(args.host, args.port, expected_rate_bps=args.rate_bps))
-        print(res)
+        return
+    hook = None
+    if args.hop is not None:
+        from testbed.net.appshaper import AppShaper, HopShape
+        from testbed.net.shaping import DirShape
+
+        d = json.loads(args.hop)
+        shape = HopShape(DirShape(**d["forward"]), DirShape(**d["reverse"]), d["apply_rate"])
+        hook = AppShaper(shape, seed=args.seed, name=args.host)
+    res = asyncio.run(
+        measure_link(
+            args.host,
+            args.port,
+            hook=hook,
+            expected_rate_bps=args.rate_bps,
+            seconds=args.seconds,
+            timeout_s=args.timeout,
+        )
+    )
+    print(json.dumps(asdict(res)) if args.json else res)
 
 
 if __name__ == "__main__":

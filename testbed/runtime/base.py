@@ -107,6 +107,7 @@ class LinkCheck:
     ok: bool
     note: str = ""
     measured_at: float | None = None  # time.time() of the measurement (None: files before it)
+    src: str = "host"  # where the probe ran: "host", or the sending node (a node-to-node link)
 
 
 @dataclass
@@ -134,6 +135,12 @@ class NodeEndpoint:
     # kernel-side shaping, for changes while running (docker): ifindex/netns per direction
     down_iface: dict[str, Any] | None = None
     up_iface: dict[str, Any] | None = None
+    # forwarding (docker): the node's address on the link network joining it to the previous
+    # stage's nodes, its stage URL there, and that network's veth pair (shaped as its link)
+    peer_address: str | None = None
+    peer_url: str | None = None
+    peer_down_iface: dict[str, Any] | None = None
+    peer_up_iface: dict[str, Any] | None = None
     hook: AppShaper | None = field(default=None, compare=False, repr=False)
 
     def make_hook(self, seed: int) -> None:
@@ -173,6 +180,11 @@ class RunningTestbed:
             (n for n in self.nodes.values() if n.end > n.start),
             key=lambda n: (n.tier_index, n.name),
         )
+
+    def route_url(self, node: str) -> str:
+        """The stage URL of ``node`` as the previous stage reaches it (forwarding)."""
+        ep = self.nodes[node]
+        return ep.peer_url or ep.url
 
     def hooks_by_url(self) -> dict[str, AppShaper | None]:
         """For ``PipelineClient(hooks_by_url=...)``: the hop hook of every node's stage URL."""

@@ -59,7 +59,7 @@ async def bring_up(
         if bad and strict:
             raise RuntimeBackendError(
                 "links off their configuration (--strict): "
-                + "; ".join(f"{c.node} ({c.link}): {c.note}" for c in bad)
+                + "; ".join(f"{c.src} -> {c.node} ({c.link}): {c.note}" for c in bad)
                 + "; testbed taken down"
             )
     except BaseException:

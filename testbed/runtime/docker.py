@@ -6,6 +6,8 @@ host reaches each container at its fixed address on that bridge; internal networ
 route to the outside. Shaping is per node, on the two ends of its veth pair (see
 :mod:`testbed.net.links` for why): host-side veth egress = the feeding link's forward
 direction (rate + netem), container eth0 egress = its reverse direction (netem only).
+For stage-to-stage forwarding, one more network per pair of consecutive stages joins their
+nodes, each receiver's end shaped the same way (:mod:`testbed.runtime.docker_links`).
 
 Everything is labelled ``testbed.run=<id>`` (+ ``testbed.node``/``testbed.tier``), so
 ``down`` and ``clean`` work from labels and are safe to repeat. A failure at any step of
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from testbed.errors import RuntimeBackendError
-from testbed.net.links import plan_shaping
+from testbed.net.links import plan_peer_links, plan_shaping
 from testbed.net.shaping import DirShape, Iface, ShapingBackend, change_ops, egress_ops
 from testbed.net.tc import apply_ops, links_sync
 from testbed.runtime.base import (
@@ -37,6 +39,14 @@ from testbed.runtime.base import (
     stage_serve_argv,
 )
 from testbed.runtime.bringup import EngineBringUp, log_up, node_endpoint
+from testbed.runtime.docker_links import (
+    create_link_net,
+    create_network,
+    memberships,
+    peer_addresses,
+    peer_url,
+    plan_link_nets,
+)
 from testbed.runtime.gpus import docker_device_request, gpu_ask
 from testbed.runtime.image import ImageMode, ensure_image
 
@@ -143,6 +153,29 @@ def shaping_ops(
     return egress_ops(host_iface, down, backend) + egress_ops(inside, up, backend)
 
 
+def _iface_record(host_if: Iface, inside: Iface, pid: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    return (
+        {"ifindex": host_if.ifindex, "ifname": host_if.ifname},
+        {"ifindex": inside.ifindex, "ifname": inside.ifname, "pid": pid},
+    )
+
+
+async def _shape_node(
+    pid: int, ep: NodeEndpoint, down: DirShape, up: DirShape, backend: ShapingBackend
+) -> None:
+    """Shape a (re)started container's veth pairs as its feeding link (``down`` into the node,
+    ``up`` out of it): on its tier network and, for forwarding, on the link network into it;
+    record the interfaces for changes while running."""
+    host_if, inside = await asyncio.to_thread(_container_ifaces, pid, ep.address)
+    ops = shaping_ops(host_if, inside, down, up, backend)
+    ep.down_iface, ep.up_iface = _iface_record(host_if, inside, pid)
+    if ep.peer_address is not None:
+        p_host, p_inside = await asyncio.to_thread(_container_ifaces, pid, ep.peer_address)
+        ops += shaping_ops(p_host, p_inside, down, up, backend)
+        ep.peer_down_iface, ep.peer_up_iface = _iface_record(p_host, p_inside, pid)
+    await apply_ops(ops)
+
+
 class DockerTestbed(EngineBringUp):
     """Brings a plan up as containers; ``up`` returns the RunningTestbed (state saved)."""
 
@@ -184,13 +217,22 @@ class DockerTestbed(EngineBringUp):
         c = await asyncio.to_thread(client)
         gpu = await asyncio.to_thread(has_nvidia_runtime, c)
         shaping = plan_shaping(self.topology, self.backend)
-        subnets = await asyncio.to_thread(free_subnets, c, len(self.topology.tiers))
+        links = plan_peer_links(self.plan)
+        n_tiers = len(self.topology.tiers)
+        subnets = await asyncio.to_thread(free_subnets, c, n_tiers + len(links))
         net_of_tier: dict[str, tuple[str, ipaddress.IPv4Network]] = {}
-        for tier, subnet in zip(self.topology.tiers, subnets, strict=True):
+        for tier, subnet in zip(self.topology.tiers, subnets[:n_tiers], strict=True):
             name = f"tb-{self.run_id}-{tier.name}"
-            await asyncio.to_thread(self._create_network, c, name, subnet, tier.name)
+            bridge = f"tb{self.run_id[2:]}{tier.name[:4]}"[:15]
+            labels = {LABEL_RUN: self.run_id, LABEL_TIER: tier.name}
+            await asyncio.to_thread(create_network, c, name, subnet, bridge, labels)
             net_of_tier[tier.name] = (name, subnet)
             tb.networks.append(name)
+        link_nets = plan_link_nets(self.run_id, links, subnets[n_tiers:])
+        for net in link_nets:  # stage to stage (forwarding)
+            await asyncio.to_thread(create_link_net, c, self.run_id, net)
+            tb.networks.append(net.name)
+        joins, peers = memberships(link_nets), peer_addresses(link_nets)
         await asyncio.to_thread(tb.save)
 
         ctrs: dict[str, Any] = {}
@@ -214,6 +256,9 @@ class DockerTestbed(EngineBringUp):
                     self.run_id, tier, j, node, stage, shaping[node.name], device=device,
                     address=address, url=f"http://{address}:{STAGE_PORT}",
                 )  # fmt: skip
+                if node.name in peers:
+                    ep.peer_address = peers[node.name]
+                    ep.peer_url = peer_url(ep.peer_address)
                 tb.nodes[node.name] = ep
                 ctrs[node.name] = await asyncio.to_thread(
                     self._run_container,
@@ -224,6 +269,7 @@ class DockerTestbed(EngineBringUp):
                     info.mounts,
                     gpu and dev.kind == "gpu",
                     node.gpus,
+                    joins.get(node.name, []),
                 )
                 await asyncio.to_thread(tb.save)
         for i, n in enumerate(sorted(tb.nodes)):
@@ -238,10 +284,7 @@ class DockerTestbed(EngineBringUp):
             if not pid:
                 logs = (await asyncio.to_thread(ctr.logs, tail=20)).decode(errors="replace")
                 raise RuntimeBackendError(f"container of {name} is not running:\n{logs}")
-            host_if, inside = await asyncio.to_thread(_container_ifaces, pid, ep.address)
-            await apply_ops(shaping_ops(host_if, inside, ns.downlink, ns.uplink, self.backend))
-            ep.down_iface = {"ifindex": host_if.ifindex, "ifname": host_if.ifname}
-            ep.up_iface = {"ifindex": inside.ifindex, "ifname": inside.ifname, "pid": pid}
+            await _shape_node(pid, ep, ns.downlink, ns.uplink, self.backend)
         await asyncio.to_thread(tb.save)
         log_up(
             f"{len(tb.nodes)} containers up, links shaped ({self.backend}); waiting for stage servers"
@@ -264,24 +307,6 @@ class DockerTestbed(EngineBringUp):
                 )
         log_up("node CPU quotas applied (containers load their blocks unthrottled)")
 
-    def _create_network(self, c: Any, name: str, subnet: ipaddress.IPv4Network, tier: str) -> None:
-        import docker
-        from docker.types import IPAMConfig, IPAMPool
-
-        gateway = str(next(subnet.hosts()))
-        try:
-            c.networks.create(
-                name,
-                driver="bridge",
-                internal=True,
-                check_duplicate=True,
-                ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=gateway)]),
-                labels={LABEL_RUN: self.run_id, LABEL_TIER: tier},
-                options={"com.docker.network.bridge.name": f"tb{self.run_id[2:]}{tier[:4]}"[:15]},
-            )
-        except docker.errors.APIError as exc:
-            raise RuntimeBackendError(f"creating network {name} ({subnet}) failed: {exc}") from exc
-
     def _run_container(
         self,
         c: Any,
@@ -291,7 +316,10 @@ class DockerTestbed(EngineBringUp):
         mounts: tuple[tuple[str, str], ...],
         use_gpu: bool,
         gpus: tuple[int, ...] | int | None = None,
+        link_nets: list[tuple[str, str]] | None = None,
     ) -> Any:
+        """Create the node's container on its tier network, join it to its link networks
+        (``(name, address)``, forwarding) before it starts, start it and its probe service."""
         import docker
         from docker.types import DeviceRequest
 
@@ -323,11 +351,10 @@ class DockerTestbed(EngineBringUp):
             kwargs["device_requests"] = [DeviceRequest(**docker_device_request(gpu_ask(gpus)))]
         env = {"OMP_NUM_THREADS": str(max(1, round(ep.cpus or 1))), "TESTBED_NODE": ep.name}
         try:
-            ctr = c.containers.run(
+            ctr = c.containers.create(
                 image,
                 cmd,
                 name=ep.container,
-                detach=True,
                 network=netname,
                 networking_config={netname: c.api.create_endpoint_config(ipv4_address=ep.address)},
                 labels={LABEL_RUN: self.run_id, LABEL_NODE: ep.name, LABEL_TIER: ep.tier},
@@ -337,6 +364,9 @@ class DockerTestbed(EngineBringUp):
                 hostname=ep.name,
                 **kwargs,
             )
+            for net, address in link_nets or []:
+                c.networks.get(net).connect(ctr, ipv4_address=address)
+            ctr.start()
             ctr.exec_run(
                 ["python3", "-m", "testbed.net.probe", "serve", "--port", str(PROBE_PORT)],
                 detach=True,
@@ -361,17 +391,21 @@ async def set_link_docker(
         raise RuntimeBackendError(f"{node}: no shaped interfaces recorded")
     c = await asyncio.to_thread(client)
     ctr = await asyncio.to_thread(c.containers.get, ep.container)
-    pid = ctr.attrs["State"]["Pid"]
-    host_if = Iface(ep.down_iface["ifindex"], ep.down_iface["ifname"], None)
-    inside = Iface(ep.up_iface["ifindex"], ep.up_iface["ifname"], f"/proc/{pid}/ns/net")
-    if previous is None:
-        await apply_ops(shaping_ops(host_if, inside, down, up, tb.backend))
-    else:
-        old_down, old_up = previous
-        await apply_ops(
-            change_ops(host_if, old_down, down, tb.backend)
-            + change_ops(inside, old_up, up, tb.backend)
-        )
+    netns = f"/proc/{ctr.attrs['State']['Pid']}/ns/net"
+    pairs = [(ep.down_iface, ep.up_iface)]
+    if ep.peer_down_iface is not None and ep.peer_up_iface is not None:
+        pairs.append((ep.peer_down_iface, ep.peer_up_iface))  # the link network into it
+    ops: list[Any] = []
+    for host_rec, inside_rec in pairs:
+        host_if = Iface(host_rec["ifindex"], host_rec["ifname"], None)
+        inside = Iface(inside_rec["ifindex"], inside_rec["ifname"], netns)
+        if previous is None:
+            ops += shaping_ops(host_if, inside, down, up, tb.backend)
+        else:
+            old_down, old_up = previous
+            ops += change_ops(host_if, old_down, down, tb.backend)
+            ops += change_ops(inside, old_up, up, tb.backend)
+    await apply_ops(ops)
 
 
 async def set_cpu_docker(tb: RunningTestbed, node: str, cpus: float) -> None:
@@ -394,8 +428,9 @@ async def kill_docker(tb: RunningTestbed, node: str) -> None:
 
 
 async def restart_docker(tb: RunningTestbed, node: str, down: DirShape, up: DirShape) -> None:
-    """Start the killed container again (same address, blocks loaded anew) and shape its new
-    veth pair as ``down``/``up`` before it serves (a restarted container gets a new veth)."""
+    """Start the killed container again (same addresses, blocks loaded anew) and shape its new
+    veth pairs (tier and link network) as ``down``/``up`` before it serves (a restarted
+    container gets new veths)."""
     import docker
 
     ep = tb.nodes[node]
@@ -409,10 +444,7 @@ async def restart_docker(tb: RunningTestbed, node: str, down: DirShape, up: DirS
     pid = ctr.attrs["State"]["Pid"]
     if not pid:
         raise RuntimeBackendError(f"container of {node} did not start again")
-    host_if, inside = await asyncio.to_thread(_container_ifaces, pid, ep.address)
-    await apply_ops(shaping_ops(host_if, inside, down, up, tb.backend))
-    ep.down_iface = {"ifindex": host_if.ifindex, "ifname": host_if.ifname}
-    ep.up_iface = {"ifindex": inside.ifindex, "ifname": inside.ifname, "pid": pid}
+    await _shape_node(pid, ep, down, up, tb.backend)
     await asyncio.to_thread(
         ctr.exec_run,
         ["python3", "-m", "testbed.net.probe", "serve", "--port", str(PROBE_PORT)],

@@ -19,7 +19,8 @@ from testbed.registry import Registry
 
 if TYPE_CHECKING:
     from testbed.net.shaping import DirShape, ShapingBackend
-    from testbed.runtime.base import RunningTestbed
+    from testbed.runtime.base import LinkCheck, RunningTestbed
+    from testbed.runtime.measure import Tolerance
     from testbed.spec.plan import Plan
     from testbed.spec.topology import Topology
 
@@ -110,6 +111,18 @@ class Runtime(ABC):
     async def engine_version(self) -> str | None:
         """Version of the engine under the nodes, for provenance (None: none or unknown)."""
         return None
+
+    def forward_refusal(self, tb: RunningTestbed) -> str | None:
+        """Why ``tb``'s stages cannot send to each other (``transport: forward``); None when
+        they can."""
+        return (
+            f"the {self.name} runtime puts each tier on its own network with no route between tiers"
+        )
+
+    async def measure_node_links(self, tb: RunningTestbed, tol: Tolerance) -> list[LinkCheck]:
+        """The node-to-node links forwarding uses, measured from a sending node (none when
+        they are the host-to-node paths already measured)."""
+        return []
 
 
 RUNTIMES: Registry[Runtime] = Registry("runtime", "testbed.runtime.kinds")

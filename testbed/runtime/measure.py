@@ -101,7 +101,8 @@ async def measure_links(
     seconds: float = 0.5,
     timeout_s: float = 60.0,
 ) -> list[LinkCheck]:
-    """Measure each node's feeding link (one at a time, so links do not share the CPU)."""
+    """Measure each node's feeding link from the host (one at a time, so links do not share
+    the CPU), then the node-to-node links forwarding uses where the runtime has them."""
     tol = tol or Tolerance()
     checks = []
     for node in sorted(tb.nodes.values(), key=lambda n: (n.tier_index, n.name)):
@@ -146,4 +147,6 @@ async def measure_links(
                 measured_at=time.time(),
             )
         )
-    return checks
+    from testbed.runtime.interface import runtime_of
+
+    return checks + await runtime_of(tb).measure_node_links(tb, tol)

@@ -296,7 +296,7 @@ async def test_forward_needs_a_transport_that_can_route() -> None:
         BrokerConfig(transport="carrier-pigeon")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("runtime", ["docker", "swarm"])
+@pytest.mark.parametrize("runtime", ["docker", "swarm"])  # docker: a run without link networks
 def test_forward_is_refused_where_tiers_cannot_reach_each_other(runtime: str) -> None:
     from testbed.experiment.replay import broker_config
     from testbed.runtime.base import RunningTestbed

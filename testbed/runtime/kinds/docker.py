@@ -11,7 +11,8 @@ from testbed.runtime.kinds.engine import EngineRuntime
 
 if TYPE_CHECKING:
     from testbed.net.shaping import DirShape, ShapingBackend
-    from testbed.runtime.base import RunningTestbed
+    from testbed.runtime.base import LinkCheck, RunningTestbed
+    from testbed.runtime.measure import Tolerance
 
 
 @RUNTIMES.register("docker")
@@ -68,6 +69,21 @@ class DockerRuntime(EngineRuntime):
         from testbed.runtime.docker import restart_docker
 
         await restart_docker(tb, node, down, up)
+
+    def forward_refusal(self, tb: RunningTestbed) -> str | None:
+        stages = tb.stage_nodes()
+        first = stages[0].tier_index if stages else 0
+        if stages and all(n.peer_url for n in stages if n.tier_index > first):
+            return None
+        return (
+            f"run {tb.run_id} has no link networks between its stages (brought up by an "
+            "older version); bring it up again"
+        )
+
+    async def measure_node_links(self, tb: RunningTestbed, tol: Tolerance) -> list[LinkCheck]:
+        from testbed.runtime.docker_links import measure_peer_links
+
+        return await measure_peer_links(tb, tol)
 
     async def set_cpu(self, tb: RunningTestbed, node: str, cpus: float) -> None:
         from testbed.runtime.docker import set_cpu_docker

@@ -68,5 +68,8 @@ class LocalRuntime(Runtime):
 
         await restart_local_node(tb, node)
 
+    def forward_refusal(self, tb: RunningTestbed) -> str | None:
+        return None  # every node listens on 127.0.0.1: stages reach each other at their URLs
+
     def present(self, tb: RunningTestbed) -> bool:
         return any(pid_alive(p) and is_testbed_process(p) for p in tb.pids())

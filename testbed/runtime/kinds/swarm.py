@@ -53,6 +53,12 @@ class SwarmRuntime(EngineRuntime):
     def list_labelled(self, c: Any, label_filter: str) -> list[Any]:
         return list(c.services.list(filters={"label": label_filter}))
 
+    def forward_refusal(self, tb: RunningTestbed) -> str | None:
+        return (
+            "the swarm runtime's per-link overlay networks are not shaped yet (its agent "
+            "shapes the host -> node paths only), so forwarded hops would skip their links"
+        )
+
     async def set_link(
         self,
         tb: RunningTestbed,
