@@ -119,3 +119,26 @@ def test_plan_matches_ignores_parked_nodes():
     assert not plan_matches(tb, plan)  # e2 serves blocks the plan does not give it
     tb.nodes["e2"].parked = True
     assert plan_matches(tb, plan)
+
+
+def test_compare_reloads_only_onto_running_nodes_without_restarts():
+    from types import SimpleNamespace
+
+    from testbed.experiment.lifecycle import reload_refusal
+
+    tb = _tb("http://127.0.0.1:1")
+
+    def prep(nodes: tuple[str, ...], topology: str = "t", timeline: Any = None) -> Any:
+        stages = [SimpleNamespace(start=0, end=4, nodes=nodes)]
+        return SimpleNamespace(
+            topology=SimpleNamespace(name=topology),
+            plan=SimpleNamespace(active_stages=lambda: stages),
+            loaded=SimpleNamespace(spec=SimpleNamespace(timeline=timeline)),
+        )
+
+    assert reload_refusal(tb, prep(("e1", "f1"))) is None  # e2 would be parked
+    assert reload_refusal(tb, prep(("e1", "c1"))) == "it runs no node c1"
+    assert "topology 't'" in (reload_refusal(tb, prep(("e1",), topology="other")) or "")
+    restart = [SimpleNamespace(kind="down"), SimpleNamespace(kind="up")]
+    assert "restarts nodes" in (reload_refusal(tb, prep(("e1",), timeline=restart)) or "")
+    assert reload_refusal(tb, prep(("e1",), timeline=restart[:1])) is None
