@@ -11,7 +11,7 @@ TOOLS  ?= .tools
 UV      = $(TOOLS)/bin/uv
 # Never let uv fetch an interpreter from the network: use the Python the user has.
 export UV_PYTHON_DOWNLOADS = never
-SCENARIO ?= scenarios/tiny-azure.yaml
+SCENARIO ?= scenarios/paper-phi3-medium.yaml
 # Containers where Docker is reachable (the real testbed), local processes otherwise.
 RUNTIME  ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo local)
 
@@ -60,7 +60,9 @@ lint: setup
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-# The main job on the default topology and scenario.
+# The main job: Phi-3-medium on the paper-like three-tier cluster with emulated devices,
+# Hyperion vs GPipe vs HEFT (README "The main job"); SCENARIO=scenarios/tiny-azure.yaml for the
+# fast tiny one.
 demo: setup
 	$(BIN)/testbed compare $(SCENARIO) $(if $(RUNTIME),--runtime $(RUNTIME))
 

@@ -160,9 +160,17 @@ def compare_cmd(
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="in simulated time")] = False,
+    no_reload: Annotated[
+        bool,
+        typer.Option(
+            "--no-reload",
+            help="a new testbed for every plan with other block ranges (default: load the "
+            "new ranges into the running nodes when they include the plan's)",
+        ),
+    ] = False,
 ) -> None:
-    """Replay the same workload under several policy pairs, each on its own testbed, and
-    compare them side by side (ratios to the first pair)."""
+    """Replay the same workload under several policy pairs, each with its plan's block ranges,
+    and compare them side by side (ratios to the first pair)."""
     if simulate:
         from testbed.cli.sim_cmd import simulate_compare
 
@@ -189,7 +197,7 @@ def compare_cmd(
         progress=not no_progress,
         transport=transport,
     )
-    res = run_async(compare_scenario(loaded, pairs, opts, console))
+    res = run_async(compare_scenario(loaded, pairs, opts, console, reload=not no_reload))
     labels = [r.label for r in res.runs]
     rows = compare_rows([(r.label, r.summary.to_dict()) for r in res.runs])
     console.print(rich_table(labels, rows, title=f"{loaded.spec.name}: comparison"))

@@ -34,7 +34,7 @@ def nodes_table(tb: RunningTestbed, health: dict[str, str] | None = None) -> Tab
             n.name,
             n.tier,
             n.url,
-            f"{n.start}..{n.end - 1}",
+            f"{n.start}..{n.end - 1}" + (" (parked)" if n.parked else ""),
             n.device,
             "timing" if n.device.startswith("emulated") else (f"{n.cpus:g}" if n.cpus else "-"),
             fmt_bytes(n.mem_limit_bytes) if n.mem_limit_bytes else "-",

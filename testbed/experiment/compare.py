@@ -11,7 +11,13 @@ from pathlib import Path
 from rich.console import Console
 
 from testbed.errors import ConfigError
-from testbed.experiment.lifecycle import plan_matches, take_down, up_announced
+from testbed.experiment.lifecycle import (
+    plan_matches,
+    reload_announced,
+    reload_refusal,
+    take_down,
+    up_announced,
+)
 from testbed.experiment.prepare import load_parts, prepare
 from testbed.experiment.replay import ReplayOptions, ReplayRun, output_dir, replay_once
 from testbed.runtime.base import RunningTestbed
@@ -44,10 +50,14 @@ async def compare_scenario(
     pairs: Sequence[str],
     opts: ReplayOptions,
     console: Console,
+    *,
+    reload: bool = True,
 ) -> CompareResult:
-    """For each pair, a testbed with that partitioner's plan (reused while the next plan holds
-    the same block ranges), the same workload, then a side-by-side table with ratios to the
-    first pair."""
+    """For each pair, a testbed with that partitioner's plan, the same workload, then a
+    side-by-side table with ratios to the first pair. One testbed serves every pair it can:
+    reused as is while the next plan holds the same block ranges, else given the new ranges by
+    a load into its running nodes (``reload``, default) when those nodes include the plan's;
+    otherwise (or with ``reload=False``) taken down and brought up with the new plan."""
     from testbed.metrics.report import write_comparison
 
     check_pairs(loaded, pairs)
@@ -67,12 +77,17 @@ async def compare_scenario(
             console.rule(f"[bold]{i + 1}/{len(pairs)}: {pair}")
             prep = await asyncio.to_thread(prepare, parts, pair, opts.requests)
             if current is not None and not plan_matches(current, prep.plan):
-                console.print(f"down: {await take_down(current.run_id)}")
-                current = None
+                why = reload_refusal(current, prep) if reload else "--no-reload"
+                if why is None:
+                    await reload_announced(current, prep, console)
+                else:
+                    console.print(f"cannot reuse testbed {current.run_id} ({why})")
+                    console.print(f"down: {await take_down(current.run_id)}")
+                    current = None
+            elif current is not None:
+                console.print(f"same block ranges: reusing testbed {current.run_id}")
             if current is None:
                 current = await up_announced(prep, runtime, console, opts.health_timeout_s)
-            else:
-                console.print(f"same block ranges: reusing testbed {current.run_id}")
             run = await replay_once(
                 prep,
                 current,

@@ -41,9 +41,37 @@ async def take_down(run_id: str) -> str:
 
 
 def plan_matches(tb: RunningTestbed, plan: Plan) -> bool:
-    want = {n: (st.start, st.end) for st in plan.active_stages() for n in st.nodes}
+    from testbed.runtime.reload import plan_ranges
+
     have = {n.name: (n.start, n.end) for n in tb.stage_nodes()}
-    return want == have
+    return plan_ranges(plan) == have
+
+
+def reload_refusal(tb: RunningTestbed, prep: Prepared) -> str | None:
+    """Why ``tb`` cannot take ``prep``'s plan by loading block ranges into its running nodes
+    (:mod:`testbed.runtime.reload`), or None when it can."""
+    from testbed.runtime.reload import missing_nodes, plan_ranges
+
+    if tb.topology_name != prep.topology.name:
+        return f"it runs topology {tb.topology_name!r}"
+    missing = missing_nodes(tb, plan_ranges(prep.plan))
+    if missing:
+        return f"it runs no node {', '.join(missing)}"
+    if any(ev.kind == "up" for ev in prep.loaded.spec.timeline or ()):
+        return "the timeline restarts nodes (a restarted node comes back with its first range)"
+    return None
+
+
+async def reload_announced(tb: RunningTestbed, prep: Prepared, console: Console) -> None:
+    """Load ``prep``'s plan into ``tb``'s running nodes, telling the user what and how long."""
+    from testbed.runtime.reload import load_ranges, plan_ranges
+
+    console.print(
+        f"loading the {prep.partitioner} plan (cuts {list(prep.plan.cuts)}) into testbed "
+        f"{tb.run_id} ..."
+    )
+    done = await load_ranges(tb, plan_ranges(prep.plan))
+    console.print(f"testbed {tb.run_id}: {done.describe()}")
 
 
 async def up_announced(

@@ -74,6 +74,7 @@ def testbed_description(tb: RunningTestbed) -> dict[str, Any]:
                 "tier": n.tier,
                 "url": n.url,
                 "blocks": [n.start, n.end],
+                "parked": n.parked,  # running, outside this plan (serves nothing)
                 "device": n.device,
                 "cpus": n.cpus,
                 "mem_limit_bytes": n.mem_limit_bytes,

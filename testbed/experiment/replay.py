@@ -351,7 +351,7 @@ class ReplayOptions:
     requests: int | None = None  # keep the first N requests (--max-requests)
     progress: bool = True
     plots: bool = True
-    health_timeout_s: float = 300.0
+    health_timeout_s: float = 600.0  # ten containers importing torch on a busy 2-core host
     transport: str | None = None  # relay | forward (--transport); default: the scenario's
     broker: BrokerConfig = field(default_factory=BrokerConfig)
 

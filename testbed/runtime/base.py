@@ -132,6 +132,9 @@ class NodeEndpoint:
     link_rate_bps: float | None = None  # configured rate of that link
     hop: HopShape | None = None  # app-level part of that link (None: nothing at app level)
     partitioned: bool = False  # cut off at app level (a timeline partition, non-kernel shaping)
+    # running, but outside the current plan (a later plan of `compare` left it out): it still
+    # holds [start, end) and serves nothing (testbed.runtime.reload)
+    parked: bool = False
     # kernel-side shaping, for changes while running (docker): ifindex/netns per direction
     down_iface: dict[str, Any] | None = None
     up_iface: dict[str, Any] | None = None
@@ -175,9 +178,9 @@ class RunningTestbed:
 
     # -- what the broker uses --------------------------------------------------------------
     def stage_nodes(self) -> list[NodeEndpoint]:
-        """Nodes that serve blocks, in pipeline order (tier, then name)."""
+        """Nodes that serve blocks, in pipeline order (tier, then name); parked ones do not."""
         return sorted(
-            (n for n in self.nodes.values() if n.end > n.start),
+            (n for n in self.nodes.values() if n.end > n.start and not n.parked),
             key=lambda n: (n.tier_index, n.name),
         )
 

@@ -296,7 +296,7 @@ def summary_rows(tb: RunningTestbed) -> list[dict[str, Any]]:
             "node": n.name,
             "tier": n.tier,
             "address": n.url,
-            "blocks": f"{n.start}..{n.end - 1}",
+            "blocks": f"{n.start}..{n.end - 1}" + (" (parked)" if n.parked else ""),
             "device": n.device,
             "cpus": n.cpus,
             "mem_limit_bytes": n.mem_limit_bytes,

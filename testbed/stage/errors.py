@@ -54,6 +54,7 @@ class ErrorCode(StrEnum):
     BAD_POSITION = "bad_position"  # 409: wrong position, prefill over a live cache, context
     UNKNOWN_REQUEST = "unknown_request"  # 404: no cache for the request id
     MODEL_ERROR = "model_error"  # 500: the model failed inside the step
+    IN_USE = "in_use"  # 409: a /load while request caches or steps are held
 
     @property
     def retry_later(self) -> bool:

@@ -125,6 +125,8 @@ def info_body(server: StageServer) -> dict[str, Any]:
         "warmup": server.warmup.to_json() if server.warmup is not None else None,
         "pid": os.getpid(),
         "started_at": server.started_at,
+        "loaded_at": server.loaded_at,
+        "loads": server.loads,
     }
 
 

@@ -13,6 +13,8 @@ Routes
 - ``POST /release`` -> JSON ``{"request_id"}``; frees the request's cache (idempotent).
 - ``POST /sink``    -> reads and validates a wire message, discards it (transfer benchmarks and
   link checks measure the path without compute).
+- ``POST /load``    -> JSON ``{"start", "end"}``: load that block range instead, warm it up and
+  swap it in (409 ``in_use`` while caches or steps are held; see :mod:`testbed.stage.reload`).
 - ``GET /metrics``  -> Prometheus text.
 
 The same /forward messages also travel over a plain TCP *tensor port* (announced in /info as
@@ -95,6 +97,9 @@ class StageServer:
         self.tensor_port: int | None = None
         self.warmup: WarmUp | None = None  # what the warm-up after loading ran (None: skipped)
         self.started_at = time.time()
+        self.loaded_at = self.started_at  # when the blocks served now were swapped in
+        self.loads = 0  # block ranges loaded by POST /load since start
+        self.loading: tuple[int, int] | None = None  # a /load under way: its range
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -102,6 +107,19 @@ class StageServer:
         if self._executor is None:
             raise RuntimeError("server not started: the executor loads in start()")
         return self._executor
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The worker threads (steps, and a /load's loading)."""
+        return self._pool
+
+    def swap(self, config: StageConfig, executor: StageExecutor, warmup: WarmUp | None) -> None:
+        """Serve ``executor`` (``config``'s block range) from now on; the caller checked that
+        no request is held or in flight (:mod:`testbed.stage.reload`)."""
+        self.config, self._executor, self.warmup = config, executor, warmup
+        self.intake.caps = Intake.caps_for(executor, config.limits, config.inputs)
+        self.loaded_at = time.time()
+        self.loads += 1
 
     @property
     def intake(self) -> Intake:
@@ -141,6 +159,7 @@ class StageServer:
         app.router.add_post("/forward", self._forward)
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
+        app.router.add_post("/load", self._load)
         app.router.add_get("/emulation", self._emulation)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE_BYTES
@@ -213,7 +232,15 @@ class StageServer:
     async def _health(self, request: web.Request) -> web.Response:
         if self._closing:
             return _error(self._shutting_down())
-        return web.json_response({"status": "ok", "name": self.config.label})
+        body: dict[str, object] = {"status": "ok", "name": self.config.label}
+        if self.loading is not None:
+            body["loading"] = list(self.loading)
+        return web.json_response(body)
+
+    async def _load(self, request: web.Request) -> web.Response:
+        from testbed.stage.reload import handle_load
+
+        return await handle_load(self, request)
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response(info_body(self))
@@ -349,6 +376,11 @@ class StageServer:
         return 0 if self._queue is None else self._queue.running_rows
 
     @property
+    def steps_in_flight(self) -> int:
+        """Steps admitted and not answered yet (read, queued or computing)."""
+        return self._running + self._waiting_steps
+
+    @property
     def _waiting_steps(self) -> int:
         """Steps admitted and not computing: being read, checked, or queued for a batch."""
         return self._waiting + (0 if self._queue is None else self._queue.waiting)
@@ -358,6 +390,11 @@ class StageServer:
         cfg = self.config
         if self._closing:
             raise self._shutting_down()
+        if self.loading is not None:
+            a, b = self.loading
+            raise self._refuse(
+                429, ErrorCode.BUSY, f"stage {cfg.label} is loading blocks {a}:{b}; retry later"
+            )
         workers_busy = self._queue is not None and self._queue.running_batches >= cfg.max_inflight
         if workers_busy and self._waiting_steps >= cfg.max_queue:
             raise self._refuse(

@@ -295,8 +295,9 @@ def test_prepare_plans_the_studied_model_and_runs_its_standin(tmp_path, monkeypa
     prompt = prep.prompt_fn()(prep.requests[0])
     assert max(prompt) < read_model_info(prep.model_dir).vocab_size  # the stand-in's vocabulary
 
+    k = loaded.spec.dilation  # the shipped scenario's (make demo's) time dilation
     data = yaml.safe_load((repo / "scenarios" / "paper-phi3-medium.yaml").read_text())
-    data.update(topology=str(repo / "topologies" / "three-tier.yaml"), dilation=3)
+    data.update(topology=str(repo / "topologies" / "three-tier.yaml"), dilation=3 * k)
     data["workload"]["path"] = str(repo / "scenarios" / "traces" / "azure-conv-2023-head1000.csv")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -306,6 +307,7 @@ def test_prepare_plans_the_studied_model_and_runs_its_standin(tmp_path, monkeypa
     )
     assert slow.topology.links[0].delay_s == pytest.approx(3 * prep.topology.links[0].delay_s)
     assert slow.plan == prep.plan  # planned on the real (undilated) cluster
+    data.update(dilation=3)
     data.update(execution="real")
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="dilation: 3 applies to emulated runs only"):

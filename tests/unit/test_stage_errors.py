@@ -157,6 +157,7 @@ def test_only_a_gone_node_is_marked_down() -> None:
         ErrorCode.BAD_POSITION: 409,
         ErrorCode.UNKNOWN_REQUEST: 404,
         ErrorCode.MODEL_ERROR: 500,
+        ErrorCode.IN_USE: 409,  # a /load while requests are held
     }
     assert set(statuses) == set(ErrorCode)
     for code, status in statuses.items():
