@@ -59,6 +59,28 @@ def reload_refusal(tb: RunningTestbed, prep: Prepared) -> str | None:
         return f"it runs no node {', '.join(missing)}"
     if any(ev.kind == "up" for ev in prep.loaded.spec.timeline or ()):
         return "the timeline restarts nodes (a restarted node comes back with its first range)"
+    return link_net_refusal(tb, prep.plan)
+
+
+def link_net_refusal(tb: RunningTestbed, plan: Plan) -> str | None:
+    """Forwarding's link networks (docker) join the nodes of consecutive stages of the plan a
+    testbed was brought up with: a plan whose stages sit in other tiers, or on nodes that do
+    not serve now, would send hidden states where no link network goes."""
+    if not any(n.peer_url for n in tb.nodes.values()):
+        return None
+    have: dict[str, set[str]] = {}
+    for n in tb.stage_nodes():
+        have.setdefault(n.tier, set()).add(n.name)
+    stages = plan.active_stages()
+    if [st.tier for st in stages] != list(have):
+        return (
+            f"its link networks join tiers {' -> '.join(have)}, this plan's stages are in "
+            f"{' -> '.join(st.tier for st in stages)}"
+        )
+    for st in stages:
+        extra = sorted(set(st.nodes) - have[st.tier])
+        if extra:
+            return f"{', '.join(extra)} joined no link network when it came up"
     return None
 
 

@@ -142,3 +142,28 @@ def test_compare_reloads_only_onto_running_nodes_without_restarts():
     restart = [SimpleNamespace(kind="down"), SimpleNamespace(kind="up")]
     assert "restarts nodes" in (reload_refusal(tb, prep(("e1",), timeline=restart)) or "")
     assert reload_refusal(tb, prep(("e1",), timeline=restart[:1])) is None
+
+
+def test_compare_reloads_a_forwarding_testbed_only_onto_its_link_networks():
+    """Docker forwarding joins consecutive stages of the first plan by link networks: a plan
+    with its stages in other tiers, or on a node that was not a stage then, is brought up
+    anew (hidden states would go where no link network goes)."""
+    from types import SimpleNamespace
+
+    from testbed.experiment.lifecycle import link_net_refusal
+
+    tb = _tb("http://127.0.0.1:1")
+    tb.nodes["e2"].parked = True  # the first plan served edge from e1 only
+    tb.nodes["f1"].peer_url = "http://10.0.9.2:8000"  # on the edge -> fog link network
+
+    def plan(*stages: tuple[str, tuple[str, ...]]) -> Any:
+        st = [SimpleNamespace(tier=t, nodes=n) for t, n in stages]
+        return SimpleNamespace(active_stages=lambda: st)
+
+    assert link_net_refusal(tb, plan(("edge", ("e1",)), ("fog", ("f1",)))) is None
+    why = link_net_refusal(tb, plan(("fog", ("f1",))))
+    assert why == "its link networks join tiers edge -> fog, this plan's stages are in fog"
+    why = link_net_refusal(tb, plan(("edge", ("e1", "e2")), ("fog", ("f1",))))
+    assert why == "e2 joined no link network when it came up"
+    tb.nodes["f1"].peer_url = None  # relay only (local, swarm): nothing to keep
+    assert link_net_refusal(tb, plan(("fog", ("f1",)))) is None
