@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,40 @@ def scenario_dict(topology_path: str = "topo.yaml", **over: Any) -> dict[str, An
     }
     d.update(over)
     return d
+
+
+def shipped_scenario(
+    tmp: Path,
+    name: str,
+    *,
+    topology: Path | None = None,
+    workload: dict[str, Any] | None = None,
+    **top: Any,
+) -> Path:
+    """``scenarios/NAME.yaml`` rewritten as ``tmp/scenario.yaml`` for a test: its topology
+    (or ``topology``) and trace as absolute paths, ``workload`` merged into its workload,
+    ``top`` over its top-level fields, results under ``tmp/results``."""
+    base = REPO / "scenarios"
+    data = yaml.safe_load((base / f"{name}.yaml").read_text())
+    data["topology"] = str(topology or Path(os.path.normpath(base / data["topology"])))
+    if "path" in data["workload"]:
+        data["workload"]["path"] = str(base / data["workload"]["path"])
+    data["workload"].update(workload or {})
+    data["output"] = str(tmp / "results")
+    data.update(top)
+    return write_yaml(tmp / "scenario.yaml", data)
+
+
+def reference_generate(path: Path | str, prompt: list[int], new_tokens: int) -> list[int]:
+    """The whole model's greedy ``generate`` (prompt + new tokens): what a pipeline's tokens
+    must equal."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+        )
+    return list(out[0].tolist())

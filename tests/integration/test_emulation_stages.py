@@ -15,6 +15,7 @@ from testbed.spec.model_profile import load_model_profile
 from testbed.stage.pipeline import PipelineClient
 from testbed.stage.server import StageConfig, StageServer
 from testbed.stage.wire import decode, encode
+from tests.factories import reference_generate
 
 pytestmark = pytest.mark.model
 
@@ -40,21 +41,9 @@ def standin(tiny_model):
     return tiny_model("phi3", layers=4, heads=4, kv_heads=2)
 
 
-def reference(path, prompt, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-        )
-    return out[0].tolist()
-
-
 @pytest.mark.parametrize("transport", ["http", "tcp"])
 async def test_tokens_equal_the_standins_generate_through_emulated_stages(standin, transport):
-    want = reference(standin, PROMPT, 8)
+    want = reference_generate(standin, PROMPT, 8)
     servers = [_server(standin, a, b, d) for (a, b), d in zip(RANGES, DEVICES, strict=True)]
     for s in servers:
         await s.start()

@@ -12,20 +12,16 @@ Each tier has one of three-tier.yaml's Jetson-class devices (Orin Nano, AGX Orin
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from rich.console import Console
 
-from testbed.experiment.replay import ReplayOptions, replay_scenario
-from testbed.sim.fidelity import Tolerances, check_fidelity
-from testbed.spec.scenario import load_scenario
-
-REPO = Path(__file__).resolve().parents[2]
+from testbed.sim.fidelity import Tolerances
+from tests.factories import REPO, shipped_scenario
+from tests.runs import replay_and_score
 
 pytestmark = [
     pytest.mark.model,
@@ -57,23 +53,6 @@ def _jetson_tiers(tmp: Path) -> Path:
     return path
 
 
-def _scenario(tmp: Path) -> Path:
-    data = yaml.safe_load((REPO / "scenarios" / "paper-llama3-8b.yaml").read_text())
-    data["topology"] = str(_jetson_tiers(tmp))
-    data["workload"].update(
-        path=str(REPO / "scenarios" / "traces" / "azure-conv-2023-head1000.csv"),
-        max_requests=REQUESTS,
-        max_prompt_tokens=128,
-        max_output_tokens=8,
-        time_scale=0.5,  # about 2.1 req/s: every node 45-57 % busy, with batches
-    )
-    data.update(runtime="local", dilation=DILATION, output=str(tmp / "results"))
-    data.pop("compare", None)
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def state_dir(module_state_dir: Path) -> Path:
     return module_state_dir
@@ -83,21 +62,22 @@ def state_dir(module_state_dir: Path) -> Path:
 def scored(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One short emulated run (brought up and down), and its fidelity."""
     tmp = tmp_path_factory.mktemp("fidelity-emulated")
-    loaded = load_scenario(_scenario(tmp))
-    opts = ReplayOptions(up=True, runtime="local", progress=False, plots=False)
-    run = asyncio.run(replay_scenario(loaded, opts, Console(quiet=True)))
-    assert run.summary.completed == REQUESTS
-    assert not list(state_dir.glob("tb*.json")), "the testbed was not brought down"
-    res = check_fidelity(run.out_dir)
-    table = "\n".join(
-        [
-            f"{c.metric}: real {c.real} sim {c.sim} error {c.error} limit {c.limit}"
-            for c in res.checks
-        ]
-        + [f"overruns {res.overrun_fraction}, per-call overhead {res.hop_overhead_s}", *res.notes]
+    workload = {
+        "max_requests": REQUESTS,
+        "max_prompt_tokens": 128,
+        "max_output_tokens": 8,
+        "time_scale": 0.5,  # about 2.1 req/s: every node 45-57 % busy, with batches
+    }
+    scenario = shipped_scenario(
+        tmp,
+        "paper-llama3-8b",
+        topology=_jetson_tiers(tmp),
+        workload=workload,
+        runtime="local",
+        dilation=DILATION,
+        compare=[],
     )
-    print(table)  # the figures, with `pytest -s`
-    return run, res, {c.metric: c for c in res.checks}, table
+    return replay_and_score(scenario, state_dir, REQUESTS)
 
 
 def test_the_emulated_run_is_simulated_with_its_devices_timing(scored: Any) -> None:

@@ -5,19 +5,14 @@ utilisation 10 points). In-sample: the profile is fitted on the run it is scored
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from rich.console import Console
 
-from testbed.experiment.replay import ReplayOptions, replay_scenario
-from testbed.sim.fidelity import Tolerances, check_fidelity
-from testbed.spec.scenario import load_scenario
-
-REPO = Path(__file__).resolve().parents[2]
+from testbed.sim.fidelity import Tolerances
+from tests.factories import shipped_scenario
+from tests.runs import replay_and_score
 
 pytestmark = [
     pytest.mark.model,
@@ -31,17 +26,6 @@ pytestmark = [
 REQUESTS = 24  # the first 24 requests of the shipped window, at the trace's own times
 
 
-def _scenario(tmp: Path) -> Path:
-    data = yaml.safe_load((REPO / "scenarios" / "tiny-azure.yaml").read_text())
-    data["topology"] = str(REPO / "topologies" / "tiny.yaml")
-    data["workload"]["path"] = str(REPO / "scenarios" / "traces" / "azure-conv-2023-head1000.csv")
-    data["workload"]["max_requests"] = REQUESTS
-    data["output"] = str(tmp / "results")
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def state_dir(module_state_dir: Path) -> Path:
     return module_state_dir
@@ -51,16 +35,8 @@ def state_dir(module_state_dir: Path) -> Path:
 def scored(state_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One short real run (brought up and down), and its fidelity, shared by the tests here."""
     tmp = tmp_path_factory.mktemp("fidelity")
-    loaded = load_scenario(_scenario(tmp))
-    opts = ReplayOptions(up=True, runtime="local", progress=False, plots=False)
-    run = asyncio.run(replay_scenario(loaded, opts, Console(quiet=True)))
-    assert run.summary.completed == REQUESTS
-    assert not list(state_dir.glob("tb*.json")), "the testbed was not brought down"
-    res = check_fidelity(run.out_dir)
-    table = "\n".join(
-        f"{c.metric}: real {c.real} sim {c.sim} error {c.error} limit {c.limit}" for c in res.checks
-    )
-    return run, res, {c.metric: c for c in res.checks}, table
+    scenario = shipped_scenario(tmp, "tiny-azure", workload={"max_requests": REQUESTS})
+    return replay_and_score(scenario, state_dir, REQUESTS)
 
 
 def test_median_and_p99_e2e_within_tolerance(scored: Any) -> None:

@@ -9,28 +9,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from testbed.errors import StageError
 from testbed.runtime.local import LocalStages, block_ranges, even_cuts
 from testbed.stage.client import StageUnreachableError, generate_through
 from testbed.stage.pipeline import PipelineClient
+from tests.factories import reference_generate
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CLI = "from testbed.cli.main import main; main()"
-
-
-def reference(path, prompt, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-        )
-    return out[0].tolist()
 
 
 def alive(pid: int) -> bool:
@@ -58,7 +46,7 @@ def test_block_ranges_and_even_cuts():
 async def test_local_processes_generate_concurrently_and_a_dead_stage_fails_clearly(tiny_model):
     path = tiny_model("phi3")
     prompts = [[5, 17, 99, 200, 31, 7], [9, 8, 7], [300, 2, 1, 4, 4]]
-    wants = [reference(path, p, 8) for p in prompts]
+    wants = [reference_generate(path, p, 8) for p in prompts]
     async with LocalStages(path, [1], threads=1) as stages:
         pids = [s.pid for s in stages.stages]
         assert len(stages.urls) == 2 and all(alive(p) for p in pids)
@@ -101,7 +89,7 @@ def test_generate_cli_prints_tokens_and_stops_its_processes(tiny_model):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     prompt_ids = AutoTokenizer.from_pretrained(path)("Once upon a time")["input_ids"]
-    assert out["token_ids"] == reference(path, prompt_ids, 6)
+    assert out["token_ids"] == reference_generate(path, prompt_ids, 6)
     assert [s["blocks"] for s in out["stages"]] == [[0, 4]]
     assert set(out["timings"]) >= {"ttft_s", "e2e_s", "per_stage"}
     assert not any(alive(s["pid"]) for s in out["stages"])

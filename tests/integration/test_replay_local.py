@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from rich.console import Console
 
 from testbed.broker.broker import Broker, BrokerConfig, BrokerResult
@@ -25,8 +24,7 @@ from testbed.experiment.prepare import prepare
 from testbed.experiment.replay import ReplayOptions, make_transport, replay_once
 from testbed.runtime.interface import RUNTIMES
 from testbed.spec.scenario import load_scenario
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.factories import shipped_scenario
 
 pytestmark = [
     pytest.mark.model,
@@ -40,16 +38,8 @@ pytestmark = [
 
 def _scenario(tmp: Path, requests: int = 10, rate_scale: float = 3.0) -> Path:
     """The shipped tiny-azure scenario, squeezed: its first ``requests`` requests, 3x the rate."""
-    data = yaml.safe_load((REPO / "scenarios" / "tiny-azure.yaml").read_text())
-    data["topology"] = str(REPO / "topologies" / "tiny.yaml")
-    data["workload"]["path"] = str(REPO / "scenarios" / "traces" / "azure-conv-2023-head1000.csv")
-    data["workload"]["max_requests"] = requests
-    data["workload"]["rate_scale"] = rate_scale
-    data["workload"]["max_output_tokens"] = 6
-    data["output"] = str(tmp / "results")
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    workload = {"max_requests": requests, "rate_scale": rate_scale, "max_output_tokens": 6}
+    return shipped_scenario(tmp, "tiny-azure", workload=workload)
 
 
 @pytest.fixture(scope="module")

@@ -14,22 +14,11 @@ from testbed.spec.model_profile import load_model_profile
 from testbed.stage.pipeline import PipelineClient
 from testbed.stage.server import StageConfig, StageServer
 from testbed.stage.wire import encode
+from tests.factories import reference_generate
 
 pytestmark = pytest.mark.model
 
 PROMPT = [5, 17, 99, 200, 31, 7, 250, 3, 44]
-
-
-def reference(path, prompt, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-        )
-    return out[0].tolist()
 
 
 async def load(url, body):
@@ -126,7 +115,7 @@ async def test_forward_is_refused_while_loading(model):
 
 @pytest.mark.parametrize("emulated", [False, True], ids=["real", "emulated"])
 async def test_tokens_equal_generate_after_a_reload(model, emulated):
-    want = reference(model, PROMPT, 6)
+    want = reference_generate(model, PROMPT, 6)
     devices = ["jetson-agx-orin", "a100-80gb"]
     servers = [
         StageServer(

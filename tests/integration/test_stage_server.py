@@ -17,22 +17,11 @@ from testbed.stage.client import StageClient, StageRejectedError
 from testbed.stage.pipeline import PipelineClient
 from testbed.stage.server import StageConfig, StageServer
 from testbed.stage.wire import MAGIC, decode, encode
+from tests.factories import reference_generate
 
 pytestmark = pytest.mark.model
 
 PROMPT = [5, 17, 99, 200, 31, 7, 250, 3, 44]
-
-
-def reference(path, prompt, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-        )
-    return out[0].tolist()
 
 
 class Servers:
@@ -71,7 +60,7 @@ class Servers:
 )
 async def test_pipelined_generation_matches_generate(tiny_model, arch, cuts, transport):
     path = tiny_model(arch)
-    want = reference(path, PROMPT, 10)
+    want = reference_generate(path, PROMPT, 10)
     sent = []
 
     async def hook(nbytes):
@@ -94,7 +83,7 @@ async def test_pipelined_generation_matches_generate(tiny_model, arch, cuts, tra
 async def test_concurrent_requests_match_generate(tiny_model):
     path = tiny_model("phi3")
     prompts = [PROMPT, [9, 8, 7, 6], [100, 200, 300, 400, 500, 2, 3], [42]]
-    wants = [reference(path, p, 8) for p in prompts]
+    wants = [reference_generate(path, p, 8) for p in prompts]
     async with Servers(path, [2, 3], max_inflight=2) as srv:
         async with PipelineClient(srv.urls) as pipe:
             results = await asyncio.gather(*(pipe.generate(p, 8) for p in prompts))

@@ -9,23 +9,12 @@ import torch
 
 from testbed.model.batch import BatchStep, batch_mask
 from testbed.model.executor import CacheStateError, LayerRangeExecutor, read_model_info
+from tests.factories import reference_generate
 
 pytestmark = pytest.mark.model
 
 PROMPTS = [[5, 17, 99, 200, 31, 7, 250, 3, 44], [9, 8], list(range(100, 114)), [7]]
 NEW = 8
-
-
-def reference(path, prompt, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-        )
-    return out[0].tolist()
 
 
 def batched_generate(executors, prompts, new_tokens, chunk=4, join_every=2):
@@ -73,7 +62,7 @@ def test_batched_decodes_and_chunked_prefills_match_generate(tiny_model, arch):
     n = read_model_info(path).num_blocks
     executors = [LayerRangeExecutor(path, a, b) for a, b in itertools.pairwise([0, 1, n])]
     got, sizes = batched_generate(executors, PROMPTS, NEW)
-    assert got == [reference(path, p, NEW) for p in PROMPTS]
+    assert got == [reference_generate(path, p, NEW) for p in PROMPTS]
     assert max(sizes) == len(PROMPTS)  # all four were in one batch at some point
     assert all(sorted(ex.request_ids) == [f"r{i}" for i in range(4)] for ex in executors)
 
@@ -88,7 +77,7 @@ def test_sliding_window_batch_matches_generate(tiny_model, tmp_path):
     cfg["sliding_window"] = 4
     (path / "config.json").write_text(json.dumps(cfg))
     got, _ = batched_generate([LayerRangeExecutor(path, 0, 4)], PROMPTS, NEW)
-    assert got == [reference(path, p, NEW) for p in PROMPTS]
+    assert got == [reference_generate(path, p, NEW) for p in PROMPTS]
 
 
 def test_a_bad_row_is_refused_alone(tiny_model):

@@ -16,22 +16,11 @@ from testbed.model.executor import (
     UnknownRequestError,
     read_model_info,
 )
+from tests.factories import reference_generate
 
 pytestmark = pytest.mark.model
 
 PROMPT = [5, 17, 99, 200, 31, 7, 250, 3, 44]
-
-
-def reference(path, prompt, new_tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
-        )
-    return out[0].tolist()
 
 
 def chain_generate(executors, prompt, new_tokens, eos=(), rid="r"):
@@ -62,7 +51,7 @@ def executors_for(path, cuts):
 def test_chained_executors_match_generate(tiny_model, arch, cuts):
     path = tiny_model(arch)
     eos = read_model_info(path).eos_token_ids
-    want = reference(path, PROMPT, 12)
+    want = reference_generate(path, PROMPT, 12)
     got = chain_generate(executors_for(path, cuts), PROMPT, 12, eos=eos)
     assert got == want
 
@@ -71,7 +60,7 @@ def test_interleaved_requests_keep_separate_caches(tiny_model):
     path = tiny_model("phi3")
     exs = executors_for(path, [2])
     other = [9, 8, 7, 6]
-    want_a, want_b = reference(path, PROMPT, 6), reference(path, other, 6)
+    want_a, want_b = reference_generate(path, PROMPT, 6), reference_generate(path, other, 6)
     # run a and b step by step, interleaved
     state = {
         "a": (list(PROMPT), torch.tensor([PROMPT]), "prefill", 0),
@@ -183,7 +172,7 @@ def test_sliding_window_and_eager_masks_match_generate(tiny_model, tmp_path, att
     cfg["sliding_window"] = 4
     (path / "config.json").write_text(json.dumps(cfg))
     eos = read_model_info(path).eos_token_ids
-    want = reference(path, PROMPT, 12)
+    want = reference_generate(path, PROMPT, 12)
     n = read_model_info(path).num_blocks
     executors = [
         LayerRangeExecutor(path, a, b, attn_implementation=attn)

@@ -1,0 +1,35 @@
+"""Runs shared by integration tests: a scenario replayed with its testbed brought up and down
+here, then simulated by `testbed fidelity` (tests/integration/test_fidelity_*.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from testbed.experiment.replay import ReplayOptions, replay_scenario
+from testbed.sim.fidelity import check_fidelity
+from testbed.spec.scenario import load_scenario
+
+
+def replay_and_score(scenario: Path, state_dir: Path, requests: int) -> tuple[Any, ...]:
+    """Replay ``scenario`` on a local testbed (up and down here; every one of ``requests``
+    completed, nothing left in ``state_dir``), then its fidelity: (run, result, checks by
+    metric, a printable table of the figures)."""
+    loaded = load_scenario(scenario)
+    opts = ReplayOptions(up=True, runtime="local", progress=False, plots=False)
+    run = asyncio.run(replay_scenario(loaded, opts, Console(quiet=True)))
+    assert run.summary.completed == requests
+    assert not list(state_dir.glob("tb*.json")), "the testbed was not brought down"
+    res = check_fidelity(run.out_dir)
+    table = "\n".join(
+        [
+            f"{c.metric}: real {c.real} sim {c.sim} error {c.error} limit {c.limit}"
+            for c in res.checks
+        ]
+        + [f"overruns {res.overrun_fraction}, per-call overhead {res.hop_overhead_s}", *res.notes]
+    )
+    print(table)  # the figures, with `pytest -s`
+    return run, res, {c.metric: c for c in res.checks}, table
