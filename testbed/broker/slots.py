@@ -38,7 +38,8 @@ class NodeSlots:
             raise ValueError(f"limit must be >= 1, got {limit}")
         self.free = limit
         self._clock = clock
-        self._waiters: list[_Waiter] = []
+        self._waiters: list[_Waiter] = []  # in arrival order
+        self._ordered = 0  # waiters with a key other than fifo
         self._seq = itertools.count()
 
     @property
@@ -59,11 +60,12 @@ class NodeSlots:
             return
         w = _Waiter(key, next(self._seq), asyncio.get_running_loop().create_future())
         self._waiters.append(w)
+        self._ordered += key is not fifo
         try:
             await w.future
         except asyncio.CancelledError:
             if w in self._waiters:
-                self._waiters.remove(w)
+                self._take(w)
             elif w.future.done() and not w.future.cancelled():
                 self._release()  # handed a slot as it was cancelled: pass it on
             raise
@@ -72,7 +74,14 @@ class NodeSlots:
         if not self._waiters:
             self.free += 1
             return
-        now = self._clock()
-        best = min(self._waiters, key=lambda w: (w.key(now), w.seq))
-        self._waiters.remove(best)
+        if self._ordered:
+            now = self._clock()
+            best = min(self._waiters, key=lambda w: (w.key(now), w.seq))
+        else:  # every key ties: the first to come, without evaluating any key
+            best = self._waiters[0]
+        self._take(best)
         best.future.set_result(None)  # the slot passes to it directly
+
+    def _take(self, w: _Waiter) -> None:
+        self._waiters.remove(w)
+        self._ordered -= w.key is not fifo
