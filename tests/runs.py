@@ -9,7 +9,10 @@ from typing import Any
 
 from rich.console import Console
 
-from testbed.experiment.replay import ReplayOptions, replay_scenario
+from testbed.broker.broker import Broker, BrokerConfig, BrokerResult
+from testbed.broker.layout import Layout, WorkPredictor
+from testbed.broker.state import Tracker
+from testbed.experiment.replay import ReplayOptions, make_transport, replay_scenario
 from testbed.sim.fidelity import check_fidelity
 from testbed.spec.scenario import load_scenario
 
@@ -33,3 +36,33 @@ def replay_and_score(scenario: Path, state_dir: Path, requests: int) -> tuple[An
     )
     print(table)  # the figures, with `pytest -s`
     return run, res, {c.metric: c for c in res.checks}, table
+
+
+class TokenBroker(Broker):
+    """The broker, keeping each request's generated token ids (records keep only times)."""
+
+    tokens: dict[int, list[int]]
+
+    def _finish(self, tr: Tracker, status: str, reason: str | None = None) -> None:
+        self.tokens = getattr(self, "tokens", {})
+        self.tokens[tr.req.request_id] = list(tr.tokens)
+        super()._finish(tr, status, reason)
+
+
+async def broker_tokens(
+    tb: Any, prep: Any, transport: str, *, call_timeout_s: float
+) -> tuple[dict[int, list[int]], BrokerResult]:
+    """``prep``'s requests through the broker on the running ``tb`` with ``transport``:
+    (request id -> its generated token ids, the broker's result)."""
+    layout = Layout.from_running(tb, prep.topology, prep.cost)
+    broker = TokenBroker(
+        layout,
+        WorkPredictor(layout, prep.cost),
+        prep.make_scheduler(),
+        make_transport(tb),
+        prep.prompt_fn(),
+        config=BrokerConfig(call_timeout_s=call_timeout_s, transport=transport),  # type: ignore[arg-type]
+    )
+    async with broker:
+        res = await broker.run(prep.requests)
+    return broker.tokens, res

@@ -19,13 +19,13 @@ import yaml
 
 from testbed.broker.broker import Broker, BrokerConfig, BrokerResult
 from testbed.broker.layout import Layout, WorkPredictor
-from testbed.broker.state import Tracker
 from testbed.experiment.lifecycle import take_down
 from testbed.experiment.prepare import Prepared, prepare
 from testbed.experiment.replay import make_transport
 from testbed.runtime.control import bring_up
 from testbed.runtime.interface import RUNTIMES, UpRequest
 from testbed.spec.scenario import load_scenario
+from tests.runs import broker_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 REQUESTS = 6
@@ -58,32 +58,8 @@ def _prepared(tmp: Path) -> Prepared:
     return prepare(load_scenario(path))
 
 
-class _TokenBroker(Broker):
-    """The broker, keeping each request's generated token ids (records keep only times)."""
-
-    tokens: dict[int, list[int]]
-
-    def _finish(self, tr: Tracker, status: str, reason: str | None = None) -> None:
-        self.tokens = getattr(self, "tokens", {})
-        self.tokens[tr.req.request_id] = list(tr.tokens)
-        super()._finish(tr, status, reason)
-
-
-async def _tokens(
-    tb: Any, prep: Prepared, transport: str
-) -> tuple[dict[int, list[int]], BrokerResult]:
-    layout = Layout.from_running(tb, prep.topology, prep.cost)
-    broker = _TokenBroker(
-        layout,
-        WorkPredictor(layout, prep.cost),
-        prep.make_scheduler(),
-        make_transport(tb),
-        prep.prompt_fn(),
-        config=BrokerConfig(call_timeout_s=30.0, transport=transport),  # type: ignore[arg-type]
-    )
-    async with broker:
-        res = await broker.run(prep.requests)
-    return broker.tokens, res
+async def _tokens(tb: Any, prep: Any, transport: str) -> tuple[dict[int, list[int]], BrokerResult]:
+    return await broker_tokens(tb, prep, transport, call_timeout_s=30.0)
 
 
 async def _kill_mid_chain(tb: Any, prep: Prepared) -> BrokerResult:

@@ -17,7 +17,6 @@ from rich.console import Console
 
 from testbed.broker.broker import Broker, BrokerConfig, BrokerResult
 from testbed.broker.layout import Layout, WorkPredictor
-from testbed.broker.state import Tracker
 from testbed.experiment.compare import compare_scenario
 from testbed.experiment.lifecycle import bring_up, take_down
 from testbed.experiment.prepare import prepare
@@ -25,6 +24,7 @@ from testbed.experiment.replay import ReplayOptions, make_transport, replay_once
 from testbed.runtime.interface import RUNTIMES
 from testbed.spec.scenario import load_scenario
 from tests.factories import shipped_scenario
+from tests.runs import broker_tokens
 
 pytestmark = [
     pytest.mark.model,
@@ -128,30 +128,8 @@ async def test_replay_of_a_trace_window_through_the_tiny_testbed(testbed: Any) -
     assert any(e.get("ph") == "X" for e in trace["traceEvents"])
 
 
-class _TokenBroker(Broker):
-    """The broker, keeping each request's generated token ids (records keep only times)."""
-
-    tokens: dict[int, list[int]]
-
-    def _finish(self, tr: Tracker, status: str, reason: str | None = None) -> None:
-        self.tokens = getattr(self, "tokens", {})
-        self.tokens[tr.req.request_id] = list(tr.tokens)
-        super()._finish(tr, status, reason)
-
-
 async def _tokens(tb: Any, prep: Any, transport: str) -> tuple[dict[int, list[int]], BrokerResult]:
-    layout = Layout.from_running(tb, prep.topology, prep.cost)
-    broker = _TokenBroker(
-        layout,
-        WorkPredictor(layout, prep.cost),
-        prep.make_scheduler(),
-        make_transport(tb),
-        prep.prompt_fn(),
-        config=BrokerConfig(call_timeout_s=20.0, transport=transport),  # type: ignore[arg-type]
-    )
-    async with broker:
-        res = await broker.run(prep.requests)
-    return broker.tokens, res
+    return await broker_tokens(tb, prep, transport, call_timeout_s=20.0)
 
 
 async def test_forwarding_gives_the_relays_tokens(testbed: Any) -> None:
