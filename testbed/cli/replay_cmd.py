@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 MAX_REQUESTS_HELP = "replay only the first N requests (N >= 1)"
 
 
+# --transport, the same for replay and compare
+TransportOption = Annotated[
+    str | None,
+    typer.Option(
+        "--transport",
+        help="relay: the broker carries every hop; forward: stage to stage (local and docker "
+        "runtimes); default: the scenario's",
+    ),
+]
+
+
 def _check_runtime(name: str | None) -> None:
     if name is not None:
         from testbed.runtime.interface import RUNTIMES
@@ -89,14 +100,7 @@ def replay_cmd(
         str | None,
         typer.Option("--policy", help="PARTITIONER+SCHEDULER instead of the scenario's"),
     ] = None,
-    transport: Annotated[
-        str | None,
-        typer.Option(
-            "--transport",
-            help="relay: the broker carries every hop; forward: stage to stage "
-            "(local runtime); default: the scenario's",
-        ),
-    ] = None,
+    transport: TransportOption = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ) -> None:
     """Replay the scenario's workload through the testbed and write a results folder."""
@@ -150,14 +154,7 @@ def compare_cmd(
             "--strict", help="emulated runs: fail (exit 1) when over 1 % of steps overran"
         ),
     ] = False,
-    transport: Annotated[
-        str | None,
-        typer.Option(
-            "--transport",
-            help="relay: the broker carries every hop; forward: stage to stage "
-            "(local runtime); default: the scenario's",
-        ),
-    ] = None,
+    transport: TransportOption = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     simulate: Annotated[bool, typer.Option("--simulate", help="in simulated time")] = False,
     no_reload: Annotated[
