@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.dockerenv import docker_or_skip
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -37,14 +39,7 @@ def _labelled_containers(client) -> set[str]:
 
 
 def test_default_scenario_compares_through_docker_from_the_cli(tmp_path: Path) -> None:
-    docker = pytest.importorskip("docker")
-    try:
-        client = docker.from_env(timeout=30)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"Docker not reachable: {exc}")
-    if os.geteuid() != 0:
-        pytest.skip("shaping container namespaces needs root")
+    client = docker_or_skip()
 
     src = _demo_scenario()
     data = yaml.safe_load(src.read_text())

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dockerenv import docker_or_skip
+
 CLI = "from testbed.cli.main import main; main()"
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -35,21 +37,9 @@ links:
 """
 
 
-def _docker():
-    docker = pytest.importorskip("docker")
-    try:
-        c = docker.from_env(timeout=30)
-        c.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"Docker not reachable: {exc}")
-    if os.geteuid() != 0:
-        pytest.skip("shaping container namespaces needs root")
-    return c
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    c = _docker()
+    c = docker_or_skip()
     tmp = tmp_path_factory.mktemp("dockertb")
     from testbed.model.tiny import make_tiny_model
 

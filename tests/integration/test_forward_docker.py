@@ -9,7 +9,6 @@ the run."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from testbed.experiment.replay import make_transport
 from testbed.runtime.control import bring_up
 from testbed.runtime.interface import RUNTIMES, UpRequest
 from testbed.spec.scenario import load_scenario
+from tests.dockerenv import docker_or_skip
 from tests.runs import broker_tokens
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,18 +32,6 @@ REQUESTS = 6
 OUTPUT_TOKENS = 6
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _docker() -> Any:
-    docker = pytest.importorskip("docker")
-    try:
-        c = docker.from_env(timeout=30)
-        c.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"Docker not reachable: {exc}")
-    if os.geteuid() != 0:
-        pytest.skip("shaping container namespaces needs root")
-    return c
 
 
 def _prepared(tmp: Path) -> Prepared:
@@ -123,7 +111,7 @@ def _assert_links_as_configured(tb: Any) -> None:
 
 
 def test_forwarding_through_link_networks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    c = _docker()
+    c = docker_or_skip()
     monkeypatch.setenv("TESTBED_STATE_DIR", str(tmp_path / "state"))
     prep = _prepared(tmp_path)
     req = UpRequest(

@@ -20,22 +20,12 @@ import pytest
 import yaml
 from rich.console import Console
 
+from tests.dockerenv import docker_or_skip
+
 REPO = Path(__file__).resolve().parents[2]
 CLI = "from testbed.cli.main import main; main()"
 
 pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
-
-
-def _docker() -> Any:
-    docker = pytest.importorskip("docker")
-    try:
-        c = docker.from_env(timeout=60)
-        c.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"Docker not reachable: {exc}")
-    if os.geteuid() != 0:
-        pytest.skip("the shaping agent's job and the probe need root")
-    return c
 
 
 def _swarm_state(c: Any) -> str:
@@ -100,7 +90,7 @@ def _leftovers(c: Any, run_id: str) -> dict[str, list[str]]:
 
 
 def test_swarm_up_measure_replay_down(tmp_path: Path) -> None:
-    c = _docker()
+    c = docker_or_skip(timeout=60, root_reason="the shaping agent's job and the probe need root")
     before = _swarm_state(c)
     gw_before = bool(c.networks.list(names=["docker_gwbridge"]))
     environ = os.environ | {"TESTBED_STATE_DIR": str(tmp_path / "state")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from rich.console import Console
 
 from testbed.experiment.replay import ReplayOptions, replay_scenario
 from testbed.spec.scenario import load_scenario
+from tests.dockerenv import docker_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,13 +24,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.root, pytest.mark.slow, pytest.mar
 def test_node_failure_and_link_change_on_containers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    docker = pytest.importorskip("docker")
-    try:
-        docker.from_env(timeout=30).ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"Docker not reachable: {exc}")
-    if os.geteuid() != 0:
-        pytest.skip("shaping container namespaces needs root")
+    client = docker_or_skip()
     monkeypatch.setenv("TESTBED_STATE_DIR", str(tmp_path / "state"))
     data = yaml.safe_load((REPO / "scenarios" / "tiny-node-failure.yaml").read_text())
     data["topology"] = str(REPO / "topologies" / "tiny-fog2.yaml")
@@ -63,5 +57,5 @@ def test_node_failure_and_link_change_on_containers(
     )
     cfg = json.loads((run.out_dir / "config.json").read_text())
     label = f"testbed.run={cfg['testbed']['run_id']}"  # only ours: other runs may be live
-    left = docker.from_env().containers.list(all=True, filters={"label": label})
+    left = client.containers.list(all=True, filters={"label": label})
     assert left == [], [c.name for c in left]
