@@ -145,6 +145,8 @@ class EmulatedExecutor:
         self._kv_per_token = timing.kv_bytes_per_token()
         self._clock = clock
         self._sleep = sleep
+        # the device runs at `speed` x its profile (a timeline slowdown): windows / speed
+        self.speed = timing.spec.speed
         self._lock = threading.Lock()  # steps: worker thread; reports: the event loop
         self._steps: list[StepPacing] = []
         self._dropped = 0
@@ -205,7 +207,7 @@ class EmulatedExecutor:
         t0 = self._clock()
         inner_x = self._unpack(x)
         q = int(inner_x.shape[1])
-        predicted = self.timing.step_s(kind, q, start_pos)  # type: ignore[arg-type]
+        predicted = self.timing.step_s(kind, q, start_pos) / self.speed  # type: ignore[arg-type]
         deadline = t0 + predicted
         self._check_memory(kind, q)
         out = self.inner.step(request_id, kind, inner_x, start_pos)
@@ -256,7 +258,7 @@ class EmulatedExecutor:
             rows.append((s.kind, q, s.start_pos))
         if not taken:
             return [r for r in results if r is not None]
-        predicted = self.timing.batch_s(rows)
+        predicted = self.timing.batch_s(rows) / self.speed
         outs = self.inner.step_batch([s for _, s in taken])
         t_real = self._clock()
         left = t0 + predicted - t_real
@@ -308,6 +310,7 @@ class EmulatedExecutor:
             "model": spec.profile.arch.name,
             "dtype": spec.profile.dtype,
             "dilation": spec.dilation,
+            "speed": self.speed,
             "cost_source": self.timing.cost.source,
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "steps_total": total,

@@ -45,6 +45,8 @@ class EmulationSpec(BaseModel):
     device: DeviceProfile  # the emulated device
     measured: MeasuredProfile | None = None  # a measured profile of the studied model
     dilation: float = Field(default=1.0, ge=1.0)  # time dilation k: emulated times x k
+    # a timeline slowdown (`speed:` events, POST /speed): every step window / speed
+    speed: float = Field(default=1.0, gt=0.0, le=64.0)
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

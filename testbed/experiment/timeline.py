@@ -8,7 +8,8 @@ sleeps, so a slow event does not shift the next ones) and acts through the runti
 - down crash: the node's stage server killed; down partition: all its traffic dropped;
 - up: restarted (blocks loaded anew, link shaped as it is now) or healed; the broker
   re-admits the node once its health check answers (its own probe, not told);
-- speed: CPU quota x speed (locally: a SIGSTOP/SIGCONT duty cycle);
+- speed: an emulated device's step windows / speed (its stage's POST /speed); a real node's
+  CPU quota x speed (locally: a SIGSTOP/SIGCONT duty cycle);
 - rate_scale: already in the arrival times (:func:`testbed.spec.timeline.scale_arrivals`).
 
 A failed step aborts the run (an unapplied change would invalidate the results). Every
@@ -137,8 +138,12 @@ class TimelineApplier:
                     await control.partition_node(tb, node, False, link)
                 return {"node": node, "up": True, "was": how}
             assert ev.speed is not None
-            await control.set_node_speed(tb, node, ev.speed)
-            return {"node": node, "speed": ev.speed, "cpus": tb.nodes[node].cpus}
+            crashed = self._down.get(node) == "crash"
+            await control.set_node_speed(tb, node, ev.speed, crashed=crashed)
+            ep = tb.nodes[node]
+            if ep.emulated:  # its stage paces at the new speed (from its restart if crashed)
+                return {"node": node, "speed": ev.speed, "emulated": True}
+            return {"node": node, "speed": ev.speed, "cpus": ep.cpus}
         except RuntimeBackendError as exc:
             raise RuntimeBackendError(
                 f"timeline event at {ev.at_s:g}s ({ev.describe()}) failed: {exc}"

@@ -144,7 +144,14 @@ class NodeEndpoint:
     peer_url: str | None = None
     peer_down_iface: dict[str, Any] | None = None
     peer_up_iface: dict[str, Any] | None = None
+    # an emulated device's speed (a timeline slowdown, paced by its stage: POST /speed)
+    speed: float = 1.0
     hook: AppShaper | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def emulated(self) -> bool:
+        """The node is an emulated device (the runtimes label its device "emulated ...")."""
+        return self.device.startswith("emulated ")
 
     def make_hook(self, seed: int) -> None:
         self.hook = AppShaper(self.hop, seed=seed, name=self.name) if self.hop is not None else None

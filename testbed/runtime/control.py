@@ -266,6 +266,10 @@ async def restart_node(tb: RunningTestbed, node: str, link: LinkSpec | None) -> 
     """A crashed node started again; ``link``: its feeding link as it is now."""
     down, up = _link_now(tb, node, link)
     await runtime_of(tb).restart_node(tb, node, down, up)
+    ep = tb.nodes[node]
+    if ep.emulated and ep.speed != 1.0:  # a new stage paces at 1: its slowdown goes on
+        await _wait_healthy(ep.name, ep.url)
+        await _post_speed(ep.name, ep.url, ep.speed)
 
 
 async def partition_node(tb: RunningTestbed, node: str, cut: bool, link: LinkSpec | None) -> None:
@@ -282,12 +286,63 @@ async def partition_node(tb: RunningTestbed, node: str, cut: bool, link: LinkSpe
     await asyncio.to_thread(tb.save)
 
 
-async def set_node_speed(tb: RunningTestbed, node: str, speed: float) -> None:
-    """Run ``node`` at ``speed`` x its compute (CPU quota, or a duty cycle locally)."""
+async def set_node_speed(
+    tb: RunningTestbed, node: str, speed: float, *, crashed: bool = False
+) -> None:
+    """Run ``node`` at ``speed`` x its compute: an emulated device paces its steps to its
+    predicted time / speed (the stage's ``POST /speed``; for a ``crashed`` one, once it is
+    restarted); a real node gets its CPU quota scaled (a duty cycle locally)."""
     if node not in tb.nodes:
         raise ConfigError(f"unknown node {node!r}; nodes: {', '.join(sorted(tb.nodes))}")
-    await runtime_of(tb).set_speed(tb, node, speed)
+    ep = tb.nodes[node]
+    if ep.emulated:
+        if not crashed:
+            await _post_speed(ep.name, ep.url, speed)
+        ep.speed = speed
+    else:
+        await runtime_of(tb).set_speed(tb, node, speed)
     await asyncio.to_thread(tb.save)
+
+
+async def _wait_healthy(node: str, url: str, timeout_s: float = 300.0) -> None:
+    """Until ``url``'s /health answers 200 (a restarted stage loading its blocks)."""
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(f"{url}/health") as resp:
+                    if resp.status == 200 and "loading" not in await resp.json():
+                        return
+            if loop.time() > deadline:
+                raise RuntimeBackendError(
+                    f"{node}: its restarted stage server did not answer /health within "
+                    f"{timeout_s:g} s; see its log (`testbed status`)"
+                )
+            await asyncio.sleep(0.2)
+
+
+async def _post_speed(node: str, url: str, speed: float, timeout_s: float = 30.0) -> None:
+    import aiohttp
+
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.post(f"{url}/speed", json={"speed": speed}) as resp,
+        ):
+            if resp.status != 200:
+                why = (await resp.text())[:300]
+                raise RuntimeBackendError(
+                    f"{node}: setting its emulated speed to {speed:g} failed (HTTP "
+                    f"{resp.status}): {why}"
+                )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RuntimeBackendError(
+            f"{node}: setting its emulated speed to {speed:g} failed: {type(exc).__name__} "
+            f"{exc}; is its stage server up (`testbed status`)?"
+        ) from exc
 
 
 def summary_rows(tb: RunningTestbed) -> list[dict[str, Any]]:

@@ -15,6 +15,8 @@ Routes
   link checks measure the path without compute).
 - ``POST /load``    -> JSON ``{"start", "end"}``: load that block range instead, warm it up and
   swap it in (409 ``in_use`` while caches or steps are held; see :mod:`testbed.stage.reload`).
+- ``POST /speed``   -> JSON ``{"speed"}``: an emulated stage paces its steps at that fraction of
+  its device's speed (a timeline slowdown; see :mod:`testbed.stage.speed`).
 - ``GET /metrics``  -> Prometheus text.
 
 The same /forward messages also travel over a plain TCP *tensor port* (announced in /info as
@@ -160,6 +162,7 @@ class StageServer:
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
         app.router.add_post("/load", self._load)
+        app.router.add_post("/speed", self._speed)
         app.router.add_get("/emulation", self._emulation)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE_BYTES
@@ -241,6 +244,11 @@ class StageServer:
         from testbed.stage.reload import handle_load
 
         return await handle_load(self, request)
+
+    async def _speed(self, request: web.Request) -> web.Response:
+        from testbed.stage.speed import handle_speed
+
+        return await handle_speed(self, request)
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response(info_body(self))
