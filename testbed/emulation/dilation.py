@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from testbed.metrics.records import RequestRecord, Span
+from testbed.spec.timeline import TimelineEvent
 from testbed.spec.topology import LinkSpec, Topology
 from testbed.workload.request import TraceRequest
 
@@ -55,6 +56,43 @@ def run_dilation(config: Mapping[str, Any]) -> float:
 
 def dilate_requests(reqs: Iterable[TraceRequest], k: float) -> tuple[TraceRequest, ...]:
     return tuple(dataclasses.replace(r, arrival_s=r.arrival_s * k) for r in reqs)
+
+
+def dilate_timeline(events: Iterable[TimelineEvent], k: float) -> tuple[TimelineEvent, ...]:
+    """A timeline on the dilated clock: every event's time x k, a link event's bandwidth / k
+    and delay and jitter x k (loss, speed, up/down and rate_scale keep their values: arrival
+    times are scaled before they are dilated)."""
+    if k == 1:
+        return tuple(events)
+    out = []
+    for ev in events:
+        update: dict[str, float] = {"at_s": ev.at_s * k}
+        if ev.bandwidth_bps is not None:
+            update["bandwidth_bps"] = ev.bandwidth_bps / k
+        if ev.delay_s is not None:
+            update["delay_s"] = ev.delay_s * k
+        if ev.jitter_s is not None:
+            update["jitter_s"] = ev.jitter_s * k
+        out.append(ev.model_copy(update=update))
+    return tuple(out)
+
+
+def undilate_applied(
+    applied: Iterable[Mapping[str, Any]], k: float, asked: Sequence[TimelineEvent]
+) -> list[dict[str, Any]]:
+    """Applied timeline events (``AppliedEvent.to_dict``, in the order of ``asked``, the
+    undilated events) of a dilated run back on the emulated clock: times / k, a link's
+    bandwidth x k, delay and jitter / k, each described as asked."""
+    out = []
+    for e, ev in zip(applied, asked, strict=False):
+        d = dict(e) | {"what": ev.describe()}
+        for key in ("at_s", "applied_s", "delay_s", "jitter_s"):
+            if isinstance(d.get(key), int | float):
+                d[key] = d[key] / k
+        if isinstance(d.get("bandwidth_bps"), int | float):
+            d["bandwidth_bps"] = d["bandwidth_bps"] * k
+        out.append(d)
+    return out
 
 
 def _span(s: Span, f: float) -> Span:

@@ -230,7 +230,7 @@ async def replay_once(
     """Replay against the running testbed ``tb`` and write the results folder; ``transport``
     (relay | forward) overrides the scenario's."""
     from testbed.emulation import fidelity
-    from testbed.emulation.dilation import undilate_records
+    from testbed.emulation.dilation import dilate_timeline, undilate_applied, undilate_records
     from testbed.emulation.report import fidelity_line, load_line, offered_load, overrun_warning
     from testbed.metrics.report import write_run_report
 
@@ -251,11 +251,15 @@ async def replay_once(
     spec = prep.loaded.spec
     applier = None
     if spec.timeline:
+        # a dilated run's events k times later and its link changes k times slower, as its
+        # topology (prep.topology is dilated already); said and recorded on the emulated clock
+        asked = sorted(spec.timeline, key=lambda e: e.at_s)  # the applier's (stable) order
 
         def said(ev: AppliedEvent) -> None:
-            console.print(f"[cyan]timeline[/] {ev.applied_s:.2f}s: {ev.what}")
+            what = asked[len(applier.applied) - 1].describe() if applier else ev.what
+            console.print(f"[cyan]timeline[/] {ev.applied_s / k:.2f}s: {what}")
 
-        applier = TimelineApplier(tb, prep.topology, spec.timeline, on_event=said)
+        applier = TimelineApplier(tb, prep.topology, dilate_timeline(asked, k), on_event=said)
     try:
         result = await run_broker(
             prep,
@@ -273,6 +277,8 @@ async def replay_once(
     finally:
         stream.close()
     applied = [e.to_dict() for e in applier.applied] if applier is not None else []
+    if k != 1:
+        applied = undilate_applied(applied, k, asked)
     if k != 1:  # back on the emulated clock
         result = replace(
             result, records=undilate_records(result.records, k), wall_s=result.wall_s / k

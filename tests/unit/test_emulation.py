@@ -263,6 +263,35 @@ def test_dilation_scales_links_arrivals_and_back():
     assert back.spans[0].end_s == pytest.approx(3.0)
 
 
+def test_dilation_scales_a_timeline_and_its_record_back():
+    from testbed.emulation.dilation import dilate_timeline, undilate_applied
+    from testbed.spec.timeline import TimelineEvent
+
+    asked = [
+        TimelineEvent.model_validate({"at": "30s", "node": "e1", "speed": 0.5}),
+        TimelineEvent.model_validate(
+            {"at": "60s", "link": "edge->fog", "bandwidth": "10Mbit", "delay": "40ms"}
+        ),
+        TimelineEvent.model_validate({"at": "90s", "rate_scale": 2.0}),
+    ]
+    slow = dilate_timeline(asked, 4.0)
+    assert [e.at_s for e in slow] == [120.0, 240.0, 360.0]
+    assert slow[0].speed == 0.5 and slow[2].rate_scale == 2.0  # not times or rates of links
+    assert slow[1].bandwidth_bps == pytest.approx(2.5e6) and slow[1].delay_s == pytest.approx(0.16)
+    assert slow[1].jitter_s is None and slow[1].loss_pct is None  # unnamed fields stay unnamed
+    assert dilate_timeline(asked, 1.0) == tuple(asked)
+    # what the applier recorded on the dilated clock, back on the emulated one, as asked
+    applied = [
+        {"at_s": 240.0, "applied_s": 240.4, "kind": "link", "what": slow[1].describe(),
+         "bandwidth_bps": 2.5e6, "delay_s": 0.16, "jitter_s": 0.008, "loss_pct": 0.1},
+    ]  # fmt: skip
+    (back,) = undilate_applied(applied, 4.0, [asked[1]])
+    assert back["at_s"] == 60.0 and back["applied_s"] == pytest.approx(60.1)
+    assert back["bandwidth_bps"] == pytest.approx(10e6) and back["delay_s"] == pytest.approx(0.04)
+    assert back["jitter_s"] == pytest.approx(0.002) and back["loss_pct"] == 0.1
+    assert back["what"] == asked[1].describe() and "10" in back["what"]
+
+
 def test_dilation_in_the_timing_and_the_fidelity_report():
     s = spec(dilation=5.0)
     t = StageTiming(s, 0, 10)
