@@ -144,6 +144,8 @@ class NodeEndpoint:
     peer_url: str | None = None
     peer_down_iface: dict[str, Any] | None = None
     peer_up_iface: dict[str, Any] | None = None
+    # forwarding (swarm): its address on each link overlay it joins (network -> address)
+    link_addresses: dict[str, str] | None = None
     hook: AppShaper | None = field(default=None, compare=False, repr=False)
 
     def make_hook(self, seed: int) -> None:

@@ -30,7 +30,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from testbed.errors import RuntimeBackendError
-from testbed.runtime.base import LABEL_RUN, STAGE_PORT, LinkCheck, RunningTestbed
+from testbed.runtime.base import LABEL_RUN, PROBE_PORT, STAGE_PORT, LinkCheck, RunningTestbed
 
 if TYPE_CHECKING:
     from testbed.net.links import PeerLink
@@ -137,7 +137,8 @@ async def measure_peer_links(
     exec_in: ExecIn | None = None,
 ) -> list[LinkCheck]:
     """Measure each receiver's link network from a node of the previous stage: the probe runs
-    inside the sender's container (``exec_in``; default: the docker container of that node),
+    inside the sender's container, towards the receiver's probe port there (not the port the
+    host reaches, which swarm publishes elsewhere) (``exec_in``; default: the docker container of that node),
     through the same app shaper a forwarding stage uses."""
     from testbed.runtime.docker import client
     from testbed.runtime.measure import judge
@@ -157,7 +158,7 @@ async def measure_peer_links(
         src = tb.nodes[senders[0]]
         argv = [
             "python3", "-m", "testbed.net.probe", "measure", ep.peer_address,
-            "--port", str(ep.probe_port), "--json", "--seconds", str(seconds),
+            "--port", str(PROBE_PORT), "--json", "--seconds", str(seconds),
             "--timeout", str(timeout_s),
         ]  # fmt: skip
         if ep.link_rate_bps:
