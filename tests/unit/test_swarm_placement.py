@@ -267,6 +267,14 @@ def test_shape_plan_round_trips_into_the_builders_shapes() -> None:
     assert DirShape(**got["down"]) == down and DirShape(**got["up"]) == up
     ops = egress_ops(Iface(7, "veth0"), DirShape(**got["down"]), "kernel-rate+app-delay")
     assert [op.kind for op in ops] == ["", "htb", "htb"]  # no netem without sch_netem
+    # forwarding: the egress shape of the NIC holding each address on a link overlay
+    back = DirShape(50e6, 0.005, 0.001, 0.0)
+    plan = json.loads(shape_plan("tb1", "kernel", {}, {"fog-1": [("10.214.3.4", back)]}))
+    assert plan["nodes"] == {}
+    assert [(e["address"], DirShape(**e["shape"])) for e in plan["links"]["fog-1"]] == [
+        ("10.214.3.4", back)
+    ]
+    assert json.loads(shape_plan("tb1", "kernel", {}))["links"] == {}
 
 
 def test_swarm_runtime_is_registered() -> None:
