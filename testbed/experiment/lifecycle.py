@@ -63,9 +63,9 @@ def reload_refusal(tb: RunningTestbed, prep: Prepared) -> str | None:
 
 
 def link_net_refusal(tb: RunningTestbed, plan: Plan) -> str | None:
-    """Forwarding's link networks (docker) join the nodes of consecutive stages of the plan a
-    testbed was brought up with: a plan whose stages sit in other tiers, or on nodes that do
-    not serve now, would send hidden states where no link network goes."""
+    """Forwarding's link networks (docker, swarm) join the nodes of consecutive stages of the
+    plan a testbed was brought up with: a plan whose stages sit in other tiers, or on nodes
+    that do not serve now, would send hidden states where no link network goes."""
     if not any(n.peer_url for n in tb.nodes.values()):
         return None
     have: dict[str, set[str]] = {}

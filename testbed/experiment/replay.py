@@ -80,7 +80,7 @@ def broker_config(
     if chosen == "forward" and why is not None:
         raise ConfigError(
             f"transport: forward needs stages that reach each other; {why}. Use "
-            "transport: relay, or runtime: local / docker",
+            "transport: relay, or runtime: local / docker / swarm",
             field="transport",
         )
     return replace(config, transport=chosen)  # type: ignore[arg-type]

@@ -97,6 +97,14 @@ class PeerLink:
         return f"{self.src_tier}->{self.dst_tier}"
 
 
+def link_net_reverse(down: DirShape, up: DirShape) -> DirShape:
+    """The reverse direction of a link network (receiver -> sender: replies, the next
+    stage's answers): the link's rate as well as its reverse delay, jitter and loss. Unlike a
+    node's tier network in the relay, where a node's output is rate-limited once on the next
+    hop's downlink, nothing else on this path paces it."""
+    return DirShape(down.rate_bps, up.delay_s, up.jitter_s, up.loss_pct)
+
+
 def plan_peer_links(plan: Plan) -> list[PeerLink]:
     """One :class:`PeerLink` per pair of consecutive stages that hold blocks."""
     stages = plan.active_stages()

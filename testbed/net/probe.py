@@ -5,6 +5,7 @@ A tiny TCP service runs next to each stage server (``python -m testbed.net.probe
 per message on a kept-open connection::
 
     client -> "<n>\\n" + n bytes          server -> "<n>\\n" once all n bytes are in
+    client -> "get <n>\\n"                server -> "<n>\\n" + n bytes (the reverse direction)
 
 The client calls the hop's ``before_send(nbytes)`` hook before each send, exactly as the
 stage client does, so app-level delay (backend ``kernel-rate+app-delay``/``app``) is part of
@@ -13,6 +14,8 @@ anyway because the probe talks to the node's own address.
 
 RTT = median over a few 1-byte exchanges. Throughput = bytes x 8 / (time of one large
 exchange - median RTT); the large message is sized to ~``seconds`` of the configured rate.
+With ``reverse`` the large message comes back from the server instead (the link's return
+direction, e.g. a stage's answers to the previous stage).
 """
 
 from __future__ import annotations
@@ -50,12 +53,20 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             line = await reader.readline()
             if not line:
                 break
+            get = line.startswith(b"get ")
             try:
-                n = int(line.strip())
+                n = int(line[4:] if get else line.strip())
             except ValueError:
                 break
             if not 0 <= n <= MAX_MESSAGE_BYTES:
                 break
+            if get:  # send n bytes back
+                writer.write(b"%d\n" % n)
+                zeros = bytes(min(_CHUNK, n))
+                for i in range(0, n, _CHUNK):
+                    writer.write(zeros[: min(_CHUNK, n - i)])
+                    await writer.drain()
+                continue
             left = n
             while left:
                 chunk = await reader.read(min(_CHUNK, left))
@@ -109,6 +120,22 @@ async def _exchange(
     return time.perf_counter() - t0
 
 
+async def _fetch(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nbytes: int, hook: HopHook | None
+) -> float:
+    """Ask for ``nbytes`` from the server and read them all: the seconds it took."""
+    t0 = time.perf_counter()
+    if hook is not None:
+        await hook.before_send(8)
+    writer.write(b"get %d\n" % nbytes)
+    await writer.drain()
+    line = await reader.readline()
+    if int(line.strip() or -1) != nbytes:
+        raise RuntimeBackendError(f"probe: bad reply {line!r}")
+    await reader.readexactly(nbytes)
+    return time.perf_counter() - t0
+
+
 async def measure_link(
     host: str,
     port: int,
@@ -118,8 +145,10 @@ async def measure_link(
     rtt_samples: int = 9,
     seconds: float = 0.5,
     timeout_s: float = 30.0,
+    reverse: bool = False,
 ) -> LinkMeasurement:
-    """RTT and (if ``expected_rate_bps`` is given) throughput towards ``host:port``."""
+    """RTT and (if ``expected_rate_bps`` is given) throughput towards ``host:port``, or back
+    from it with ``reverse``."""
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(host, port)
@@ -132,7 +161,10 @@ async def measure_link(
                     nbytes = int(
                         min(MAX_MESSAGE_BYTES, max(256 * 1024, expected_rate_bps / 8 * seconds))
                     )
-                    elapsed = await _exchange(reader, writer, b"\0" * nbytes, hook)
+                    if reverse:
+                        elapsed = await _fetch(reader, writer, nbytes, hook)
+                    else:
+                        elapsed = await _exchange(reader, writer, b"\0" * nbytes, hook)
                     thr = nbytes * 8 / max(elapsed - rtt, 1e-6)
                 return LinkMeasurement(rtt, thr, rtt_samples)
             finally:
@@ -178,6 +210,11 @@ def main(argv: list[str] | None = None) -> None:
         "an app shaper, as a forwarding stage sends (node-to-node link check)",
     )
     m.add_argument("--seed", type=int, default=0, help="seed of that shaper")
+    m.add_argument(
+        "--reverse",
+        action="store_true",
+        help="measure the throughput back from the service (the link's return direction)",
+    )
     m.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
@@ -200,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             expected_rate_bps=args.rate_bps,
             seconds=args.seconds,
             timeout_s=args.timeout,
+            reverse=args.reverse,
         )
     )
     print(json.dumps(asdict(res)) if args.json else res)

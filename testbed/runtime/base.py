@@ -146,6 +146,8 @@ class NodeEndpoint:
     peer_up_iface: dict[str, Any] | None = None
     # an emulated device's speed (a timeline slowdown, paced by its stage: POST /speed)
     speed: float = 1.0
+    # forwarding (swarm): its address on each link overlay it joins (network -> address)
+    link_addresses: dict[str, str] | None = None
     hook: AppShaper | None = field(default=None, compare=False, repr=False)
 
     @property

@@ -7,7 +7,8 @@ route to the outside. Shaping is per node, on the two ends of its veth pair (see
 :mod:`testbed.net.links` for why): host-side veth egress = the feeding link's forward
 direction (rate + netem), container eth0 egress = its reverse direction (netem only).
 For stage-to-stage forwarding, one more network per pair of consecutive stages joins their
-nodes, each receiver's end shaped the same way (:mod:`testbed.runtime.docker_links`).
+nodes, each receiver's end shaped the same way, its reverse direction with the link's rate
+too (:mod:`testbed.runtime.docker_links`).
 
 Everything is labelled ``testbed.run=<id>`` (+ ``testbed.node``/``testbed.tier``), so
 ``down`` and ``clean`` work from labels and are safe to repeat. A failure at any step of
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from testbed.errors import RuntimeBackendError
-from testbed.net.links import plan_peer_links, plan_shaping
+from testbed.net.links import link_net_reverse, plan_peer_links, plan_shaping
 from testbed.net.shaping import DirShape, Iface, ShapingBackend, change_ops, egress_ops
 from testbed.net.tc import apply_ops, links_sync
 from testbed.runtime.base import (
@@ -171,7 +172,7 @@ async def _shape_node(
     ep.down_iface, ep.up_iface = _iface_record(host_if, inside, pid)
     if ep.peer_address is not None:
         p_host, p_inside = await asyncio.to_thread(_container_ifaces, pid, ep.peer_address)
-        ops += shaping_ops(p_host, p_inside, down, up, backend)
+        ops += shaping_ops(p_host, p_inside, down, link_net_reverse(down, up), backend)
         ep.peer_down_iface, ep.peer_up_iface = _iface_record(p_host, p_inside, pid)
     await apply_ops(ops)
 
@@ -392,19 +393,20 @@ async def set_link_docker(
     c = await asyncio.to_thread(client)
     ctr = await asyncio.to_thread(c.containers.get, ep.container)
     netns = f"/proc/{ctr.attrs['State']['Pid']}/ns/net"
-    pairs = [(ep.down_iface, ep.up_iface)]
+    pairs = [(ep.down_iface, ep.up_iface, up, previous)]
     if ep.peer_down_iface is not None and ep.peer_up_iface is not None:
-        pairs.append((ep.peer_down_iface, ep.peer_up_iface))  # the link network into it
+        # the link network into it: its reverse direction carries the link's rate too
+        was = None if previous is None else (previous[0], link_net_reverse(*previous))
+        pairs.append((ep.peer_down_iface, ep.peer_up_iface, link_net_reverse(down, up), was))
     ops: list[Any] = []
-    for host_rec, inside_rec in pairs:
+    for host_rec, inside_rec, back, before in pairs:
         host_if = Iface(host_rec["ifindex"], host_rec["ifname"], None)
         inside = Iface(inside_rec["ifindex"], inside_rec["ifname"], netns)
-        if previous is None:
-            ops += shaping_ops(host_if, inside, down, up, tb.backend)
+        if before is None:
+            ops += shaping_ops(host_if, inside, down, back, tb.backend)
         else:
-            old_down, old_up = previous
-            ops += change_ops(host_if, old_down, down, tb.backend)
-            ops += change_ops(inside, old_up, up, tb.backend)
+            ops += change_ops(host_if, before[0], down, tb.backend)
+            ops += change_ops(inside, before[1], back, tb.backend)
     await apply_ops(ops)
 
 

@@ -8,11 +8,12 @@ address on that network (``peer_url``), so hidden states go node to node and nev
 the host.
 
 Each receiver's end of a link network is shaped as the link into its tier, on both ends of
-its veth pair exactly as its tier network is for the relay: host-side veth egress (traffic
-into the node: rate, and delay/jitter/loss where the kernel has netem) and the container's
-egress (the reverse direction). So every receiver has its own copy of the link, whichever
-node of the previous stage sends, as in the relay. What the kernel cannot do (no sch_netem)
-the sending stage's app shaper adds (the ``hop`` carried in each step's route).
+its veth pair: host-side veth egress (traffic into the node: rate, and delay/jitter/loss
+where the kernel has netem) and the container's egress (the reverse direction: the link's
+rate too, :func:`~testbed.net.links.link_net_reverse`, as no later hop paces what the
+receiver sends back, and delay/jitter/loss). So every receiver has its own copy of the link,
+whichever node of the previous stage sends, as in the relay. What the kernel cannot do (no
+sch_netem) the sending stage's app shaper adds (the ``hop`` carried in each step's route).
 
 The networks carry the run's labels, so ``down``/``clean`` remove them with the rest.
 """
@@ -23,12 +24,13 @@ import asyncio
 import ipaddress
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from testbed.errors import RuntimeBackendError
-from testbed.runtime.base import LABEL_RUN, STAGE_PORT, LinkCheck, RunningTestbed
+from testbed.runtime.base import LABEL_RUN, PROBE_PORT, STAGE_PORT, LinkCheck, RunningTestbed
 
 if TYPE_CHECKING:
     from testbed.net.links import PeerLink
@@ -123,15 +125,31 @@ def previous_stage(tb: RunningTestbed, node: str) -> list[str]:
     return [n.name for n in before if n.tier_index == tier]
 
 
+ExecIn = Callable[[str, list[str]], Awaitable[dict[str, Any]]]  # (node, argv) -> its JSON
+
+
 async def measure_peer_links(
-    tb: RunningTestbed, tol: Tolerance, *, seconds: float = 0.5, timeout_s: float = 60.0
+    tb: RunningTestbed,
+    tol: Tolerance,
+    *,
+    seconds: float = 0.5,
+    timeout_s: float = 60.0,
+    exec_in: ExecIn | None = None,
 ) -> list[LinkCheck]:
     """Measure each receiver's link network from a node of the previous stage: the probe runs
-    inside the sender's container, through the same app shaper a forwarding stage uses."""
+    inside the sender's container, towards the receiver's probe port there (not the port the
+    host reaches, which swarm publishes elsewhere) (``exec_in``; default: the docker container of that node),
+    through the same app shaper a forwarding stage uses."""
     from testbed.runtime.docker import client
     from testbed.runtime.measure import judge
 
-    c = await asyncio.to_thread(client)
+    if exec_in is None:
+        c = await asyncio.to_thread(client)
+
+        async def in_container(node: str, argv: list[str]) -> dict[str, Any]:
+            return await exec_json(c, tb.nodes[node].container, argv)
+
+        exec_in = in_container
     checks = []
     for ep in sorted(tb.stage_nodes(), key=lambda n: (n.tier_index, n.name)):
         senders = previous_stage(tb, ep.name)
@@ -140,7 +158,7 @@ async def measure_peer_links(
         src = tb.nodes[senders[0]]
         argv = [
             "python3", "-m", "testbed.net.probe", "measure", ep.peer_address,
-            "--port", str(ep.probe_port), "--json", "--seconds", str(seconds),
+            "--port", str(PROBE_PORT), "--json", "--seconds", str(seconds),
             "--timeout", str(timeout_s),
         ]  # fmt: skip
         if ep.link_rate_bps:
@@ -150,7 +168,7 @@ async def measure_peer_links(
         cfg_rtt, cfg_rate = ep.link_rtt_s, ep.link_rate_bps
         check = partial(LinkCheck, ep.name, ep.link, cfg_rtt, cfg_rate, src=src.name)
         try:
-            got = await asyncio.wait_for(_exec_json(c, src.container, argv), timeout_s + 10)
+            got = await asyncio.wait_for(exec_in(src.name, argv), timeout_s + 10)
         except (RuntimeBackendError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {timeout_s + 10:g}s"
             checks.append(check(None, None, False, why, measured_at=time.time()))
@@ -161,7 +179,7 @@ async def measure_peer_links(
     return checks
 
 
-async def _exec_json(c: Any, container: str | None, argv: list[str]) -> dict[str, Any]:
+async def exec_json(c: Any, container: str | None, argv: list[str]) -> dict[str, Any]:
     """Run ``argv`` in ``container``; its last stdout line as JSON."""
     import docker
 

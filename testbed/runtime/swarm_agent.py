@@ -8,8 +8,11 @@ On its host it finds the run's containers (labels), enters each one's network na
 ``/hostproc/<pid>/ns/net`` and applies :func:`testbed.net.shaping.egress_ops` with pyroute2
 (:mod:`testbed.net.tc`) on the interface the broker's traffic crosses: the container's end
 of ``docker_gwbridge`` (where host-mode published ports are delivered) and its host-side
-veth. It prints one JSON line per shaped node and exits non-zero on the first failure; the
-manager reads the job's logs and checks every planned node was shaped somewhere.
+veth; and, for forwarding, on each of the container's interfaces on the run's link overlays
+(found by the address the plan names, inside the container's namespace), its egress shaped
+as planned (:mod:`testbed.runtime.swarm_links`). It prints one JSON line per shaped node and
+exits non-zero on the first failure; the manager reads the job's logs and checks every
+planned node was shaped somewhere.
 
 ``python -m testbed.runtime.swarm_agent shape`` (plan in ``$TESTBED_SHAPE_PLAN``) or
 ``... probe`` (prints this host's qdisc support, for `testbed doctor`).
@@ -55,7 +58,31 @@ def gw_ifaces(netns: str, subnet: ipaddress.IPv4Network) -> tuple[Iface, Iface]:
     raise RuntimeBackendError(f"no interface on {GWBRIDGE} ({subnet}) in {netns}")
 
 
-def shape_local(plan: Mapping[str, Any]) -> list[dict[str, str]]:
+def iface_with(netns: str, address: str) -> Iface:
+    """The interface holding ``address`` in namespace ``netns`` (a link overlay's NIC)."""
+    from testbed.net.tc import links_sync
+
+    for link in links_sync(netns):
+        if address in link["ipv4"]:
+            return Iface(link["ifindex"], link["ifname"], netns)
+    raise RuntimeBackendError(f"no interface with {address} in {netns}")
+
+
+def shape_link_nics(
+    netns: str, entries: Sequence[Mapping[str, Any]], backend: ShapingBackend
+) -> list[str]:
+    """Shape the egress of each (address, shape) entry's interface; their names."""
+    from testbed.net.tc import apply_ops_sync
+
+    names = []
+    for e in entries:
+        nic = iface_with(netns, e["address"])
+        apply_ops_sync(egress_ops(nic, DirShape(**e["shape"]), backend))
+        names.append(nic.ifname)
+    return names
+
+
+def shape_local(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Shape this host's containers of ``plan['run']`` as planned; one record per node."""
     import docker
 
@@ -64,23 +91,29 @@ def shape_local(plan: Mapping[str, Any]) -> list[dict[str, str]]:
     c = docker.from_env(timeout=60)
     host = str(c.info().get("Name"))
     ctrs = c.containers.list(filters={"label": f"{LABEL_RUN}={plan['run']}"})
-    mine = [x for x in ctrs if x.labels.get(LABEL_NODE) in plan["nodes"]]
+    links = plan.get("links") or {}
+    mine = [x for x in ctrs if x.labels.get(LABEL_NODE) in (plan["nodes"].keys() | links.keys())]
     if not mine:
         return []
     cfg = c.networks.get(GWBRIDGE).attrs["IPAM"]["Config"][0]
     subnet = ipaddress.ip_network(cfg["Subnet"])
     assert isinstance(subnet, ipaddress.IPv4Network)
     backend: ShapingBackend = plan["backend"]
-    done = []
+    done: list[dict[str, Any]] = []
     for ctr in mine:
         node = ctr.labels[LABEL_NODE]
-        shape = plan["nodes"][node]
-        host_if, inside = gw_ifaces(f"{HOST_PROC}/{ctr.attrs['State']['Pid']}/ns/net", subnet)
-        ops = egress_ops(host_if, DirShape(**shape["down"]), backend) + egress_ops(
-            inside, DirShape(**shape["up"]), backend
-        )
-        apply_ops_sync(ops)
-        done.append({"shaped": node, "host": host, "down": host_if.ifname, "up": inside.ifname})
+        netns = f"{HOST_PROC}/{ctr.attrs['State']['Pid']}/ns/net"
+        if node in plan["nodes"]:
+            shape = plan["nodes"][node]
+            host_if, inside = gw_ifaces(netns, subnet)
+            ops = egress_ops(host_if, DirShape(**shape["down"]), backend) + egress_ops(
+                inside, DirShape(**shape["up"]), backend
+            )
+            apply_ops_sync(ops)
+            done.append({"shaped": node, "host": host, "down": host_if.ifname, "up": inside.ifname})
+        if node in links:
+            nics = shape_link_nics(netns, links[node], backend)
+            done.append({"linked": node, "host": host, "ifaces": nics})
     return done
 
 
@@ -111,11 +144,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def shape_plan(
-    run_id: str, backend: ShapingBackend, shapes: Mapping[str, tuple[DirShape, DirShape]]
+    run_id: str,
+    backend: ShapingBackend,
+    shapes: Mapping[str, tuple[DirShape, DirShape]],
+    links: Mapping[str, Sequence[tuple[str, DirShape]]] | None = None,
 ) -> str:
-    """The agent's instructions: per node, its (downlink, uplink) shapes."""
+    """The agent's instructions: per node, its (downlink, uplink) shapes on the broker's
+    path, and (forwarding) the egress shape of its NIC holding each address on a link
+    overlay."""
     nodes = {n: {"down": asdict(d), "up": asdict(u)} for n, (d, u) in shapes.items()}
-    return json.dumps({"run": run_id, "backend": backend, "nodes": nodes})
+    nics = {
+        n: [{"address": a, "shape": asdict(s)} for a, s in entries]
+        for n, entries in (links or {}).items()
+    }
+    return json.dumps({"run": run_id, "backend": backend, "nodes": nodes, "links": nics})
 
 
 def run_agent_job(

@@ -1,8 +1,8 @@
 """Bring a plan up as Docker Swarm services, one per node, from a swarm manager.
 
-- **Networks**: one attachable overlay per tier (``tb-<run>-<tier>``) and one per inter-tier
-  link (``tb-<run>-<a>-<b>``, joining the nodes of both tiers, for stage-to-stage traffic),
-  subnets from ``$TESTBED_SWARM_SUBNET_POOL`` (default 10.214.0.0/16). They are not
+- **Networks**: one attachable overlay per tier (``tb-<run>-<tier>``) and one per pair of
+  consecutive stages (``tb-<run>-<a>-<b>``, joining both stages' nodes, for stage-to-stage
+  forwarding: :mod:`testbed.runtime.swarm_links`), subnets from ``$TESTBED_SWARM_SUBNET_POOL`` (default 10.214.0.0/16). They are not
   ``internal``: a host-mode published port needs the container's ``docker_gwbridge`` leg.
 - **Services**: replicated, one task, no restart (a crashed stage fails the run, as on one
   host), placed by :func:`testbed.runtime.swarm.place`, CPU and memory limits, the stage
@@ -12,8 +12,8 @@
   mesh's extra NAT hop. The host cannot join an overlay, so this is how it talks to them.
 - **Shaping**: the broker's traffic enters each container through its ``docker_gwbridge``
   NIC, so the link feeding the node is shaped there (downlink on the host-side veth,
-  uplink inside), by the per-host agent (:mod:`testbed.runtime.swarm_agent`); what the kernel
-  lacks (no sch_netem) goes to the app shaper, as on one host.
+  uplink inside), by the per-host agent (:mod:`testbed.runtime.swarm_agent`), which also
+  shapes each container's NICs on the link overlays (forwarding); what the kernel lacks (no sch_netem) goes to the app shaper, as on one host.
 - **Labels**: services, containers and networks carry ``testbed.run=<id>``; ``down`` removes
   by label and waits until the tasks' containers are gone before removing the networks.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import shlex
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from testbed.errors import RuntimeBackendError, StageTimeoutError
-from testbed.net.links import plan_shaping
+from testbed.net.links import plan_peer_links, plan_shaping
 from testbed.net.shaping import DirShape, ShapingBackend
 from testbed.runtime.base import (
     LABEL_NODE,
@@ -45,6 +44,7 @@ from testbed.runtime.base import (
 )
 from testbed.runtime.bringup import EngineBringUp, log_up, node_endpoint
 from testbed.runtime.docker import MODEL_IN_CONTAINER, SHM_BYTES, client, free_subnets
+from testbed.runtime.docker_links import peer_url
 from testbed.runtime.gpus import GpuAsk, gpu_ask, swarm_gpu_request
 from testbed.runtime.image import ImageMode, ensure_image
 from testbed.runtime.swarm import (
@@ -56,6 +56,13 @@ from testbed.runtime.swarm import (
     wanted_of,
 )
 from testbed.runtime.swarm_agent import PLAN_ENV, run_agent_job, shape_plan
+from testbed.runtime.swarm_links import (
+    link_net_name,
+    link_shapes,
+    network_names,
+    node_networks,
+    task_addresses,
+)
 
 if TYPE_CHECKING:
     from testbed.spec.plan import Plan
@@ -64,23 +71,6 @@ if TYPE_CHECKING:
 SUBNET_POOL = os.environ.get("TESTBED_SWARM_SUBNET_POOL", "10.214.0.0/16")
 RUNNING_TIMEOUT_S = 180.0
 GONE_TIMEOUT_S = 60.0
-
-
-def network_names(run_id: str, tiers: list[str]) -> list[tuple[str, str]]:
-    """(network name, what it joins) for every tier and every inter-tier link."""
-    out = [(f"tb-{run_id}-{t}", t) for t in tiers]
-    out += [(f"tb-{run_id}-{a}-{b}", f"{a}-{b}") for a, b in itertools.pairwise(tiers)]
-    return out
-
-
-def node_networks(run_id: str, tiers: list[str], j: int) -> list[str]:
-    """A node of tier ``j`` joins its tier's overlay and the overlays of its two links."""
-    nets = [f"tb-{run_id}-{tiers[j]}"]
-    if j > 0:
-        nets.append(f"tb-{run_id}-{tiers[j - 1]}-{tiers[j]}")
-    if j < len(tiers) - 1:
-        nets.append(f"tb-{run_id}-{tiers[j]}-{tiers[j + 1]}")
-    return nets
 
 
 class SwarmTestbed(EngineBringUp):
@@ -134,11 +124,16 @@ class SwarmTestbed(EngineBringUp):
         tb.image = image
         gpu_units = sum(n.gpus for n in nodes)
         tiers = list(self.topology.tier_names)
-        nets = network_names(self.run_id, tiers)
+        links = plan_peer_links(self.plan)
+        nets = network_names(self.run_id, tiers, links)
         subnets = await asyncio.to_thread(free_subnets, c, len(nets), SUBNET_POOL)
+        net_ids: dict[str, str] = {}  # link overlays: id -> name
+        link_nets = {link_net_name(self.run_id, x) for x in links}
         for (name, joins), subnet in zip(nets, subnets, strict=True):
-            await asyncio.to_thread(self._create_network, c, name, str(subnet), joins)
+            net = await asyncio.to_thread(self._create_network, c, name, str(subnet), joins)
             tb.networks.append(name)
+            if name in link_nets:
+                net_ids[net.id] = name
         await asyncio.to_thread(tb.save)
 
         shaping = plan_shaping(self.topology, self.backend)
@@ -162,7 +157,7 @@ class SwarmTestbed(EngineBringUp):
                     self._create_service,
                     c,
                     ep,
-                    node_networks(self.run_id, tiers, j),
+                    node_networks(self.run_id, tier.name, node.name, links),
                     image,
                     info.mounts,
                     placement[node.name].constraints,
@@ -170,9 +165,16 @@ class SwarmTestbed(EngineBringUp):
                 )
         await asyncio.to_thread(tb.save)
         addr_of = {n.id: n.addr for n in nodes}
+        into = {r: link_net_name(self.run_id, x) for x in links for r in x.receivers}
         for name, svc in services.items():
-            node_id, ports = await asyncio.to_thread(wait_running, svc, RUNNING_TIMEOUT_S)
+            node_id, ports, task = await asyncio.to_thread(wait_running, svc, RUNNING_TIMEOUT_S)
             ep = tb.nodes[name]
+            ep.link_addresses = task_addresses(task, net_ids) or None
+            if name in into:  # forwarding: where the previous stage reaches it
+                ep.peer_address = (ep.link_addresses or {}).get(into[name])
+                if ep.peer_address is None:
+                    raise RuntimeBackendError(f"{name}: its task has no address on {into[name]}")
+                ep.peer_url = peer_url(ep.peer_address)
             ep.address = addr_of.get(node_id) or "127.0.0.1"
             ep.url = f"http://{ep.address}:{ports[STAGE_PORT]}"
             ep.probe_port = ports[PROBE_PORT]
@@ -180,20 +182,19 @@ class SwarmTestbed(EngineBringUp):
         for i, n in enumerate(sorted(tb.nodes)):
             tb.nodes[n].make_hook(self.seed * 1000 + i)
         await asyncio.to_thread(tb.save)
-        await shape_nodes(
-            c, tb, {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}, info.mounts
-        )
+        shapes = {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}
+        await shape_nodes(c, tb, shapes, info.mounts, link_shapes(tb, shapes))
         log_up(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
         await wait_stages(tb, services, health_timeout_s)
         tb.status = "up"
         await asyncio.to_thread(tb.save)
 
-    def _create_network(self, c: Any, name: str, subnet: str, joins: str) -> None:
+    def _create_network(self, c: Any, name: str, subnet: str, joins: str) -> Any:
         import docker
         from docker.types import IPAMConfig, IPAMPool
 
         try:
-            c.networks.create(
+            return c.networks.create(
                 name,
                 driver="overlay",
                 attachable=True,
@@ -267,8 +268,9 @@ class SwarmTestbed(EngineBringUp):
             raise RuntimeBackendError(f"creating the service of {ep.name} failed: {exc}") from exc
 
 
-def wait_running(svc: Any, timeout_s: float) -> tuple[str, dict[int, int]]:
-    """Wait for the service's task to run with its ports published: (node id, target->port)."""
+def wait_running(svc: Any, timeout_s: float) -> tuple[str, dict[int, int], dict[str, Any]]:
+    """Wait for the service's task to run with its ports published: (node id, target->port,
+    the task)."""
     deadline = time.monotonic() + timeout_s
     last = "no task yet"
     while time.monotonic() < deadline:
@@ -280,7 +282,7 @@ def wait_running(svc: Any, timeout_s: float) -> tuple[str, dict[int, int]]:
                 )
             ports = (st.get("PortStatus") or {}).get("Ports") or []
             if st["State"] == "running" and ports:
-                return t["NodeID"], {p["TargetPort"]: p["PublishedPort"] for p in ports}
+                return t["NodeID"], {p["TargetPort"]: p["PublishedPort"] for p in ports}, t
             last = f"{st['State']} ({st.get('Message', '')})"
         time.sleep(0.5)
     raise RuntimeBackendError(f"service {svc.name} not running after {timeout_s:g}s: {last}")
@@ -358,10 +360,12 @@ async def shape_nodes(
     tb: RunningTestbed,
     shapes: dict[str, tuple[DirShape, DirShape]],
     mounts: tuple[tuple[str, str], ...],
+    links: dict[str, list[tuple[str, DirShape]]] | None = None,
 ) -> None:
-    """Run the shaping agent on every host; every node of ``shapes`` must be reported."""
+    """Run the shaping agent on every host; every node of ``shapes`` (and of ``links``, the
+    link overlays' NICs) must be reported."""
     assert tb.image is not None
-    plan = shape_plan(tb.run_id, tb.backend, shapes)
+    plan = shape_plan(tb.run_id, tb.backend, shapes, links)
     recs = await asyncio.to_thread(
         lambda: run_agent_job(
             c,
@@ -374,13 +378,17 @@ async def shape_nodes(
         )
     )
     shaped = {r["shaped"]: r for r in recs if "shaped" in r}
-    missing = sorted(set(shapes) - set(shaped))
+    linked = {r["linked"]: r for r in recs if "linked" in r}
+    missing = sorted((set(shapes) - set(shaped)) | (set(links or {}) - set(linked)))
     if missing:
         raise RuntimeBackendError(f"shaping agent found no container for {', '.join(missing)}")
     for name, r in shaped.items():
         if name in tb.nodes:
             tb.nodes[name].down_iface = {"ifname": r["down"], "host": r["host"]}
             tb.nodes[name].up_iface = {"ifname": r["up"], "host": r["host"]}
+    for name, r in linked.items():
+        if name in tb.nodes:  # its NICs on the link overlays, in the plan's order
+            tb.nodes[name].peer_up_iface = {"ifnames": r["ifaces"], "host": r["host"]}
 
 
 # -- teardown -----------------------------------------------------------------------------

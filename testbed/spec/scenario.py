@@ -102,7 +102,8 @@ class Scenario(BaseModel):
     # adaptive re-partitioning (simulated runs; testbed.spec.repartition); None: a static plan
     repartition: RepartitionSpec | None = None
     # how hidden states travel: relay (stage -> broker -> next stage) or forward (stage to
-    # stage, the token back along the chain; local runtime only), see testbed.broker.chain
+    # stage, the token back along the chain; runtimes local, docker, swarm), see
+    # testbed.broker.chain
     transport: Literal["relay", "forward"] = "relay"
 
     _pol = field_validator("partitioner", "scheduler", mode="before")(lambda cls, v: _policy(v))

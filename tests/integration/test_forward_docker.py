@@ -1,6 +1,7 @@
 """Stage-to-stage forwarding on the docker runtime: the tiny topology's containers joined by one
 link network per pair of consecutive stages, each receiver's end shaped as its link; the
-node-to-node links measured from inside a sending container match the configuration; the
+node-to-node links measured from inside a sending container match the configuration, both
+ways (the return direction at the link's rate too); the
 same requests relayed and forwarded give the same tokens, which are the whole model's; the
 forwarded hops pay their links; a stage killed mid-chain is the node marked down and every
 request ends completed or failed with a reason; and `down` leaves no container or network of
@@ -110,6 +111,26 @@ def _assert_links_as_configured(tb: Any) -> None:
         assert best == pytest.approx(chs[0].configured_rate_bps, rel=0.2), chs
 
 
+def _assert_reverse_rate(tb: Any) -> None:
+    """The return direction of each link network (receiver -> sender) is rate-shaped too:
+    the probe in the sending container pulls a message back from the receiver's end."""
+    from testbed.runtime.docker import client
+    from testbed.runtime.docker_links import exec_json
+
+    c = client()
+    for src, dst in (("edge-1", "fog-1"), ("fog-1", "cloud-1")):
+        ep = tb.nodes[dst]
+        argv = ["python3", "-m", "testbed.net.probe", "measure", ep.peer_address, "--port",
+                str(ep.probe_port), "--json", "--rate-bps", str(ep.link_rate_bps), "--reverse"]  # fmt: skip
+        best = 0.0
+        for _ in range(2):  # load on a shared machine only takes throughput: the better one
+            got = asyncio.run(exec_json(c, tb.nodes[src].container, argv))
+            print(f"reverse {dst}->{src}: {got}", file=sys.stderr)
+            assert got["throughput_bps"] <= 1.2 * ep.link_rate_bps, got  # shaped, not free
+            best = max(best, got["throughput_bps"])
+        assert best == pytest.approx(ep.link_rate_bps, rel=0.2)
+
+
 def test_forwarding_through_link_networks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = docker_or_skip()
     monkeypatch.setenv("TESTBED_STATE_DIR", str(tmp_path / "state"))
@@ -138,6 +159,7 @@ def test_forwarding_through_link_networks(tmp_path: Path, monkeypatch: pytest.Mo
             ("fog-1", "cloud-1"),
         }
         _assert_links_as_configured(tb)
+        _assert_reverse_rate(tb)
 
         fog_in = f"/sys/class/net/{tb.nodes['fog-1'].peer_down_iface['ifname']}/statistics/tx_bytes"
         before = int(Path(fog_in).read_text())

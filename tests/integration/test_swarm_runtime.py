@@ -1,8 +1,10 @@
 """`runtime: swarm` end to end on a single-node swarm (`docker swarm init --advertise-addr
-127.0.0.1`): `testbed up` (services, overlays, shaping agent, links measured), a short replay
-of the tiny scenario through the services, `testbed down` (nothing of the run left), and the
-engine's swarm state as it was before (left again, `docker_gwbridge` removed, when the test
-made the swarm; a swarm that was there before is kept)."""
+127.0.0.1`): `testbed up` (services, overlays, shaping agent, links measured host to node and
+node to node over the link overlays, both ways), a short replay of the tiny scenario with
+stage-to-stage forwarding, the same requests relayed and forwarded giving the same tokens
+(the hidden states crossing the link overlay), `testbed down` (nothing of the run left), and
+the engine's swarm state as it was before (left again, `docker_gwbridge` removed, when the
+test made the swarm; a swarm that was there before is kept)."""
 
 from __future__ import annotations
 
@@ -89,8 +91,9 @@ def _leftovers(c: Any, run_id: str) -> dict[str, list[str]]:
     return {k: v for k, v in out.items() if v}
 
 
-def test_swarm_up_measure_replay_down(tmp_path: Path) -> None:
+def test_swarm_up_measure_replay_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c = docker_or_skip(timeout=60, root_reason="the shaping agent's job and the probe need root")
+    monkeypatch.setenv("TESTBED_STATE_DIR", str(tmp_path / "state"))
     before = _swarm_state(c)
     gw_before = bool(c.networks.list(names=["docker_gwbridge"]))
     environ = os.environ | {"TESTBED_STATE_DIR": str(tmp_path / "state")}
@@ -129,14 +132,16 @@ def test_swarm_up_measure_replay_down(tmp_path: Path) -> None:
             assert fed == {"fog-1", "cloud-1"}
             for name in fed:
                 assert tb["nodes"][name]["down_iface"]["ifname"].startswith("veth")
-            checks = {ch["node"]: ch for ch in tb["checks"]}
+            checks = {ch["node"]: ch for ch in tb["checks"] if ch["src"] == "host"}
             assert set(checks) == fed
             for ch in checks.values():
                 assert ch["measured_rtt_s"] is not None, ch
                 assert ch["ok"], ch
             assert checks["cloud-1"]["measured_rtt_s"] >= 0.018  # 2 x 10 ms configured
+            _assert_link_overlays(tb)
 
             _replay(tmp_path, environ, run_id)
+            _same_tokens_over_the_overlays(c, tmp_path, run_id)
 
             proc = _cli(environ, "down", run_id, timeout=300)
             assert proc.returncode == 0, proc.stderr[-2000:]
@@ -150,6 +155,66 @@ def test_swarm_up_measure_replay_down(tmp_path: Path) -> None:
         assert _leftovers(c, run_id) == {}
 
 
+def _assert_link_overlays(tb: dict[str, Any]) -> None:
+    """Forwarding's link overlays: each receiver has a peer URL there; the node-to-node checks
+    (from inside the sending task) match the configuration, and the return direction is rate-
+    shaped too."""
+    from testbed.runtime.base import PROBE_PORT, RunningTestbed
+    from testbed.runtime.swarm_links import exec_in_task
+
+    for name in ("fog-1", "cloud-1"):
+        assert tb["nodes"][name]["peer_url"].startswith("http://10."), tb["nodes"][name]
+    node_checks = {(ch["src"], ch["node"]): ch for ch in tb["checks"] if ch["src"] != "host"}
+    assert set(node_checks) == {("edge-1", "fog-1"), ("fog-1", "cloud-1")}
+    for ch in node_checks.values():
+        print(f"node to node: {ch}", file=sys.stderr)
+        assert ch["ok"], ch
+        assert ch["measured_rtt_s"] >= ch["configured_rtt_s"] - 0.0005, ch
+        assert ch["measured_rate_bps"] <= 1.2 * ch["configured_rate_bps"], ch
+    running = RunningTestbed.from_json(tb)
+    for src, dst in (("edge-1", "fog-1"), ("fog-1", "cloud-1")):
+        ep = running.nodes[dst]
+        assert ep.peer_address is not None and ep.link_rate_bps is not None
+        argv = ["python3", "-m", "testbed.net.probe", "measure", ep.peer_address, "--port",
+                str(PROBE_PORT), "--json", "--rate-bps", str(ep.link_rate_bps), "--reverse"]  # fmt: skip
+        got = asyncio.run(exec_in_task(running, src, argv))
+        print(f"reverse {dst}->{src}: {got}", file=sys.stderr)
+        assert got["throughput_bps"] <= 1.2 * ep.link_rate_bps, got  # shaped, not free
+        assert got["throughput_bps"] >= 0.6 * ep.link_rate_bps, got
+
+
+def _same_tokens_over_the_overlays(c: Any, tmp_path: Path, run_id: str) -> None:
+    """The same requests relayed and forwarded give the same tokens; forwarding's hidden
+    states arrive at fog-1 over its NIC on the edge->fog overlay."""
+    from testbed.experiment.prepare import prepare
+    from testbed.runtime.base import load_running
+    from testbed.spec.scenario import load_scenario
+    from tests.runs import broker_tokens
+
+    tb = load_running(run_id)
+    prep = prepare(load_scenario(tmp_path / "scenario.yaml"))
+    nic = tb.nodes["fog-1"].peer_up_iface["ifnames"][0]  # type: ignore[index]
+    ctr = c.containers.list(filters={"label": [f"testbed.run={run_id}", "testbed.node=fog-1"]})[0]
+
+    def rx() -> int:
+        return int(ctr.exec_run(["cat", f"/sys/class/net/{nic}/statistics/rx_bytes"]).output)
+
+    before = rx()
+    relayed, r_res = asyncio.run(broker_tokens(tb, prep, "relay", call_timeout_s=30.0))
+    relayed_bytes = rx() - before
+    forwarded, f_res = asyncio.run(broker_tokens(tb, prep, "forward", call_timeout_s=30.0))
+    forwarded_bytes = rx() - before - relayed_bytes
+    print(f"overlay into fog-1: relay {relayed_bytes} B, forward {forwarded_bytes} B")
+    assert forwarded_bytes > 10_000 and forwarded_bytes > 4 * relayed_bytes
+    for res in (r_res, f_res):
+        assert [r.status for r in res.records] == ["completed"] * len(prep.requests), [
+            r.reason for r in res.records
+        ]
+    assert forwarded == relayed and len(forwarded) == len(prep.requests)
+    for r in f_res.records:  # each forwarded hop pays its link's round trip per step
+        assert r.hop_transfer_s["fog-1->cloud-1"] >= 0.018 * r.output_tokens
+
+
 def _replay(tmp_path: Path, environ: dict[str, str], run_id: str) -> None:
     from testbed.experiment.replay import ReplayOptions, replay_scenario
     from testbed.spec.scenario import load_scenario
@@ -160,6 +225,7 @@ def _replay(tmp_path: Path, environ: dict[str, str], run_id: str) -> None:
     data["workload"].update(max_requests=4, rate_scale=3.0, max_output_tokens=4)
     data["output"] = str(tmp_path / "results")
     data["runtime"] = "swarm"
+    data["transport"] = "forward"
     path = tmp_path / "scenario.yaml"
     path.write_text(yaml.safe_dump(data))
     loaded = load_scenario(path)

@@ -4,6 +4,7 @@ who gets which address, which URL a step's route carries, and when forwarding is
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ from testbed.runtime.docker_links import (
     previous_stage,
 )
 from tests.unit.test_capacity import make, stage
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _plan(skip_fog: bool = False):
@@ -90,7 +93,7 @@ def test_the_route_carries_each_nodes_address_on_the_link_network_into_it() -> N
     assert previous_stage(tb, "c1") == ["f1"] and previous_stage(tb, "e1") == []
 
 
-def test_forward_on_docker_needs_the_link_networks() -> None:
+def test_forward_on_docker_and_swarm_needs_the_link_networks() -> None:
     from testbed.broker.broker import BrokerConfig
     from testbed.experiment.replay import broker_config
 
@@ -98,8 +101,9 @@ def test_forward_on_docker_needs_the_link_networks() -> None:
     assert broker_config(base, "forward", None, _tb("docker", peers=True)).transport == "forward"
     with pytest.raises(ConfigError, match="no link networks"):
         broker_config(base, "forward", None, _tb("docker", peers=False))
-    with pytest.raises(ConfigError, match="overlay networks are not shaped"):
-        broker_config(base, "forward", None, _tb("swarm", peers=True))
+    assert broker_config(base, "forward", None, _tb("swarm", peers=True)).transport == "forward"
+    with pytest.raises(ConfigError, match="no shaped link overlays"):
+        broker_config(base, "forward", None, _tb("swarm", peers=False))
 
 
 def test_the_probe_cli_measures_through_the_hops_app_shaper(
@@ -130,3 +134,52 @@ def test_the_probe_cli_measures_through_the_hops_app_shaper(
         loop.run_until_complete(server.aclose())
         loop.close()
     assert 0.04 <= got["rtt_s"] < 0.2 and got["throughput_bps"] is None
+
+
+def test_a_link_network_is_rate_shaped_both_ways() -> None:
+    """The receiver's veth pair on a link network: host side (into it) and container side
+    (back to the previous stage) each get the link's htb rate; delay, jitter and loss in netem
+    under it where the kernel has netem, else only the rate (the app shaper adds the rest)."""
+    from testbed.net.links import link_net_reverse, plan_shaping
+    from testbed.net.shaping import Iface
+    from testbed.runtime.docker import shaping_ops
+    from testbed.spec.topology import load_topology
+
+    topo = load_topology(REPO / "topologies" / "tiny.yaml")
+    for backend, kinds in (("kernel", ["htb", "htb", "netem"]),
+                           ("kernel-rate+app-delay", ["htb", "htb"])):  # fmt: skip
+        ns = plan_shaping(topo, backend)["cloud-1"]
+        back = link_net_reverse(ns.downlink, ns.uplink)
+        assert back.rate_bps == ns.downlink.rate_bps == ns.configured_rate_bps
+        assert back.delay_s == ns.uplink.delay_s > 0
+        host, inside = Iface(7, "vethX"), Iface(2, "eth1", "/proc/1/ns/net")
+        ops = shaping_ops(host, inside, ns.downlink, back, backend)
+        for iface in (host, inside):
+            mine = [o for o in ops if o.iface == iface and o.command != "del"]
+            assert [o.kind for o in mine] == kinds
+            rate = dict(mine[1].params)["rate"]
+            assert rate == f"{round(ns.configured_rate_bps)}bit"
+    # the tier network of the relay keeps its reverse direction unrated (the next hop paces it)
+    assert plan_shaping(topo, "kernel")["cloud-1"].uplink.rate_bps is None
+
+
+def test_the_probe_measures_the_return_direction() -> None:
+    """``reverse``: the large message comes back from the service (a throughput is measured
+    over the download, through the same connection)."""
+    import asyncio
+
+    from testbed.net.probe import ProbeServer, measure_link
+
+    async def go() -> tuple[float, float]:
+        server = ProbeServer()
+        await server.start()
+        try:
+            fwd = await measure_link("127.0.0.1", server.port, expected_rate_bps=8e6)
+            rev = await measure_link("127.0.0.1", server.port, expected_rate_bps=8e6, reverse=True)
+        finally:
+            await server.aclose()
+        assert fwd.throughput_bps is not None and rev.throughput_bps is not None
+        return fwd.throughput_bps, rev.throughput_bps
+
+    fwd, rev = asyncio.run(go())
+    assert fwd > 8e6 and rev > 8e6  # loopback: far faster than the rate it was sized for

@@ -19,7 +19,7 @@ from testbed.runtime.swarm import (
     place,
     wanted_of,
 )
-from testbed.runtime.swarmrun import network_names, node_networks
+from testbed.runtime.swarm_links import network_names, node_networks, task_addresses
 from testbed.spec.topology import topology_from_dict
 from tests.factories import topology, topology_dict
 
@@ -120,9 +120,13 @@ def test_topology_host_field_reaches_placement() -> None:
     assert [w.name for w in wanted_of(topo, {"fog-0"})] == ["fog-0"]
 
 
-def test_networks_one_per_tier_and_per_link() -> None:
+def test_networks_one_per_tier_and_per_pair_of_consecutive_stages() -> None:
+    from testbed.net.links import PeerLink
+
     tiers = ["edge", "fog", "cloud"]
-    names = [n for n, _ in network_names("tb1", tiers)]
+    links = [PeerLink("edge", "fog", ("e1", "e2"), ("f1",)),
+             PeerLink("fog", "cloud", ("f1",), ("c1",))]  # fmt: skip
+    names = [n for n, _ in network_names("tb1", tiers, links)]
     assert names == [
         "tb-tb1-edge",
         "tb-tb1-fog",
@@ -130,9 +134,60 @@ def test_networks_one_per_tier_and_per_link() -> None:
         "tb-tb1-edge-fog",
         "tb-tb1-fog-cloud",
     ]
-    assert node_networks("tb1", tiers, 0) == ["tb-tb1-edge", "tb-tb1-edge-fog"]
-    assert node_networks("tb1", tiers, 1) == ["tb-tb1-fog", "tb-tb1-edge-fog", "tb-tb1-fog-cloud"]
-    assert node_networks("tb1", tiers, 2) == ["tb-tb1-cloud", "tb-tb1-fog-cloud"]
+    assert node_networks("tb1", "edge", "e1", links) == ["tb-tb1-edge", "tb-tb1-edge-fog"]
+    assert node_networks("tb1", "fog", "f1", links) == [
+        "tb-tb1-fog",
+        "tb-tb1-edge-fog",
+        "tb-tb1-fog-cloud",
+    ]
+    assert node_networks("tb1", "cloud", "c1", links) == ["tb-tb1-cloud", "tb-tb1-fog-cloud"]
+    # a tier holding no blocks is skipped: its neighbours share one overlay
+    skip = [PeerLink("edge", "cloud", ("e1",), ("c1",))]
+    assert [n for n, _ in network_names("tb1", tiers, skip)][3:] == ["tb-tb1-edge-cloud"]
+    assert node_networks("tb1", "fog", "f1", skip) == ["tb-tb1-fog"]
+
+
+def test_task_addresses_read_back_by_network_id() -> None:
+    task = {"NetworksAttachments": [
+        {"Network": {"ID": "n-tier"}, "Addresses": ["10.214.0.5/24"]},
+        {"Network": {"ID": "n-link"}, "Addresses": ["10.214.3.7/24"]},
+    ]}  # fmt: skip
+    assert task_addresses(task, {"n-link": "tb-tb1-edge-fog"}) == {"tb-tb1-edge-fog": "10.214.3.7"}
+    assert task_addresses({}, {"n-link": "x"}) == {}
+
+
+def test_link_overlays_are_shaped_on_both_ends_inside_the_containers() -> None:
+    """The receiver's NIC on the overlay into it sends the return direction (rate too), each
+    sender's NIC there the forward direction; one pipe per sender on an overlay."""
+    from testbed.net.shaping import DirShape
+    from testbed.runtime.base import NodeEndpoint, RunningTestbed
+    from testbed.runtime.swarm_links import link_shapes, net_into
+
+    def ep(name: str, j: int, links: dict[str, str], peer: str | None = None) -> NodeEndpoint:
+        return NodeEndpoint(name, "t", j, "u", 0, 1, "cpu", "a", 9101,
+                            peer_address=peer, link_addresses=links)  # fmt: skip
+
+    ef, fc = "tb-tb1-edge-fog", "tb-tb1-fog-cloud"
+    nodes = [
+        ep("e1", 0, {ef: "10.0.3.2"}),
+        ep("e2", 0, {ef: "10.0.3.3"}),
+        ep("f1", 1, {ef: "10.0.3.4", fc: "10.0.4.2"}, "10.0.3.4"),
+        ep("c1", 2, {fc: "10.0.4.3"}, "10.0.4.3"),
+    ]
+    tb = RunningTestbed("tb1", "swarm", "kernel", "t.yaml", "t", "m", {n.name: n for n in nodes})
+    assert net_into(tb, "f1") == ef and net_into(tb, "e1") is None
+    f_down, f_up = DirShape(50e6, 0.005), DirShape(None, 0.005)
+    c_down, c_up = DirShape(20e6, 0.01, 0.001), DirShape(None, 0.01, 0.001)
+    got = link_shapes(tb, {"e1": (DirShape(), DirShape()), "f1": (f_down, f_up),
+                           "c1": (c_down, c_up)})  # fmt: skip
+    assert got == {
+        "f1": [("10.0.3.4", DirShape(50e6, 0.005)), ("10.0.4.2", c_down)],
+        "e1": [("10.0.3.2", f_down)],
+        "e2": [("10.0.3.3", f_down)],
+        "c1": [("10.0.4.3", DirShape(20e6, 0.01, 0.001))],
+    }
+    # a change of one link reshapes the receiver's NIC and its senders' NICs on that overlay
+    assert set(link_shapes(tb, {"c1": (c_down, c_up)})) == {"c1", "f1"}
 
 
 def test_engines_env_parsing() -> None:
@@ -212,6 +267,14 @@ def test_shape_plan_round_trips_into_the_builders_shapes() -> None:
     assert DirShape(**got["down"]) == down and DirShape(**got["up"]) == up
     ops = egress_ops(Iface(7, "veth0"), DirShape(**got["down"]), "kernel-rate+app-delay")
     assert [op.kind for op in ops] == ["", "htb", "htb"]  # no netem without sch_netem
+    # forwarding: the egress shape of the NIC holding each address on a link overlay
+    back = DirShape(50e6, 0.005, 0.001, 0.0)
+    plan = json.loads(shape_plan("tb1", "kernel", {}, {"fog-1": [("10.214.3.4", back)]}))
+    assert plan["nodes"] == {}
+    assert [(e["address"], DirShape(**e["shape"])) for e in plan["links"]["fog-1"]] == [
+        ("10.214.3.4", back)
+    ]
+    assert json.loads(shape_plan("tb1", "kernel", {}))["links"] == {}
 
 
 def test_swarm_runtime_is_registered() -> None:

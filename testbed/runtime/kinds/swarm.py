@@ -1,5 +1,6 @@
 """``swarm``: one Docker Swarm service per node, placed on the hosts the topology names,
-links shaped by a per-host agent (see :mod:`testbed.runtime.swarmrun`)."""
+links shaped by a per-host agent (see :mod:`testbed.runtime.swarmrun`); stages forward to
+each other over shaped link overlays (:mod:`testbed.runtime.swarm_links`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from testbed.runtime.kinds.engine import EngineRuntime
 
 if TYPE_CHECKING:
     from testbed.net.shaping import DirShape, ShapingBackend
-    from testbed.runtime.base import RunningTestbed
+    from testbed.runtime.base import LinkCheck, RunningTestbed
+    from testbed.runtime.measure import Tolerance
 
 
 def _registry() -> str | None:
@@ -54,10 +56,23 @@ class SwarmRuntime(EngineRuntime):
         return list(c.services.list(filters={"label": label_filter}))
 
     def forward_refusal(self, tb: RunningTestbed) -> str | None:
+        stages = tb.stage_nodes()
+        first = stages[0].tier_index if stages else 0
+        if stages and all(n.peer_url for n in stages if n.tier_index > first):
+            return None
         return (
-            "the swarm runtime's per-link overlay networks are not shaped yet (its agent "
-            "shapes the host -> node paths only), so forwarded hops would skip their links"
+            f"run {tb.run_id} has no shaped link overlays between its stages (brought up by "
+            "an older version); bring it up again"
         )
+
+    async def measure_node_links(self, tb: RunningTestbed, tol: Tolerance) -> list[LinkCheck]:
+        from testbed.runtime.docker_links import measure_peer_links
+        from testbed.runtime.swarm_links import exec_in_task
+
+        async def exec_in(node: str, argv: list[str]) -> dict[str, Any]:
+            return await exec_in_task(tb, node, argv)
+
+        return await measure_peer_links(tb, tol, exec_in=exec_in)
 
     async def set_link(
         self,
@@ -72,8 +87,10 @@ class SwarmRuntime(EngineRuntime):
 
         from testbed.runtime.docker import client
         from testbed.runtime.image import python_mounts
+        from testbed.runtime.swarm_links import link_shapes
         from testbed.runtime.swarmrun import shape_nodes
 
         c = await asyncio.to_thread(client)
         mode: ImageMode = "offline" if tb.image and ":offline-" in tb.image else "dockerfile"
-        await shape_nodes(c, tb, {node: (down, up)}, python_mounts(mode))
+        shapes = {node: (down, up)}
+        await shape_nodes(c, tb, shapes, python_mounts(mode), link_shapes(tb, shapes))
