@@ -133,12 +133,15 @@ def test_owner_identity_survives_pid_reuse():
 
 
 def test_clean_keeps_live_runs_and_removes_orphans(state_dir, monkeypatch):
-    # `clean --all` also sweeps every testbed-labelled Docker object on the machine; a unit
-    # test must not touch other live runs there, so that sweep is recorded, not run
-    from testbed.runtime.kinds.docker import DockerRuntime
+    # `clean --all` also sweeps every testbed-labelled object of the Docker engine (containers
+    # and networks by the docker runtime, services and then every labelled container and
+    # network by the swarm runtime); a unit test must not touch other live runs there, so both
+    # engine runtimes' sweeps are recorded, not run (patching only docker's let the swarm
+    # runtime's sweep remove every live Docker testbed on the machine during the suite)
+    from testbed.runtime.kinds.engine import EngineRuntime
 
     swept: list[str] = []
-    monkeypatch.setattr(DockerRuntime, "remove_all", lambda self: swept.append("docker") or [])
+    monkeypatch.setattr(EngineRuntime, "remove_all", lambda self: swept.append(self.name) or [])
     live_owned, live_detached, orphan = _sleeper(), _sleeper(), _sleeper()
     try:
         _local_run("tb0000000a", live_owned.pid, ownership.me())
@@ -157,7 +160,7 @@ def test_clean_keeps_live_runs_and_removes_orphans(state_dir, monkeypatch):
         # --all: everything
         clean_sync(everything=True)
         assert _gone(live_owned) and list_states() == []
-        assert swept == ["docker"]
+        assert sorted(swept) == ["docker", "swarm"]
     finally:
         for p in (live_owned, live_detached, orphan):
             if p.poll() is None:
