@@ -54,19 +54,19 @@ class DockerRuntime(EngineRuntime):
         *,
         previous: tuple[DirShape, DirShape] | None = None,
     ) -> None:
-        from testbed.runtime.docker import set_link_docker
+        from testbed.runtime.docker_live import set_link_docker
 
         await set_link_docker(tb, node, down, up, previous)
 
     async def kill_node(self, tb: RunningTestbed, node: str) -> None:
-        from testbed.runtime.docker import kill_docker
+        from testbed.runtime.docker_live import kill_docker
 
         await kill_docker(tb, node)
 
     async def restart_node(
         self, tb: RunningTestbed, node: str, down: DirShape, up: DirShape
     ) -> None:
-        from testbed.runtime.docker import restart_docker
+        from testbed.runtime.docker_live import restart_docker
 
         await restart_docker(tb, node, down, up)
 
@@ -86,6 +86,6 @@ class DockerRuntime(EngineRuntime):
         return await measure_peer_links(tb, tol)
 
     async def set_cpu(self, tb: RunningTestbed, node: str, cpus: float) -> None:
-        from testbed.runtime.docker import set_cpu_docker
+        from testbed.runtime.docker_live import set_cpu_docker
 
         await set_cpu_docker(tb, node, cpus)
