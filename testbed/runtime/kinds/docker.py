@@ -21,6 +21,7 @@ class DockerRuntime(EngineRuntime):
     """Containers with CPU quotas and memory limits; kernel shaping (tc) when the host has it."""
 
     nodes_are: ClassVar[str] = "containers"
+    link_nets_are: ClassVar[str] = "link networks"
 
     async def up(self, req: UpRequest, backend: ShapingBackend) -> RunningTestbed:
         from testbed.runtime.docker import DockerTestbed
@@ -69,16 +70,6 @@ class DockerRuntime(EngineRuntime):
         from testbed.runtime.docker_live import restart_docker
 
         await restart_docker(tb, node, down, up)
-
-    def forward_refusal(self, tb: RunningTestbed) -> str | None:
-        stages = tb.stage_nodes()
-        first = stages[0].tier_index if stages else 0
-        if stages and all(n.peer_url for n in stages if n.tier_index > first):
-            return None
-        return (
-            f"run {tb.run_id} has no link networks between its stages (brought up by an "
-            "older version); bring it up again"
-        )
 
     async def measure_node_links(self, tb: RunningTestbed, tol: Tolerance) -> list[LinkCheck]:
         from testbed.runtime.docker_links import measure_peer_links

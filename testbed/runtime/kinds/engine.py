@@ -22,6 +22,7 @@ class EngineRuntime(Runtime):
     image_mode: ImageMode = "auto"  # how to build the node image (testbed.runtime.image)
 
     nodes_are: ClassVar[str]  # "containers" | "services", for what `remove` reports
+    link_nets_are: ClassVar[str]  # what joins consecutive stages' nodes, for forward_refusal
 
     def __post_init__(self) -> None:
         modes = get_args(ImageMode)
@@ -65,6 +66,18 @@ class EngineRuntime(Runtime):
         if n_nodes or n_net:
             return [f"removed {n_nodes} {self.nodes_are} and {n_net} networks labelled {LABEL_RUN}"]
         return []
+
+    def forward_refusal(self, tb: RunningTestbed) -> str | None:
+        """Stages forward over the link networks `up` made between consecutive stages; a run
+        brought up without them (an older version) cannot."""
+        stages = tb.stage_nodes()
+        first = stages[0].tier_index if stages else 0
+        if stages and all(n.peer_url for n in stages if n.tier_index > first):
+            return None
+        return (
+            f"run {tb.run_id} has no {self.link_nets_are} between its stages (brought up by "
+            "an older version); bring it up again"
+        )
 
     def present(self, tb: RunningTestbed) -> bool:
         import docker

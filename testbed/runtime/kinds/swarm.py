@@ -31,6 +31,7 @@ class SwarmRuntime(EngineRuntime):
 
     registry: str | None = field(default_factory=_registry)  # push the image here (host:port)
     nodes_are: ClassVar[str] = "services"
+    link_nets_are: ClassVar[str] = "shaped link overlays"
 
     async def up(self, req: UpRequest, backend: ShapingBackend) -> RunningTestbed:
         from testbed.runtime.swarmrun import SwarmTestbed
@@ -54,16 +55,6 @@ class SwarmRuntime(EngineRuntime):
 
     def list_labelled(self, c: Any, label_filter: str) -> list[Any]:
         return list(c.services.list(filters={"label": label_filter}))
-
-    def forward_refusal(self, tb: RunningTestbed) -> str | None:
-        stages = tb.stage_nodes()
-        first = stages[0].tier_index if stages else 0
-        if stages and all(n.peer_url for n in stages if n.tier_index > first):
-            return None
-        return (
-            f"run {tb.run_id} has no shaped link overlays between its stages (brought up by "
-            "an older version); bring it up again"
-        )
 
     async def measure_node_links(self, tb: RunningTestbed, tol: Tolerance) -> list[LinkCheck]:
         from testbed.runtime.docker_links import measure_peer_links
