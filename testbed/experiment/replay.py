@@ -148,7 +148,8 @@ async def run_broker(
 
     def node_event(ev: NodeEvent) -> None:
         state = "up" if ev.up else "down"
-        console.print(f"[yellow]node {ev.node} {state}[/] at {ev.at_s:.2f}s: {ev.reason}")
+        at = ev.at_s / prep.dilation  # on the emulated clock, as the timeline's events
+        console.print(f"[yellow]node {ev.node} {state}[/] at {at:.2f}s: {ev.reason}")
         if on_node_event is not None:
             on_node_event(ev)
 
@@ -281,7 +282,10 @@ async def replay_once(
         applied = undilate_applied(applied, k, asked)
     if k != 1:  # back on the emulated clock
         result = replace(
-            result, records=undilate_records(result.records, k), wall_s=result.wall_s / k
+            result,
+            records=undilate_records(result.records, k),
+            wall_s=result.wall_s / k,
+            node_events=tuple(replace(e, at_s=e.at_s / k) for e in result.node_events),
         )
     emulation = None
     if prep.emulated:  # every step's predicted / emulated / real seconds, from the stages
