@@ -27,6 +27,7 @@ _META_KEYS = {
     "route",
     "timeout_s",
     "release",
+    "blocks",
 }
 
 
@@ -43,6 +44,8 @@ class StepOptions:
     priority: int = 0  # higher is batched first
     slack_s: float | None = None  # seconds this step may wait and still meet its SLO
     release: bool = False  # the request's last step: free its cache once computed
+    # the block range the step is for (a migration: the stage holds two, generations.py)
+    blocks: tuple[int, int] | None = None
 
     def to_meta(self) -> dict[str, Any]:
         """The options as /forward meta keys (defaults left out)."""
@@ -55,6 +58,8 @@ class StepOptions:
             meta["slack_s"] = self.slack_s
         if self.release:
             meta["release"] = True
+        if self.blocks is not None:
+            meta["blocks"] = list(self.blocks)
         return meta
 
 
@@ -135,4 +140,14 @@ def parse_options(meta: dict[str, Any]) -> StepOptions:
     release = meta.get("release", False)
     if not isinstance(release, bool):
         raise ExecutorInputError(f"meta.release must be true or false, got {release!r}")
-    return StepOptions(cls, priority, None if slack is None else float(slack), release)
+    blocks = meta.get("blocks")
+    if blocks is not None and not (
+        isinstance(blocks, list)
+        and len(blocks) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)
+    ):
+        raise ExecutorInputError(f"meta.blocks must be [start, end] integers, got {blocks!r}")
+    return StepOptions(
+        cls, priority, None if slack is None else float(slack), release,
+        None if blocks is None else (blocks[0], blocks[1]),
+    )  # fmt: skip

@@ -39,6 +39,7 @@ and chunks of waiting prefills run as one ``executor.step_batch`` call, up to
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +101,7 @@ class StageServer:
         self.loaded_at = self.started_at  # when the blocks served now were swapped in
         self.loads = 0  # block ranges loaded by POST /load since start
         self.loading: tuple[int, int] | None = None  # a /load under way: its range
+        self.loading_beside: tuple[int, int] | None = None  # a /load keep:true under way
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -113,13 +115,20 @@ class StageServer:
         """The worker threads (steps, and a /load's loading)."""
         return self._pool
 
-    def swap(self, config: StageConfig, executor: StageExecutor, warmup: WarmUp | None) -> None:
+    def swap(
+        self,
+        config: StageConfig,
+        executor: StageExecutor,
+        warmup: WarmUp | None,
+        count: bool = True,
+    ) -> None:
         """Serve ``executor`` (``config``'s block range) from now on; the caller checked that
-        no request is held or in flight (:mod:`testbed.stage.reload`)."""
+        no request is held or in flight, or kept their blocks (:mod:`testbed.stage.reload`)."""
         self.config, self._executor, self.warmup = config, executor, warmup
         self.intake.caps = Intake.caps_for(executor, config.limits, config.inputs)
-        self.loaded_at = time.time()
-        self.loads += 1
+        if count:
+            self.loaded_at = time.time()
+            self.loads += 1
 
     @property
     def intake(self) -> Intake:
@@ -160,6 +169,7 @@ class StageServer:
         app.router.add_post("/release", self._release)
         app.router.add_post("/sink", self._sink)
         app.router.add_post("/load", self._load)
+        app.router.add_post("/unload", self._unload)
         app.router.add_get("/emulation", self._emulation)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE_BYTES
@@ -241,6 +251,11 @@ class StageServer:
         from testbed.stage.reload import handle_load
 
         return await handle_load(self, request)
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        from testbed.stage.reload import handle_unload
+
+        return await handle_unload(self, request)
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response(info_body(self))
@@ -333,12 +348,18 @@ class StageServer:
         """The executor's early check; a prefill that finds every cache slot taken first evicts
         one idle cache (:mod:`testbed.stage.slots`)."""
         ex = self.executor
+        bind = getattr(ex, "bind", None)  # two block ranges held (testbed.stage.generations)
+        if bind is not None:
+            ex = bind(req.request_id, req.options.blocks)
         try:
             ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
         except CacheFullError:
             if not self._evict_one_idle():
                 raise
             ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
+        finally:
+            if bind is not None and sys.exc_info()[0] is not None:
+                self.executor.unbind(req.request_id)  # type: ignore[attr-defined]
         self._recent.touch(req.request_id, lambda: ex.request_ids)
 
     def _evict_one_idle(self) -> bool:
