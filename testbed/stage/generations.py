@@ -94,7 +94,7 @@ class Generations:
     def bind(self, request_id: str, blocks: Blocks | None) -> StageExecutor:
         """The executor of ``request_id``'s step (module docstring); remembered for its next
         steps. Raises :class:`BlocksNotHeldError` when ``blocks`` is not a loaded range."""
-        for g, ex in self._gens.items():
+        for ex in self._gens.values():
             if ex.has_request(request_id):
                 return ex
         if blocks is not None:
