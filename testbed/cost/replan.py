@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from testbed.cost.model import CostModel
 from testbed.cost.planner import NodeBlockFn, build_problem, make_plan
@@ -151,3 +152,43 @@ def migration_cost(cost: CostModel, old: Ranges, new: Ranges, load_Bps: float) -
         a, b = old.get(n, (0, 0)), new.get(n, (0, 0))
         overlap[n] = range_weight_bytes(cost, *a) + (_new_blocks(cost, a, b) if b[1] > b[0] else 0)
     return MigrationCost(load, max(load.values(), default=0) / load_Bps, overlap)
+
+
+def confirmed(
+    owner: Any, migrate: bool, cuts: tuple[int, ...], check: dict[str, Any], confirm: int
+) -> bool:
+    """Whether a check that says ``migrate`` to ``cuts`` is the ``confirm``-th in a row to
+    propose that split (``repartition: confirm``); counts on ``owner`` and notes a wait in
+    ``check``."""
+    if not migrate:
+        owner._proposed = None, 0
+        return False
+    prev, n = getattr(owner, "_proposed", (None, 0))
+    n = n + 1 if prev == cuts else 1
+    owner._proposed = cuts, n
+    if n < confirm:
+        check["migrate"] = False
+        check["reason"] += f" (proposed {n} of {confirm} checks in a row: wait)"
+        return False
+    owner._proposed = None, 0
+    return True
+
+
+def normalized_speed(
+    estimates: Mapping[str, float], nodes: Sequence[str], band: float = 2.0
+) -> dict[str, float]:
+    """Every node's speed relative to the median of the measured ones, counted when it is at
+    least ``band`` times off (1 otherwise, and for a node without an estimate). A factor common
+    to every node (a cost model off by a constant, e.g. the per-call overhead of a tiny model
+    on a busy host) is taken out, and so is the noise of a few steps' timings: a re-plan moves
+    blocks for nodes clearly slower or faster than the others, and for the links."""
+    got = sorted(v for n, v in estimates.items() if n in nodes and v > 0)
+    if not got:
+        return {}
+    k = len(got) // 2
+    mid = got[k] if len(got) % 2 else (got[k - 1] + got[k]) / 2
+    out = {}
+    for n in nodes:
+        r = estimates.get(n, 0.0) / mid
+        out[n] = r if r > 0 and (r >= band or r <= 1 / band) else 1.0
+    return out

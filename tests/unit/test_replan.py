@@ -130,16 +130,18 @@ def test_adaptive_pairs_need_a_repartition_block(tmp_path):
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, compare=["bsdp+arts+adaptive"])
     assert "compare[0]" in str(err.value) and "repartition" in str(err.value)
-    with pytest.raises(ConfigError, match="simulator only"):
-        parse_pair("bsdp+arts+adaptive")
+    assert parse_pair("bsdp+arts+adaptive") == ("bsdp", "arts")
 
 
-def test_a_replay_refuses_to_re_partition(tmp_path):
+def test_a_replay_re_partitions_with_the_block_or_an_adaptive_pair(tmp_path):
     from testbed.experiment.prepare import load_parts, prepare
 
     loaded = _load(tmp_path, repartition={"every": "10s", "threshold": "10%"})
     parts = load_parts(loaded)
-    with pytest.raises(ConfigError) as err:
-        prepare(parts)
-    assert "repartition" in str(err.value) and "simulator only" in str(err.value)
-    assert prepare(parts, "bsdp+arts").pair == "bsdp+arts"  # a static pair still replays
+    assert prepare(parts).adaptive and prepare(parts).pair == "bsdp+arts+adaptive"
+    assert prepare(parts, "bsdp+arts+adaptive").adaptive
+    static = prepare(parts, "bsdp+arts")  # a static pair replays the plan unchanged
+    assert static.pair == "bsdp+arts" and not static.adaptive
+    with pytest.raises(ConfigError) as err:  # +adaptive needs the block
+        prepare(load_parts(_load(tmp_path)), "bsdp+arts+adaptive")
+    assert "repartition" in str(err.value) and err.value.exit_code == 2
