@@ -57,8 +57,13 @@ def _scenario(tmp: Path, **over: Any) -> Path:
         "partitioner": "bsdp",
         "scheduler": {"name": "arts", "params": {"alpha": 0.2}},
         "planning": {"prompt_tokens": 128, "output_tokens": 16, "concurrency": 4},
-        "workload": {"kind": "synthetic", "rate_rps": 2.0, "num_requests": 16,
-                     "prompt_tokens": 48, "output_tokens": 12},  # fmt: skip
+        "workload": {
+            "kind": "synthetic",
+            "rate_rps": 2.0,
+            "num_requests": 16,
+            "prompt_tokens": 48,
+            "output_tokens": 12,
+        },
         "duration": "10s",
         "output": str(tmp / "results"),
         "repartition": {"every": "2s", "threshold": "10%"},
@@ -90,7 +95,7 @@ async def test_a_migration_with_requests_in_flight_keeps_every_token(
         async with broker:
             run = asyncio.create_task(broker.run(prep.requests))
             await broker.clock_started.wait()
-            while not broker.gen.requests:  # requests in flight on the first plan
+            while not broker.gen.requests:  # noqa: ASYNC110 - requests in flight on plan 0
                 await asyncio.sleep(0.05)
             await asyncio.sleep(1.0)
             in_flight = set(broker.gen.requests)

@@ -145,3 +145,63 @@ def test_a_replay_re_partitions_with_the_block_or_an_adaptive_pair(tmp_path):
     with pytest.raises(ConfigError) as err:  # +adaptive needs the block
         prepare(load_parts(_load(tmp_path)), "bsdp+arts+adaptive")
     assert "repartition" in str(err.value) and err.value.exit_code == 2
+
+
+def test_confirm_waits_for_the_same_split_proposed_in_a_row():
+    from testbed.cost.replan import confirmed
+
+    class Owner:
+        pass
+
+    o = Owner()
+    checks = [{"reason": "r"} for _ in range(5)]
+    assert not confirmed(o, True, (0, 0, 1, 4), checks[0], 2)
+    assert "1 of 2" in checks[0]["reason"] and checks[0]["migrate"] is False
+    assert not confirmed(o, True, (0, 0, 2, 4), checks[1], 2)  # another split: counts anew
+    assert confirmed(o, True, (0, 0, 2, 4), checks[2], 2)
+    assert not confirmed(o, True, (0, 0, 1, 4), checks[3], 2)
+    assert not confirmed(o, False, (0, 1, 2, 4), checks[4], 2)  # "keep" resets the count
+    assert not confirmed(o, True, (0, 0, 1, 4), checks[4], 2)
+    assert confirmed(Owner(), True, (0, 0, 1, 4), {"reason": ""}, 1)
+
+
+def test_node_speeds_are_relative_to_the_median_and_only_when_clearly_off():
+    from testbed.cost.replan import normalized_speed
+
+    got = normalized_speed({"a": 0.05, "b": 0.06, "c": 0.2, "d": 0.01}, ["a", "b", "c", "d", "e"])
+    # median 0.055: a, b within 2x -> 1; c 3.6x faster, d 5.5x slower count; e unseen -> 1
+    assert got["a"] == got["b"] == got["e"] == 1.0
+    assert got["c"] == pytest.approx(0.2 / 0.055) and got["d"] == pytest.approx(0.01 / 0.055)
+    assert normalized_speed({}, ["a"]) == {}
+
+
+def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers(tmp_path):
+    from types import SimpleNamespace
+
+    from testbed.experiment.adaptive import LinkMeter
+    from testbed.metrics.records import RequestRecord, Span
+
+    prep = SimpleNamespace(topology=TOPO)
+    edge, fog = TOPO.tiers[0].nodes[0].name, TOPO.tiers[1].nodes[0].name
+
+    def rec(prefill_s: float) -> RequestRecord:
+        spans = [Span("transfer", edge, 0.0, prefill_s, 1, 1, "prefill", 0, peer=fog,
+                      nbytes=1_000_000)]  # fmt: skip
+        spans += [Span("transfer", edge, 0.0, 0.010 + 0.001 * (i % 3), 1, 1, "decode", i,
+                       peer=fog, nbytes=10_000) for i in range(1, 10)]  # fmt: skip
+        return RequestRecord(request_id=1, arrival_s=0.0, status="completed", prompt_tokens=8,
+                             output_tokens=10, spans=tuple(spans))  # fmt: skip
+
+    meter = LinkMeter(prep)  # type: ignore[arg-type]
+    links, seen = meter.measure()  # nothing seen yet: the topology's links
+    assert links[0].bandwidth_bps == TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
+    assert [s["measured"] for s in seen] == [False, False]
+    meter.observe(rec(0.011 + 0.8))  # 990 kB in 0.8 s more than a decode: ~9.9 Mbit/s
+    links, seen = meter.measure()
+    assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
+    assert seen[0]["measured"] and not seen[1]["measured"]
+    links, _ = meter.measure()  # no new transfer: the last estimate stays
+    assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
+    meter.observe(rec(0.0115))  # within the decode steps' jitter: no slowdown shows
+    links, _ = meter.measure()
+    assert links[0].bandwidth_bps == TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
