@@ -112,6 +112,7 @@ class Broker(Generational):
         self.config = config or BrokerConfig()
         self.clock = clock
         self.on_record = on_record
+        self.on_spans: Callable[[list[Span]], None] | None = None
         self.generational = False  # steps name their blocks (a stage may hold two ranges)
         self.past: list[Generation] = []  # superseded plans (switch())
         self.health = NodeHealth(
@@ -417,7 +418,10 @@ class Broker(Generational):
     ) -> None:
         """A hop's spans, its progress on the ledger, its completion for the scheduler."""
         node, rid, s = route[hop.stage], tr.req.request_id, hop.stage
-        tr.spans.extend(hop_spans(route, rid, at, hop))
+        spans = hop_spans(route, rid, at, hop)
+        tr.spans.extend(spans)
+        if self.on_spans is not None:  # a live observer (adaptive re-partitioning's link meter)
+            self.on_spans(spans)
         predicted = pred.prefill_s[node] if hop.kind == "prefill" else pred.decode_step_s[node]
         tr.gen.ledger.progress(rid, s, predicted)
         done = StageCompletion(node, rid, predicted, at.compute_s, at.compute_end_s, False)

@@ -3,16 +3,17 @@
 The replay-side twin of the simulator's :mod:`testbed.sim.migrate` (same decision, same
 record format). Every ``every`` seconds of the run clock the :class:`Replanner` measures:
 
-- each inter-tier link's bandwidth from the broker's own transfers over it since the last
-  check (the transfer spans of the requests finished since, bytes and seconds): a prefill's
-  hidden states are many times a decode step's, so the extra seconds of the median prefill
-  transfer over the median decode transfer, for the extra bytes, is the bandwidth, the
-  per-message cost (HTTP, framing, the link's delay) cancelling out. It only counts when the
-  extra seconds stand out from the decode transfers' own spread (p90 - p10): below that the
-  link shows no slowdown and is taken at its configured rate (on a busy host a few ms of
-  jitter hide a fast link's transfer time). A link with no new prefill and decode transfer
-  (no traffic, or no longer crossed by the plan) keeps its last estimate (the topology's at
-  the start);
+- each inter-tier link's bandwidth from the broker's own transfers over it as they happen
+  (every hop's transfer span, bytes and seconds, of the last two check intervals): a
+  prefill's hidden states are many times a decode step's, so the extra seconds of the median
+  prefill transfer over the median decode transfer, for the extra bytes, is the bandwidth,
+  the per-message cost (HTTP, framing, the link's delay) cancelling out. It only counts when
+  the extra seconds stand out from the decode transfers' spread (their interquartile range
+  over the square root of the number of prefills, at least 1 ms): below that the link shows
+  no slowdown and is taken at its configured rate (on a busy host a few ms of jitter hide a
+  fast link's transfer time). A link with no prefill and decode transfer in that time (no
+  traffic, or no longer crossed by the plan) keeps its last estimate (the topology's at the
+  start);
 - each node's speed from the scheduler's capacity estimates (ARTS's C_hat) relative to their
   median, counted only when it is at least 2x off (:func:`testbed.cost.replan.normalized_speed`;
   1 otherwise, and without an estimate);
@@ -55,7 +56,7 @@ from testbed.cost.replan import (
     normalized_speed,
 )
 from testbed.errors import ConfigError
-from testbed.metrics.records import RequestRecord
+from testbed.metrics.records import Span
 from testbed.spec.repartition import RepartitionSpec
 from testbed.spec.topology import LinkSpec, Topology
 
@@ -119,30 +120,32 @@ class LinkMeter:
         self.tier_of = {n.name: self.tiers[j] for j, n in topo.nodes()}
         self.nominal = [topo.uplink(j) for j in range(len(self.tiers) - 1)]
         self.estimate = [ln.bandwidth_bps if ln else 0.0 for ln in self.nominal]
-        self._samples: list[list[tuple[str, int, float]]] = [[] for _ in self.nominal]
+        self._samples: list[list[tuple[float, str, int, float]]] = [[] for _ in self.nominal]
 
-    def observe(self, rec: RequestRecord) -> None:
-        for sp in rec.spans:
+    def observe(self, spans: list[Span]) -> None:
+        """A hop's spans (the broker's ``on_spans``)."""
+        for sp in spans:
             if sp.kind != "transfer" or sp.peer is None or not sp.nbytes:
                 continue
             a, b = self.tier_of.get(sp.node), self.tier_of.get(sp.peer)
             if a is None or b is None or a == b:
                 continue
             j = min(self.tiers.index(a), self.tiers.index(b))
-            self._samples[j].append((sp.phase, int(sp.nbytes), sp.dur_s))
+            self._samples[j].append((sp.start_s, sp.phase, int(sp.nbytes), sp.dur_s))
 
-    def measure(self) -> tuple[tuple[LinkSpec, ...], list[dict[str, Any]]]:
-        """The links as measured now, and what each estimate rests on; starts a new window."""
+    def measure(self, since_s: float) -> tuple[tuple[LinkSpec, ...], list[dict[str, Any]]]:
+        """The links as measured from the transfers that started after ``since_s``."""
         links, seen = [], []
         for j, link in enumerate(self.nominal):
             assert link is not None
-            got = self._slope(self._samples[j])
+            self._samples[j] = [x for x in self._samples[j] if x[0] > since_s]
+            got = self._slope([x[1:] for x in self._samples[j]])
             if got is not None:
                 self.estimate[j] = min(got, link.bandwidth_bps)
-            self._samples[j] = []
             links.append(link.model_copy(update={"bandwidth_bps": self.estimate[j]}))
             seen.append({"link": f"{self.tiers[j]}->{self.tiers[j + 1]}",
-                         "bandwidth_bps": self.estimate[j], "measured": got is not None})  # fmt: skip
+                         "bandwidth_bps": self.estimate[j], "measured": got is not None,
+                         "samples": len(self._samples[j])})  # fmt: skip
         return tuple(links), seen
 
     @staticmethod
@@ -150,11 +153,11 @@ class LinkMeter:
         """Bandwidth (bit/s) the samples show; inf: no slowdown shows; None: too few."""
         big = sorted((d, n) for k, n, d in samples if k == "prefill")
         small = sorted((d, n) for k, n, d in samples if k != "prefill")
-        if not big or len(small) < 3:
+        if not big or len(small) < 4:
             return None
         (db, nb), (ds, ns) = big[len(big) // 2], small[len(small) // 2]
-        spread = small[(9 * len(small)) // 10][0] - small[len(small) // 10][0]
-        if nb <= ns or db - ds <= max(spread, 1e-3):
+        iqr = small[(3 * len(small)) // 4][0] - small[len(small) // 4][0]
+        if nb <= ns or db - ds <= max(iqr / len(big) ** 0.5, 1e-3):
             return float("inf")
         return 8 * (nb - ns) / (db - ds)
 
@@ -180,10 +183,6 @@ class Replanner:
         self._busy = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def observe(self, rec: RequestRecord) -> None:
-        """A finished request (the replay's record callback)."""
-        self.meter.observe(rec)
-
     def markers(self) -> list[dict[str, Any]]:
         """The migrations as timeline entries (plot markers, Perfetto instants)."""
         return [
@@ -200,6 +199,7 @@ class Replanner:
     async def run(self, broker: Broker) -> None:
         """Check every ``every`` seconds of ``broker``'s run clock until cancelled."""
         broker.generational = True  # every step names its blocks from the start
+        broker.on_spans = self.meter.observe
         k = 1
         try:
             while True:
@@ -221,7 +221,7 @@ class Replanner:
         estimates = getattr(broker.scheduler, "capacity_estimates", None)
         raw = estimates() if callable(estimates) else {}
         speed = normalized_speed(raw, [n for _, n in self.nodes])
-        links, seen = self.meter.measure()
+        links, seen = self.meter.measure(now - 2 * self.spec.every_s)
         prep = self.prep
         from testbed.sim.steps import planner_times
 

@@ -146,8 +146,6 @@ async def run_broker(
     def record(rec: RequestRecord) -> None:
         if on_record is not None:
             on_record(rec)
-        if replanner is not None:
-            replanner.observe(rec)
         counts[rec.status] += 1
         bar.update(task, advance=1, status=f"{counts['completed']} ok, {counts['failed']} failed")
 

@@ -175,33 +175,33 @@ def test_node_speeds_are_relative_to_the_median_and_only_when_clearly_off():
     assert normalized_speed({}, ["a"]) == {}
 
 
-def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers(tmp_path):
+def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers():
     from types import SimpleNamespace
 
     from testbed.experiment.adaptive import LinkMeter
-    from testbed.metrics.records import RequestRecord, Span
+    from testbed.metrics.records import Span
 
-    prep = SimpleNamespace(topology=TOPO)
     edge, fog = TOPO.tiers[0].nodes[0].name, TOPO.tiers[1].nodes[0].name
 
-    def rec(prefill_s: float) -> RequestRecord:
-        spans = [Span("transfer", edge, 0.0, prefill_s, 1, 1, "prefill", 0, peer=fog,
+    def hops(t: float, prefill_s: float) -> list[Span]:
+        spans = [Span("transfer", edge, t, t + prefill_s, 1, 1, "prefill", 0, peer=fog,
                       nbytes=1_000_000)]  # fmt: skip
-        spans += [Span("transfer", edge, 0.0, 0.010 + 0.001 * (i % 3), 1, 1, "decode", i,
-                       peer=fog, nbytes=10_000) for i in range(1, 10)]  # fmt: skip
-        return RequestRecord(request_id=1, arrival_s=0.0, status="completed", prompt_tokens=8,
-                             output_tokens=10, spans=tuple(spans))  # fmt: skip
+        return spans + [
+            Span("transfer", edge, t, t + 0.010 + 0.001 * (i % 3), 1, 1, "decode", i, peer=fog,
+                 nbytes=10_000)
+            for i in range(1, 10)
+        ]  # fmt: skip
 
-    meter = LinkMeter(prep)  # type: ignore[arg-type]
-    links, seen = meter.measure()  # nothing seen yet: the topology's links
-    assert links[0].bandwidth_bps == TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
-    assert [s["measured"] for s in seen] == [False, False]
-    meter.observe(rec(0.011 + 0.8))  # 990 kB in 0.8 s more than a decode: ~9.9 Mbit/s
-    links, seen = meter.measure()
+    meter = LinkMeter(SimpleNamespace(topology=TOPO))  # type: ignore[arg-type]
+    nominal = TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
+    links, seen = meter.measure(0.0)  # nothing seen yet: the topology's links
+    assert links[0].bandwidth_bps == nominal and [s["measured"] for s in seen] == [False, False]
+    meter.observe(hops(1.0, 0.011 + 0.8))  # 990 kB in 0.8 s more than a decode: ~9.9 Mbit/s
+    links, seen = meter.measure(0.0)
     assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
     assert seen[0]["measured"] and not seen[1]["measured"]
-    links, _ = meter.measure()  # no new transfer: the last estimate stays
+    links, _ = meter.measure(5.0)  # those transfers are too old, none newer: the estimate stays
     assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
-    meter.observe(rec(0.0115))  # within the decode steps' jitter: no slowdown shows
-    links, _ = meter.measure()
-    assert links[0].bandwidth_bps == TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
+    meter.observe(hops(6.0, 0.0115))  # within the decode steps' jitter: no slowdown shows
+    links, _ = meter.measure(5.0)
+    assert links[0].bandwidth_bps == nominal
