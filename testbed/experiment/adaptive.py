@@ -311,8 +311,13 @@ class Replanner:
                         )
                 for n in sorted(left_out - set(new_ranges)):
                     m["unloaded"][n] = "kept: the node's only range (no new request goes there)"
-        except BaseException:
-            m["failed"] = m.get("failed") or "interrupted (the run ended first)"
+        except BaseException:  # the run ended (or failed) first
+            if m["switched_s"] is None:
+                m["failed"] = m.get("failed") or "interrupted before the switch"
+            else:
+                m["unloaded"] = (
+                    m["unloaded"] or "not done: the run ended before the old plan drained"
+                )
             raise
         return m
 
