@@ -154,24 +154,29 @@ def migration_cost(cost: CostModel, old: Ranges, new: Ranges, load_Bps: float) -
     return MigrationCost(load, max(load.values(), default=0) / load_Bps, overlap)
 
 
-def confirmed(
-    owner: Any, migrate: bool, cuts: tuple[int, ...], check: dict[str, Any], confirm: int
-) -> bool:
-    """Whether a check that says ``migrate`` to ``cuts`` is the ``confirm``-th in a row to
-    propose that split (``repartition: confirm``); counts on ``owner`` and notes a wait in
-    ``check``."""
-    if not migrate:
-        owner._proposed = None, 0
-        return False
-    prev, n = getattr(owner, "_proposed", (None, 0))
-    n = n + 1 if prev == cuts else 1
-    owner._proposed = cuts, n
-    if n < confirm:
-        check["migrate"] = False
-        check["reason"] += f" (proposed {n} of {confirm} checks in a row: wait)"
-        return False
-    owner._proposed = None, 0
-    return True
+@dataclass
+class Confirmation:
+    """``repartition: confirm``: a migration goes ahead once ``need`` checks in a row proposed
+    the same new split (damping for noisy measurements; 1: at once)."""
+
+    need: int = 1
+    _cuts: tuple[int, ...] | None = None
+    _count: int = 0
+
+    def __call__(self, migrate: bool, cuts: tuple[int, ...], check: dict[str, Any]) -> bool:
+        """Whether a check that says ``migrate`` to ``cuts`` goes ahead; a wait is noted in
+        ``check`` (its ``migrate`` set false, the count added to its ``reason``)."""
+        if not migrate:
+            self._cuts, self._count = None, 0
+            return False
+        self._count = self._count + 1 if self._cuts == cuts else 1
+        self._cuts = cuts
+        if self._count < self.need:
+            check["migrate"] = False
+            check["reason"] += f" (proposed {self._count} of {self.need} checks in a row: wait)"
+            return False
+        self._cuts, self._count = None, 0
+        return True
 
 
 def normalized_speed(

@@ -48,9 +48,9 @@ import aiohttp
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.cost.replan import (
+    Confirmation,
     MeasuredState,
     ReplanDecision,
-    confirmed,
     decide,
     measured_topology,
     normalized_speed,
@@ -181,6 +181,7 @@ class Replanner:
         self.on_replan = on_replan
         self._cuts = tuple(prep.plan.cuts)
         self._busy = False
+        self._confirm = Confirmation(spec.confirm)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def markers(self) -> list[dict[str, Any]]:
@@ -237,7 +238,7 @@ class Replanner:
             "capacity_estimates": dict(sorted(raw.items())),
         }  # fmt: skip
         self.checks.append(check)
-        if not confirmed(self, d.migrate, d.new_cuts, check, self.spec.confirm):
+        if not self._confirm(d.migrate, d.new_cuts, check):
             return
         why = self.cannot_migrate(d)
         if why is not None:

@@ -148,21 +148,18 @@ def test_a_replay_re_partitions_with_the_block_or_an_adaptive_pair(tmp_path):
 
 
 def test_confirm_waits_for_the_same_split_proposed_in_a_row():
-    from testbed.cost.replan import confirmed
+    from testbed.cost.replan import Confirmation
 
-    class Owner:
-        pass
-
-    o = Owner()
+    ok = Confirmation(2)
     checks = [{"reason": "r"} for _ in range(5)]
-    assert not confirmed(o, True, (0, 0, 1, 4), checks[0], 2)
+    assert not ok(True, (0, 0, 1, 4), checks[0])
     assert "1 of 2" in checks[0]["reason"] and checks[0]["migrate"] is False
-    assert not confirmed(o, True, (0, 0, 2, 4), checks[1], 2)  # another split: counts anew
-    assert confirmed(o, True, (0, 0, 2, 4), checks[2], 2)
-    assert not confirmed(o, True, (0, 0, 1, 4), checks[3], 2)
-    assert not confirmed(o, False, (0, 1, 2, 4), checks[4], 2)  # "keep" resets the count
-    assert not confirmed(o, True, (0, 0, 1, 4), checks[4], 2)
-    assert confirmed(Owner(), True, (0, 0, 1, 4), {"reason": ""}, 1)
+    assert not ok(True, (0, 0, 2, 4), checks[1])  # another split: counts anew
+    assert ok(True, (0, 0, 2, 4), checks[2])
+    assert not ok(True, (0, 0, 1, 4), checks[3])
+    assert not ok(False, (0, 1, 2, 4), checks[4])  # "keep" resets the count
+    assert not ok(True, (0, 0, 1, 4), checks[4])
+    assert Confirmation(1)(True, (0, 0, 1, 4), {"reason": ""})
 
 
 def test_node_speeds_are_relative_to_the_median_and_only_when_clearly_off():
