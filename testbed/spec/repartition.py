@@ -10,8 +10,9 @@ repartition:
 Each check re-solves the split (BSDP) from the measured state (links as they are now, node
 speeds from the scheduler's capacity estimates; :mod:`testbed.cost.replan`); a migration loads
 the new blocks beside the old ones, new requests take the new plan once they are loaded, and
-requests in flight finish on the old one. In `compare`, a pair written ``P+S+adaptive`` runs
-with it (``P+S`` stays static); `testbed simulate` runs the scenario as written.
+requests in flight finish on the old one (the simulator: :mod:`testbed.sim.migrate`; a replay:
+:mod:`testbed.experiment.adaptive`). In `compare`, a pair written ``P+S+adaptive`` runs with it
+(``P+S`` stays static); `testbed simulate` and `testbed replay` run the scenario as written.
 """
 
 from __future__ import annotations
