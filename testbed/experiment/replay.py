@@ -23,7 +23,7 @@ from testbed.broker.gate import GatedTransport
 from testbed.broker.http import HttpStageTransport
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.errors import ConfigError
-from testbed.experiment.adaptive import Replanner, adaptive_replanner
+from testbed.experiment.adaptive import Replanner, adaptive_replanner, check_adaptive
 from testbed.experiment.lifecycle import testbed_for
 from testbed.experiment.prepare import Prepared, load_parts, prepare, with_model_dir
 from testbed.experiment.provenance import run_metadata, testbed_description
@@ -396,6 +396,9 @@ async def replay_scenario(
     runtime = RUNTIMES.create(opts.runtime or loaded.spec.runtime, field="--runtime")
     parts = await asyncio.to_thread(load_parts, loaded)
     prep = await asyncio.to_thread(prepare, parts, pair, opts.requests)
+    if prep.adaptive:  # before any testbed comes up
+        check_adaptive(str(loaded.path), opts.transport or loaded.spec.transport,
+                       opts.runtime or loaded.spec.runtime)  # fmt: skip
     out = run_folder(output_dir(loaded, opts), loaded.spec.name, prep.pair)
     async with testbed_for(
         prep,
