@@ -403,6 +403,9 @@ class Broker(Generational):
                     down = tr.gen.ledger.book(node).down_reason or "marked down"
                     raise StageUnreachableError(node, down)
             opts = step_options(tr, t0, ordered=self.scheduler.orders_stage_queues)
+            if self.generational:  # each hop names its blocks (a stage may hold two ranges)
+                blocks = tuple(tr.gen.blocks(s) for s in range(len(route)))
+                opts = replace(opts, blocks=blocks[0], route_blocks=blocks[1:])
             res = await transport.forward_route(
                 route, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
             )

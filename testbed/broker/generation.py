@@ -22,7 +22,6 @@ from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.broker.slots import NodeSlots
-from testbed.errors import ConfigError
 from testbed.schedule.ledger import Ledger
 
 
@@ -95,8 +94,6 @@ class Generational:
     def switch(self, layout: Layout, predictor: WorkPredictor) -> Generation:
         """New requests take ``layout`` from now on (its stage servers hold its blocks);
         requests in flight finish on theirs. The old generation (returned) drains."""
-        if self.config.transport == "forward":
-            raise ConfigError("a re-plan needs transport: relay", field="transport")
         old, self.gen = self.gen, successor(self.gen, layout, predictor)
         self.past.append(old)
         self.generational = True

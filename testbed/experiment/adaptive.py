@@ -73,17 +73,9 @@ UNLOAD_TRIES = 5  # a cache whose release is still on its way: try again a secon
 RUNTIMES_MIGRATING = ("local", "docker")  # stage servers reached over HTTP from this host
 
 
-def check_adaptive(src: str, transport: str, runtime: str) -> None:
-    """A ConfigError (exit 2) when a replay with this transport and runtime cannot
-    re-partition yet; called before a testbed comes up."""
-    if transport != "relay":
-        raise ConfigError(
-            "re-partitioning in a replay needs transport: relay (a forwarded step's later "
-            "hops do not name their blocks yet); use --transport relay, or a pair without "
-            "+adaptive",
-            source=src,
-            field="transport",
-        )
+def check_adaptive(src: str, runtime: str) -> None:
+    """A ConfigError (exit 2) when a replay on this runtime cannot re-partition yet; called
+    before a testbed comes up."""
     if runtime not in RUNTIMES_MIGRATING:
         raise ConfigError(
             f"re-partitioning in a replay runs on the {' and '.join(RUNTIMES_MIGRATING)} "
@@ -107,7 +99,7 @@ def adaptive_replanner(
             source=src,
             field="repartition",
         )
-    check_adaptive(src, config.transport, tb.runtime)
+    check_adaptive(src, tb.runtime)
 
     def said(m: dict[str, Any]) -> None:
         console.print(

@@ -65,8 +65,7 @@ async def compare_scenario(
     check_pairs(loaded, pairs)
     runtime = RUNTIMES.create(opts.runtime or loaded.spec.runtime, field="--runtime")
     if any(split_pair(p)[1] for p in pairs):  # before any testbed comes up
-        check_adaptive(str(loaded.path), opts.transport or loaded.spec.transport,
-                       opts.runtime or loaded.spec.runtime)  # fmt: skip
+        check_adaptive(str(loaded.path), opts.runtime or loaded.spec.runtime)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = output_dir(loaded, opts)
     out = root / f"{stamp}-{loaded.spec.name}-compare"

@@ -397,8 +397,7 @@ async def replay_scenario(
     parts = await asyncio.to_thread(load_parts, loaded)
     prep = await asyncio.to_thread(prepare, parts, pair, opts.requests)
     if prep.adaptive:  # before any testbed comes up
-        check_adaptive(str(loaded.path), opts.transport or loaded.spec.transport,
-                       opts.runtime or loaded.spec.runtime)  # fmt: skip
+        check_adaptive(str(loaded.path), opts.runtime or loaded.spec.runtime)
     out = run_folder(output_dir(loaded, opts), loaded.spec.name, prep.pair)
     async with testbed_for(
         prep,

@@ -1,6 +1,6 @@
 """Adaptive re-partitioning in a replay through the local runtime (real stage processes of the
 tiny model): a migration with requests in flight loses nothing and keeps every token equal to
-the whole model's ``generate``; an adaptive scenario whose link drops re-plans on its own,
+the whole model's ``generate`` (relayed, and forwarded stage to stage); an adaptive scenario whose link drops re-plans on its own,
 completes every request and shows the re-plan in summary.json, the trace and the plot."""
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def _scenario(tmp: Path, **over: Any) -> Path:
     return path
 
 
+@pytest.mark.parametrize("transport", ["relay", "forward"])
 async def test_a_migration_with_requests_in_flight_keeps_every_token(
-    tmp_path: Path, state_dir: Path
+    tmp_path: Path, state_dir: Path, transport: str
 ) -> None:
     prep = prepare(load_scenario(_scenario(tmp_path)))
     assert prep.adaptive and list(prep.plan.cuts) == [0, 1, 2, 4]
@@ -89,7 +90,8 @@ async def test_a_migration_with_requests_in_flight_keeps_every_token(
         layout = Layout.from_running(tb, prep.topology, prep.cost)
         broker = TokenBroker(layout, WorkPredictor(layout, prep.cost), prep.make_scheduler(),
                              make_transport(tb), prep.prompt_fn(),
-                             config=BrokerConfig(call_timeout_s=60))  # fmt: skip
+                             config=BrokerConfig(call_timeout_s=60,
+                                                 transport=transport))  # type: ignore[arg-type]  # fmt: skip
         broker.generational = True
         rp = Replanner(prep.loaded.spec.repartition, prep, tb)  # type: ignore[arg-type]
         async with broker:
