@@ -77,7 +77,9 @@ def _scenario(tmp: Path, **over: Any) -> Path:
 async def test_a_migration_with_requests_in_flight_keeps_every_token(
     tmp_path: Path, state_dir: Path, transport: str
 ) -> None:
-    prep = prepare(load_scenario(_scenario(tmp_path)))
+    workload = {"kind": "synthetic", "rate_rps": 2.0, "num_requests": 16, "prompt_tokens": 48,
+                "output_tokens": 32}  # fmt: skip
+    prep = prepare(load_scenario(_scenario(tmp_path, workload=workload)))  # long: in flight
     assert prep.adaptive and list(prep.plan.cuts) == [0, 1, 2, 4]
     # the plan BSDP picks when edge -> fog crawls: the edge tier left out
     links = [prep.topology.uplink(j) for j in range(2)]
@@ -97,9 +99,9 @@ async def test_a_migration_with_requests_in_flight_keeps_every_token(
         async with broker:
             run = asyncio.create_task(broker.run(prep.requests))
             await broker.clock_started.wait()
-            while not broker.gen.requests:  # noqa: ASYNC110 - requests in flight on plan 0
-                await asyncio.sleep(0.05)
             await asyncio.sleep(1.0)
+            while not broker.gen.requests:  # noqa: ASYNC110 - requests in flight on plan 0
+                await asyncio.sleep(0.01)
             in_flight = set(broker.gen.requests)
             m = await rp.migrate(broker, d, measured_topology(prep.topology, slow), 0.0)
             res = await run
