@@ -37,8 +37,10 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from testbed.broker.chain import HopStep, HopTimes, chain_spans, hop_spans
+from testbed.broker.generation import Generation, Generational, routed_totals
 from testbed.broker.health import NodeHealth
 from testbed.broker.layout import Layout, Prediction, WorkPredictor
 from testbed.broker.slo import request_view, step_options, wait_order
@@ -64,7 +66,7 @@ from testbed.broker.transport import (
 from testbed.errors import ConfigError
 from testbed.metrics.records import RequestRecord, Span
 from testbed.schedule.base import NoRouteError, Route, Scheduler, StageCompletion
-from testbed.schedule.ledger import InvalidRouteError, Ledger
+from testbed.schedule.ledger import InvalidRouteError
 from testbed.spec.classes import class_of
 from testbed.workload.request import TraceRequest
 
@@ -84,7 +86,7 @@ class _Failed(Exception):
 PromptFn = Callable[[TraceRequest], Sequence[int]]
 
 
-class Broker:
+class Broker(Generational):
     """Replays requests through the stages; see the module docstring.
 
     ``async with Broker(...) as b: result = await b.run(requests)`` (or start()/aclose()).
@@ -103,18 +105,16 @@ class Broker:
         on_record: Callable[[RequestRecord], None] | None = None,
         on_node_event: Callable[[NodeEvent], None] | None = None,
     ) -> None:
-        self.layout = layout
-        self.predictor = predictor
+        self.gen = Generation.of(0, layout, predictor)  # new requests' plan (generation.py)
         self.scheduler = scheduler
         self.transport = transport
         self.prompt_ids = prompt_ids
         self.config = config or BrokerConfig()
         self.clock = clock
         self.on_record = on_record
-        self.ledger = Ledger(
-            tuple(st.nodes for st in layout.stages),
-            {n: info.kv_capacity_bytes for n, info in layout.nodes.items()},
-        )
+        self.on_spans: Callable[[list[Span]], None] | None = None
+        self.generational = False  # steps name their blocks (a stage may hold two ranges)
+        self.past: list[Generation] = []  # superseded plans (switch())
         self.health = NodeHealth(
             self.ledger, transport, scheduler, self.config, self.now_s, on_node_event
         )
@@ -200,6 +200,7 @@ class Broker:
                             route = self._decide(tr)
                         except _Failed as exc:
                             slots.release()
+                            tr.gen.leave(req.request_id)
                             self._finish(tr, "failed", exc.reason)
                             continue
                         except BaseException:
@@ -216,7 +217,7 @@ class Broker:
         wall = self.now_s()
         for rid, tr in self._trackers.items():
             if tr.state < RequestState.FINISHED:
-                self.ledger.leave(rid)
+                (tr.gen or self.gen).leave(rid)
                 self._finish(tr, "failed", "not finished within the drain timeout")
         self._trackers.clear()
         records = tuple(self._records[r.request_id] for r in admitted)
@@ -225,7 +226,7 @@ class Broker:
             records=records,
             wall_s=max(ends) if ends else wall,
             node_events=tuple(self.health.events),
-            routed={n: b.routed_total for n, b in self.ledger.books.items()},
+            routed=routed_totals([*self.past, self.gen]),
             scheduler=self.scheduler.describe(),
             not_admitted=len(reqs) - len(admitted),
         )
@@ -242,21 +243,26 @@ class Broker:
     # -- decide ---------------------------------------------------------------------------------
     def _decide(self, tr: Tracker) -> Route:
         """Snapshot -> scheduler -> charge. No await: the snapshot is exact when routed."""
-        req = tr.req
-        pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
+        req, gen = tr.req, self.gen
+        if tr.gen is not gen:  # new, or re-routed after a newer plan took over
+            if tr.gen is not None:
+                tr.gen.leave(req.request_id)
+            tr.gen = gen
+            gen.join(req.request_id)
+        pred = gen.predictor.predict(req.prompt_tokens, req.output_tokens)
         if tr.slo_class is None:
             tr.slo_class = class_of(req.request_id, self.config.classes, self.config.class_seed)
         view = request_view(req, pred, tr.slo_class)
-        snap = self.ledger.snapshot(self.now_s(), pred.hop_s)
+        snap = gen.ledger.snapshot(self.now_s(), pred.hop_s)
         try:
             route = tuple(self.scheduler.route(view, snap))
         except NoRouteError as exc:
             raise _Failed(f"no route: {exc}") from None
         try:
-            self.ledger.check_route(route)
+            gen.ledger.check_route(route)
         except InvalidRouteError as exc:
             raise _Failed(f"invalid route: {exc}") from None
-        self.ledger.charge(req.request_id, route, [pred.work_s[n] for n in route], pred.kv_bytes)
+        gen.ledger.charge(req.request_id, route, [pred.work_s[n] for n in route], pred.kv_bytes)
         tr.route = route
         tr.state = RequestState.DISPATCHED
         return route
@@ -274,7 +280,7 @@ class Broker:
                 except StageError as exc:  # the type and code decide, never the text
                     node = exc.stage or "?"
                     reason = getattr(exc, "reason", None) or str(exc)
-                    self.ledger.leave(rid)
+                    tr.gen.ledger.leave(rid)
                     if not marks_node_down(exc):
                         await self._release(tr, route)
                         if isinstance(exc, StageRejectedError):
@@ -289,14 +295,12 @@ class Broker:
                     tr.retries += 1  # resumed: the new route re-runs prompt + tokens so far
                     route = self._decide(tr)
         except _Failed as exc:
-            self.ledger.leave(rid)
             self._finish(tr, "failed", exc.reason)
         except Exception as exc:  # a bug or an unexpected reply: the request fails, loudly
             log.exception("request %s failed unexpectedly", rid)
-            self.ledger.leave(rid)
             self._finish(tr, "failed", f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self.ledger.leave(rid)
+            tr.gen.leave(rid)  # and its ledger; the last request of an old plan drains it
             slots.release()
 
     def _stage_id(self, tr: Tracker) -> str:
@@ -305,7 +309,7 @@ class Broker:
     async def _attempt(self, tr: Tracker, route: Route) -> None:
         req = tr.req
         sid = self._stage_id(tr)
-        pred = self.predictor.predict(req.prompt_tokens, req.output_tokens)
+        pred = tr.gen.predictor.predict(req.prompt_tokens, req.output_tokens)
         prompt = list(self.prompt_ids(req))
         if len(prompt) != req.prompt_tokens:
             raise _Failed(f"prompt has {len(prompt)} tokens, the trace says {req.prompt_tokens}")
@@ -330,7 +334,7 @@ class Broker:
             tr.token_times_s.append(self.now_s())
             pos += len(prefix) if first else 1
             data = [token]  # forced length: whatever the token, it is fed back
-        self.ledger.leave(req.request_id)
+        tr.gen.ledger.leave(req.request_id)
         await self._release(tr, route, freed=True)  # the last step freed the caches
 
     async def _call(
@@ -353,10 +357,12 @@ class Broker:
             t0 = self.now_s()
             if t0 - waited_from > 1e-6:
                 tr.spans.append(Span("queue", node, waited_from, t0, rid, s, kind, step))
-            if not self.ledger.book(node).up:
-                down = self.ledger.book(node).down_reason or "marked down"
+            if not tr.gen.ledger.book(node).up:
+                down = tr.gen.ledger.book(node).down_reason or "marked down"
                 raise StageUnreachableError(node, down)
             opts = step_options(tr, t0, ordered=self.scheduler.orders_stage_queues)
+            if self.generational:  # the stage may hold two ranges: say which one
+                opts = replace(opts, blocks=tr.gen.blocks(s))
             res = await self.transport.forward(
                 node, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
             )
@@ -393,10 +399,13 @@ class Broker:
             if t0 - waited_from > 1e-6:
                 tr.spans.append(Span("queue", route[0], waited_from, t0, rid, 0, kind, step))
             for node in route:
-                if not self.ledger.book(node).up:
-                    down = self.ledger.book(node).down_reason or "marked down"
+                if not tr.gen.ledger.book(node).up:
+                    down = tr.gen.ledger.book(node).down_reason or "marked down"
                     raise StageUnreachableError(node, down)
             opts = step_options(tr, t0, ordered=self.scheduler.orders_stage_queues)
+            if self.generational:  # each hop names its blocks (a stage may hold two ranges)
+                blocks = tuple(tr.gen.blocks(s) for s in range(len(route)))
+                opts = replace(opts, blocks=blocks[0], route_blocks=blocks[1:])
             res = await transport.forward_route(
                 route, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
             )
@@ -412,9 +421,12 @@ class Broker:
     ) -> None:
         """A hop's spans, its progress on the ledger, its completion for the scheduler."""
         node, rid, s = route[hop.stage], tr.req.request_id, hop.stage
-        tr.spans.extend(hop_spans(route, rid, at, hop))
+        spans = hop_spans(route, rid, at, hop)
+        tr.spans.extend(spans)
+        if self.on_spans is not None:  # a live observer (adaptive re-partitioning's link meter)
+            self.on_spans(spans)
         predicted = pred.prefill_s[node] if hop.kind == "prefill" else pred.decode_step_s[node]
-        self.ledger.progress(rid, s, predicted)
+        tr.gen.ledger.progress(rid, s, predicted)
         done = StageCompletion(node, rid, predicted, at.compute_s, at.compute_end_s, False)
         self.scheduler.on_complete(done)
 
@@ -433,7 +445,7 @@ class Broker:
 
         async with asyncio.TaskGroup() as tg:
             for n in route:
-                if not freed and n != skip and self.ledger.book(n).up:
+                if not freed and n != skip and tr.gen.ledger.book(n).up:
                     tg.create_task(one(n))
         now = self.now_s()
         for n in route:  # nothing new to learn (no work, no time): only "it left"

@@ -97,6 +97,7 @@ class Tracker:
     token_times_s: list[float] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
     slo_class: RequestClass | None = None
+    gen: Any = None  # the plan it runs on (a testbed.broker.generation.Generation)
 
     def record(self, status: str, end_s: float, reason: str | None = None) -> RequestRecord:
         compute, hops, queue = totals_from_spans(self.spans)

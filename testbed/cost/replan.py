@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from testbed.cost.model import CostModel
 from testbed.cost.planner import NodeBlockFn, build_problem, make_plan
@@ -151,3 +152,48 @@ def migration_cost(cost: CostModel, old: Ranges, new: Ranges, load_Bps: float) -
         a, b = old.get(n, (0, 0)), new.get(n, (0, 0))
         overlap[n] = range_weight_bytes(cost, *a) + (_new_blocks(cost, a, b) if b[1] > b[0] else 0)
     return MigrationCost(load, max(load.values(), default=0) / load_Bps, overlap)
+
+
+@dataclass
+class Confirmation:
+    """``repartition: confirm``: a migration goes ahead once ``need`` checks in a row proposed
+    the same new split (damping for noisy measurements; 1: at once)."""
+
+    need: int = 1
+    _cuts: tuple[int, ...] | None = None
+    _count: int = 0
+
+    def __call__(self, migrate: bool, cuts: tuple[int, ...], check: dict[str, Any]) -> bool:
+        """Whether a check that says ``migrate`` to ``cuts`` goes ahead; a wait is noted in
+        ``check`` (its ``migrate`` set false, the count added to its ``reason``)."""
+        if not migrate:
+            self._cuts, self._count = None, 0
+            return False
+        self._count = self._count + 1 if self._cuts == cuts else 1
+        self._cuts = cuts
+        if self._count < self.need:
+            check["migrate"] = False
+            check["reason"] += f" (proposed {self._count} of {self.need} checks in a row: wait)"
+            return False
+        self._cuts, self._count = None, 0
+        return True
+
+
+def normalized_speed(
+    estimates: Mapping[str, float], nodes: Sequence[str], band: float = 2.0
+) -> dict[str, float]:
+    """Every node's speed relative to the median of the measured ones, counted when it is at
+    least ``band`` times off (1 otherwise, and for a node without an estimate). A factor common
+    to every node (a cost model off by a constant, e.g. the per-call overhead of a tiny model
+    on a busy host) is taken out, and so is the noise of a few steps' timings: a re-plan moves
+    blocks for nodes clearly slower or faster than the others, and for the links."""
+    got = sorted(v for n, v in estimates.items() if n in nodes and v > 0)
+    if not got:
+        return {}
+    k = len(got) // 2
+    mid = got[k] if len(got) % 2 else (got[k - 1] + got[k]) / 2
+    out = {}
+    for n in nodes:
+        r = estimates.get(n, 0.0) / mid
+        out[n] = r if r > 0 and (r >= band or r <= 1 / band) else 1.0
+    return out

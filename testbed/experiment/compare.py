@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from testbed.errors import ConfigError
+from testbed.experiment.adaptive import check_adaptive
 from testbed.experiment.lifecycle import (
     plan_matches,
     reload_announced,
@@ -22,6 +23,7 @@ from testbed.experiment.prepare import load_parts, prepare
 from testbed.experiment.replay import ReplayOptions, ReplayRun, output_dir, replay_once
 from testbed.runtime.base import RunningTestbed
 from testbed.runtime.interface import RUNTIMES
+from testbed.spec.repartition import split_pair
 from testbed.spec.scenario import LoadedScenario, parse_pair
 
 
@@ -62,6 +64,8 @@ async def compare_scenario(
 
     check_pairs(loaded, pairs)
     runtime = RUNTIMES.create(opts.runtime or loaded.spec.runtime, field="--runtime")
+    if any(split_pair(p)[1] for p in pairs):  # before any testbed comes up
+        check_adaptive(str(loaded.path), opts.runtime or loaded.spec.runtime)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = output_dir(loaded, opts)
     out = root / f"{stamp}-{loaded.spec.name}-compare"

@@ -37,6 +37,7 @@ from testbed.spec.model_profile import (
     load_model_profile,
 )
 from testbed.spec.plan import Plan
+from testbed.spec.repartition import ADAPTIVE, split_pair
 from testbed.spec.scenario import LoadedScenario, policies
 from testbed.spec.topology import Topology, load_topology
 from testbed.workload.request import TraceRequest, Workload
@@ -134,6 +135,7 @@ class Prepared:
     serve_args: dict[str, list[str]] | None = None
     dilation: float = 1.0  # emulated runs: time dilation k (topology and requests dilated)
     calibrated: CalibratedProfile | None = None  # simulate only: per-node step-time fits
+    adaptive: bool = False  # a replay that re-partitions (testbed.experiment.adaptive)
 
     @property
     def emulated(self) -> bool:
@@ -151,7 +153,7 @@ class Prepared:
 
     @property
     def pair(self) -> str:
-        return f"{self.partitioner}+{self.scheduler}"
+        return f"{self.partitioner}+{self.scheduler}" + (f"+{ADAPTIVE}" if self.adaptive else "")
 
     def make_scheduler(self) -> Scheduler:
         from testbed.schedule import SCHEDULERS
@@ -212,14 +214,17 @@ def prepare(
     parts = scenario if isinstance(scenario, ScenarioParts) else load_parts(scenario)
     loaded = parts.loaded
     spec = loaded.spec
-    if spec.repartition is not None and pair is None and not parts.simulated:
+    # a pair "P+S+adaptive" re-partitions (the scenario's `repartition:`), "P+S" does not;
+    # without a pair the scenario does when it has `repartition:`
+    base, adaptive = split_pair(pair) if pair is not None else (None, spec.repartition is not None)
+    if adaptive and spec.repartition is None:
         raise ConfigError(
-            "re-partitioning (`repartition:`) runs in the simulator only so far; use "
-            "`testbed simulate`, or drop `repartition:` to replay the static plan",
+            f"{pair} re-partitions but the scenario has no `repartition:`; add e.g. "
+            "repartition: {every: 10s, threshold: 10%}",
             source=str(loaded.path),
             field="repartition",
         )
-    part, part_params, sched, sched_params = policies(spec, pair)
+    part, part_params, sched, sched_params = policies(spec, base)
     partitioner = PARTITIONERS.create(
         part, part_params, source=str(loaded.path), field="partitioner"
     )
@@ -231,6 +236,13 @@ def prepare(
     topo = with_max_batch(parts.topology, spec.max_batch)
     serve_args = None
     k = 1.0 if parts.simulated else spec.dilation  # a simulation runs the studied model's time
+    if k != 1 and adaptive:
+        raise ConfigError(
+            "re-partitioning cannot be combined with time dilation yet (its checks, measured "
+            "links and records are not dilated); drop `dilation:` or `repartition:`",
+            source=str(loaded.path),
+            field="dilation",
+        )
     if spec.execution == "emulated" and not parts.simulated:
         from testbed.emulation.dilation import dilate_topology
         from testbed.emulation.plumbing import emulation_specs
@@ -272,4 +284,5 @@ def prepare(
         serve_args,
         k,
         parts.calibrated,
+        adaptive and not parts.simulated,
     )

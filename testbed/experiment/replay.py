@@ -23,12 +23,13 @@ from testbed.broker.gate import GatedTransport
 from testbed.broker.http import HttpStageTransport
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.errors import ConfigError
+from testbed.experiment.adaptive import Replanner, adaptive_replanner, check_adaptive
 from testbed.experiment.lifecycle import testbed_for
 from testbed.experiment.prepare import Prepared, load_parts, prepare, with_model_dir
 from testbed.experiment.provenance import run_metadata, testbed_description
 from testbed.experiment.timeline import AppliedEvent, TimelineApplier
 from testbed.metrics.records import RequestRecord
-from testbed.metrics.summary import SLO, Summary, class_slos, summarize
+from testbed.metrics.summary import SLO, Summary, class_slos, phases, summarize
 from testbed.paths import results_dir
 from testbed.runtime.base import RunningTestbed
 from testbed.runtime.interface import RUNTIMES
@@ -120,9 +121,11 @@ async def run_broker(
     on_node_event: Callable[[NodeEvent], None] | None = None,
     on_record: Callable[[RequestRecord], None] | None = None,
     timeline: TimelineApplier | None = None,
+    replanner: Replanner | None = None,
 ) -> BrokerResult:
     """Replay ``prep.requests`` through ``layout`` with the scenario's scheduler; ``timeline``
-    fires its events on the broker's run clock while the replay runs."""
+    fires its events on the broker's run clock while the replay runs, and ``replanner``
+    re-partitions (:mod:`testbed.experiment.adaptive`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console(quiet=True)
@@ -167,26 +170,36 @@ async def run_broker(
     stop_s = None if stop is None else stop * prep.dilation  # a dilated run is k times longer
     with bar:
         async with broker:
-            if timeline is None:
+            if timeline is None and replanner is None:
                 return await broker.run(prep.requests, stop_after_s=stop_s)
-            return await _run_with_timeline(broker, prep, timeline, stop_s)
+            return await _run_beside(broker, prep, timeline, replanner, stop_s)
 
 
-async def _run_with_timeline(
-    broker: Broker, prep: Prepared, timeline: TimelineApplier, stop_s: float | None
+async def _run_beside(
+    broker: Broker,
+    prep: Prepared,
+    timeline: TimelineApplier | None,
+    replanner: Replanner | None,
+    stop_s: float | None,
 ) -> BrokerResult:
-    """The replay and its timeline side by side; the timeline stops with the replay, and a
-    failed timeline step aborts the replay (an unapplied change invalidates the results)."""
+    """The replay with its timeline and re-planner beside it; they stop with the replay, and
+    a failed timeline step or migration aborts the replay (it would invalidate the results)."""
 
     async def drive() -> None:
         await broker.clock_started.wait()
-        await timeline.run(broker.now_s)
+        if timeline is not None:
+            await timeline.run(broker.now_s)
+
+    async def replan() -> None:
+        await broker.clock_started.wait()
+        if replanner is not None:
+            await replanner.run(broker)
 
     try:
         async with asyncio.TaskGroup() as tg:
             run = tg.create_task(broker.run(prep.requests, stop_after_s=stop_s))
-            side = tg.create_task(drive())
-            run.add_done_callback(lambda _: side.cancel())
+            sides = [tg.create_task(drive()), tg.create_task(replan())]
+            run.add_done_callback(lambda _: [t.cancel() for t in sides])
     except BaseExceptionGroup as eg:
         raise eg.exceptions[0] from None
     return run.result()
@@ -261,6 +274,9 @@ async def replay_once(
             console.print(f"[cyan]timeline[/] {ev.applied_s / k:.2f}s: {what}")
 
         applier = TimelineApplier(tb, prep.topology, dilate_timeline(asked, k), on_event=said)
+    replanner = None
+    if prep.adaptive:
+        replanner = adaptive_replanner(prep, tb, config, console)
     try:
         result = await run_broker(
             prep,
@@ -274,12 +290,15 @@ async def replay_once(
             if k == 1
             else lambda r: stream.write(undilate_records([r], k)[0]),
             timeline=applier,
+            replanner=replanner,
         )
     finally:
         stream.close()
     applied = [e.to_dict() for e in applier.applied] if applier is not None else []
-    if k != 1:
+    if k != 1 and applier is not None:
         applied = undilate_applied(applied, k, asked)
+    replans = replanner.markers() if replanner is not None else []
+    applied = sorted(applied + replans, key=lambda e: float(e["applied_s"]))
     if k != 1:  # back on the emulated clock
         result = replace(
             result,
@@ -318,6 +337,11 @@ async def replay_once(
             "node_events": [asdict(e) for e in result.node_events],
             "not_admitted": result.not_admitted,
             "timeline": applied,
+            # E2E of the requests arriving between the timeline's events ("after the drop")
+            "phases": phases(
+                result.records, [e["applied_s"] for e in applied if e["kind"] != "replan"]
+            ),
+            "repartition": replanner.summary() if replanner is not None else None,
         },
         "workload": prep.workload.stats.to_dict(),
         "load": load,
@@ -382,6 +406,8 @@ async def replay_scenario(
     runtime = RUNTIMES.create(opts.runtime or loaded.spec.runtime, field="--runtime")
     parts = await asyncio.to_thread(load_parts, loaded)
     prep = await asyncio.to_thread(prepare, parts, pair, opts.requests)
+    if prep.adaptive:  # before any testbed comes up
+        check_adaptive(str(loaded.path), opts.runtime or loaded.spec.runtime)
     out = run_folder(output_dir(loaded, opts), loaded.spec.name, prep.pair)
     async with testbed_for(
         prep,

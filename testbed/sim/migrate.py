@@ -32,7 +32,13 @@ from typing import Any
 
 from testbed.broker.layout import Layout, WorkPredictor
 from testbed.cost.model import CostModel
-from testbed.cost.replan import MeasuredState, decide, measured_topology, migration_cost
+from testbed.cost.replan import (
+    Confirmation,
+    MeasuredState,
+    decide,
+    measured_topology,
+    migration_cost,
+)
 from testbed.schedule.ledger import Ledger
 from testbed.sim.links import Network, Pipe
 from testbed.sim.reference import Generation, ReferenceSimulator, _Node
@@ -62,6 +68,7 @@ class Repartitioner:
         self._sim = sim
         self._cuts = tuple(self.plan.cuts)
         self._busy = False  # a migration is loading or draining
+        self._confirm = Confirmation(self.spec.confirm)
         self._pipes: dict[int, tuple[Pipe, Pipe]] = {}
         sim.net.share(self._pipes, [st.tier_index for st in sim.layout.stages])
         sim.on_drained = self._drained
@@ -112,7 +119,7 @@ class Repartitioner:
              "new_cuts": list(d.new_cuts), "old_bottleneck_s": d.old_bottleneck_s,
              "new_bottleneck_s": d.new_bottleneck_s, "node_speed": dict(sorted(speed.items()))}
         )  # fmt: skip
-        if not d.migrate:
+        if not self._confirm(d.migrate, d.new_cuts, self.checks[-1]):
             return
         topo = measured_topology(self.topology, state.links)
         layout = Layout.from_plan(d.plan, topo, {n.name: f"sim://{n.name}" for _, n in topo.nodes()},

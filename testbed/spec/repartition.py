@@ -5,12 +5,14 @@ repartition:
   threshold: 10%        # migrate when the predicted bottleneck improves by at least this much
   allow_empty: true     # a re-plan may leave a tier without blocks (to route around a bad link)
   load_bandwidth: 1GB/s # how fast a node loads the weights of blocks it did not hold
+  confirm: 1            # migrate once this many checks in a row propose the same new split
 
 Each check re-solves the split (BSDP) from the measured state (links as they are now, node
 speeds from the scheduler's capacity estimates; :mod:`testbed.cost.replan`); a migration loads
 the new blocks beside the old ones, new requests take the new plan once they are loaded, and
-requests in flight finish on the old one. In `compare`, a pair written ``P+S+adaptive`` runs
-with it (``P+S`` stays static); `testbed simulate` runs the scenario as written.
+requests in flight finish on the old one (the simulator: :mod:`testbed.sim.migrate`; a replay:
+:mod:`testbed.experiment.adaptive`). In `compare`, a pair written ``P+S+adaptive`` runs with it
+(``P+S`` stays static); `testbed simulate` and `testbed replay` run the scenario as written.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class RepartitionSpec(BaseModel):
     allow_empty: StrictBool = True
     # weights read from local storage into the device: bytes/s (1 GB/s, a plain NVMe read)
     load_bandwidth_Bps: BytesPerS = Field(default=1e9, alias="load_bandwidth")
+    # damping: a split proposed by noisy measurements once is not worth a migration; the
+    # same one proposed by `confirm` checks in a row is (1: migrate on the first)
+    confirm: int = Field(default=1, ge=1, le=100, strict=True)
 
     @property
     def threshold(self) -> float:

@@ -150,16 +150,12 @@ class LoadedScenario:
 
 
 def parse_pair(pair: str, source: str = "--policies") -> tuple[str, str]:
-    """``"bsdp+arts"`` -> ("bsdp", "arts"), both checked against the registries."""
+    """``"bsdp+arts"`` -> ("bsdp", "arts"), both checked against the registries (a
+    ``+adaptive`` suffix, re-partitioning, is left out: :func:`split_pair`)."""
     from testbed.partition import PARTITIONERS
     from testbed.schedule import SCHEDULERS
 
-    if split_pair(pair)[1]:
-        raise ConfigError(
-            f"{pair!r}: re-partitioning runs in the simulator only so far; use "
-            "`testbed compare --simulate`, or write the pair without +adaptive",
-            field=source,
-        )
+    pair = split_pair(pair)[0]
     if pair.count("+") != 1:
         raise ConfigError(
             f"{pair!r} is not PARTITIONER+SCHEDULER; write e.g. 'bsdp+arts'", field=source

@@ -5,7 +5,7 @@ Shared by the HTTP route and the tensor port (:mod:`testbed.stage.tensor_port`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from testbed.stage.route import RouteHop, parse_route, parse_timeout
 from testbed.stage.wire import WireMessage
 
 MAX_REQUEST_ID = 128
+MAX_ROUTE = 16  # as testbed.stage.route's
 _META_KEYS = {
     "request_id",
     "kind",
@@ -27,6 +28,8 @@ _META_KEYS = {
     "route",
     "timeout_s",
     "release",
+    "blocks",
+    "route_blocks",
 }
 
 
@@ -43,6 +46,10 @@ class StepOptions:
     priority: int = 0  # higher is batched first
     slack_s: float | None = None  # seconds this step may wait and still meet its SLO
     release: bool = False  # the request's last step: free its cache once computed
+    # the block range the step is for (a migration: the stage holds two, generations.py)
+    blocks: tuple[int, int] | None = None
+    # the forward transport: the block range of each later hop of the route, in order
+    route_blocks: tuple[tuple[int, int], ...] = ()
 
     def to_meta(self) -> dict[str, Any]:
         """The options as /forward meta keys (defaults left out)."""
@@ -55,7 +62,17 @@ class StepOptions:
             meta["slack_s"] = self.slack_s
         if self.release:
             meta["release"] = True
+        if self.blocks is not None:
+            meta["blocks"] = list(self.blocks)
+        if self.route_blocks:
+            meta["route_blocks"] = [list(b) for b in self.route_blocks]
         return meta
+
+    def passed_on(self) -> StepOptions:
+        """The options for the route's next hop: its block range comes first."""
+        if not self.route_blocks:
+            return self if self.blocks is None else replace(self, blocks=None)
+        return replace(self, blocks=self.route_blocks[0], route_blocks=self.route_blocks[1:])
 
 
 NO_OPTIONS = StepOptions()  # a step sent without class, priority or slack
@@ -135,4 +152,23 @@ def parse_options(meta: dict[str, Any]) -> StepOptions:
     release = meta.get("release", False)
     if not isinstance(release, bool):
         raise ExecutorInputError(f"meta.release must be true or false, got {release!r}")
-    return StepOptions(cls, priority, None if slack is None else float(slack), release)
+    blocks = meta.get("blocks")
+    if blocks is not None and not _is_range(blocks):
+        raise ExecutorInputError(f"meta.blocks must be [start, end] integers, got {blocks!r}")
+    later = meta.get("route_blocks", [])
+    if not isinstance(later, list) or len(later) > MAX_ROUTE or not all(map(_is_range, later)):
+        raise ExecutorInputError(
+            f"meta.route_blocks must be a list of [start, end] integers, got {later!r}"[:200]
+        )
+    return StepOptions(
+        cls, priority, None if slack is None else float(slack), release,
+        None if blocks is None else (blocks[0], blocks[1]), tuple((a, b) for a, b in later),
+    )  # fmt: skip
+
+
+def _is_range(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) for b in value)
+    )

@@ -113,7 +113,7 @@ class Forwarder:
                 req.start_pos,
                 hidden,
                 timeout_s=left,
-                options=req.options,
+                options=req.options.passed_on(),
                 route=rest,
                 on_busy=self._count_busy,
             )

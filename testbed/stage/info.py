@@ -127,6 +127,9 @@ def info_body(server: StageServer) -> dict[str, Any]:
         "started_at": server.started_at,
         "loaded_at": server.loaded_at,
         "loads": server.loads,
+        # two block ranges held during a migration (testbed.stage.generations): each one's
+        # blocks, caches and weights; param_bytes above adds them up
+        "generations": getattr(ex, "describe", lambda: None)(),
     }
 
 

@@ -14,9 +14,14 @@ holds request caches or has steps in flight or another load under way (a swap un
 would break its cache; release them or wait for the run to end). While a load runs, ``/forward``
 answers 429 ``busy`` (retry later) and ``/health`` still answers 200 with ``"loading"``.
 
-The swap is all-or-nothing: a load that fails leaves the old blocks serving. Later adaptive
-re-partitioning (new requests on a new layout while old ones finish) would keep the old
-executor for its requests; this call does not do that yet.
+The swap is all-or-nothing: a load that fails leaves the old blocks serving.
+
+``{"start", "end", "keep": true}`` (adaptive re-partitioning) loads the range *beside* the
+current one while the stage goes on serving (no 409, no 429: on its own thread), and answers
+the new ``generation``; requests in flight finish on the blocks they started on, new ones take
+the new range (:mod:`testbed.stage.generations`). ``POST /unload {"start", "end"}`` then drops
+an older range once it holds no cache (409 ``in_use`` while it does; 400 for a range the stage
+does not hold, or its only one).
 """
 
 from __future__ import annotations
@@ -37,9 +42,14 @@ if TYPE_CHECKING:
 USAGE = 'load takes a JSON body {"start": FIRST_BLOCK, "end": ONE_PAST_LAST_BLOCK}'
 
 
-def parse_range(body: object, num_blocks: int) -> tuple[int, int]:
+def parse_range(
+    body: object, num_blocks: int, optional: frozenset[str] = frozenset()
+) -> tuple[int, int]:
     """(start, end) of a /load body; ValueError with the bad value and the rule otherwise."""
-    if not isinstance(body, dict) or set(body) != {"start", "end"}:
+    if (
+        not isinstance(body, dict)
+        or not {"start", "end"} <= set(body) <= {"start", "end"} | optional
+    ):
         raise ValueError(f"{USAGE}, got {body!r}"[:300])
     start, end = body["start"], body["end"]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
@@ -57,8 +67,8 @@ def busy_reason(server: StageServer) -> str | None:
     ex = server.executor
     held = len(ex.request_ids)
     steps = server.steps_in_flight
-    if server.loading is not None:
-        a, b = server.loading
+    if server.loading is not None or server.loading_beside is not None:
+        a, b = server.loading or server.loading_beside  # type: ignore[misc]
         return f"it is already loading blocks {a}:{b}"
     if held or steps:
         return (
@@ -83,9 +93,14 @@ async def handle_load(server: StageServer, request: web.Request) -> web.Response
     except (ValueError, RecursionError):
         return refuse(400, ErrorCode.BAD_INPUT, USAGE)
     try:
-        start, end = parse_range(body, server.executor.info.num_blocks)
+        start, end = parse_range(body, server.executor.info.num_blocks, frozenset({"keep"}))
+        keep = body.get("keep", False)
+        if not isinstance(keep, bool):
+            raise ValueError(f"keep must be true or false, got {keep!r}")
     except ValueError as exc:
         return refuse(400, ErrorCode.BAD_INPUT, f"stage {label}: {exc}")
+    if keep:
+        return await load_beside(server, start, end, refuse)
     why = busy_reason(server)
     if why is not None:
         return refuse(
@@ -107,3 +122,78 @@ async def handle_load(server: StageServer, request: web.Request) -> web.Response
     return web.json_response(
         info_body(server) | {"loaded": True, "load_s": time.perf_counter() - t0}
     )
+
+
+async def load_beside(server: StageServer, start: int, end: int, refuse: Any) -> web.Response:
+    """``keep: true``: load ``start:end`` as a new generation while the stage goes on serving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from testbed.stage.generations import Generations
+
+    label = server.config.label
+    if server.loading is not None or server.loading_beside is not None:
+        busy = server.loading or server.loading_beside
+        return refuse(409, ErrorCode.IN_USE, f"stage {label} is already loading blocks {busy}")
+    ex = server.executor
+    gens = ex if isinstance(ex, Generations) else Generations(ex)
+    found = gens.find((start, end))
+    if found is not None and found == max(gens.numbers):
+        return web.json_response(
+            info_body(server) | {"loaded": False, "load_s": 0.0, "generation": found}
+        )
+    cfg = dataclasses.replace(server.config, start=start, end=end)
+    t0 = time.perf_counter()
+    server.loading_beside = (start, end)
+    pool = ThreadPoolExecutor(1, thread_name_prefix=f"{label}-load")  # the workers keep serving
+    try:
+        executor, warm = await load_executor(cfg, pool, None)
+    except ConfigError as exc:
+        return refuse(400, ErrorCode.BAD_INPUT, f"stage {label}: {exc}")
+    finally:
+        server.loading_beside = None
+        pool.shutdown(wait=False)
+    number = gens.add(executor)
+    server.swap(cfg, gens, warm)
+    return web.json_response(
+        info_body(server)
+        | {"loaded": True, "load_s": time.perf_counter() - t0, "generation": number}
+    )
+
+
+async def handle_unload(server: StageServer, request: web.Request) -> web.Response:
+    """``POST /unload {"start", "end"}``: drop an older generation (module docstring)."""
+    from testbed.stage.generations import Generations
+
+    label = server.config.label
+
+    def refuse(status: int, code: ErrorCode, message: str) -> web.Response:
+        server.note_refused(status, code)
+        return error_response(StageRejectedError(label, status, code, message))
+
+    try:
+        body: Any = await server.intake.read_json(request)
+        start, end = parse_range(body, server.executor.info.num_blocks)
+    except StageRejectedError as exc:
+        return error_response(exc)
+    except (ValueError, RecursionError) as exc:
+        return refuse(400, ErrorCode.BAD_INPUT, f"stage {label}: unload: {exc}"[:300])
+    gens = server.executor
+    number = gens.find((start, end)) if isinstance(gens, Generations) else None
+    if not isinstance(gens, Generations) or number is None or number == max(gens.numbers):
+        return refuse(
+            400, ErrorCode.BAD_INPUT,
+            f"stage {label} holds no older generation of blocks {start}:{end} to unload "
+            "(a stage keeps the range it serves new requests with)",
+        )  # fmt: skip
+    held = gens.holders(number)
+    if held:
+        return refuse(
+            409, ErrorCode.IN_USE,
+            f"stage {label}: blocks {start}:{end} still hold {len(held)} request(s) "
+            f"({', '.join(held[:3])}); unload once they finished",
+        )  # fmt: skip
+    freed = gens.executor(number).param_bytes
+    gens.remove(number)
+    if len(gens.numbers) == 1:  # one range again: serve it alone
+        server.swap(server.config, gens.newest, server.warmup, count=False)
+    return web.json_response(info_body(server) | {"unloaded": [start, end], "freed_bytes": freed})

@@ -41,8 +41,10 @@ and chunks of waiting prefills run as one ``executor.step_batch`` call, up to
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from aiohttp import web
 
@@ -59,9 +61,12 @@ from testbed.stage.info import error_response as _error
 from testbed.stage.intake import JSON_BODY_MAX_BYTES, READ_BUFSIZE_BYTES, Intake
 from testbed.stage.limits import Reservation
 from testbed.stage.listen import bind_errors
-from testbed.stage.metrics import Gauges, StageMetrics
+from testbed.stage.metrics import StageMetrics
 from testbed.stage.payload import WirePayload
+from testbed.stage.reload import handle_load, handle_unload
+from testbed.stage.routes import metrics_text, release, sink
 from testbed.stage.slots import RecentRequests
+from testbed.stage.speed import handle_speed
 from testbed.stage.steps import encode_reply, run_batch
 from testbed.stage.tasks import cancel_and_wait
 from testbed.stage.tensor_port import TensorPortServer, start_tensor_port
@@ -102,6 +107,7 @@ class StageServer:
         self.loaded_at = self.started_at  # when the blocks served now were swapped in
         self.loads = 0  # block ranges loaded by POST /load since start
         self.loading: tuple[int, int] | None = None  # a /load under way: its range
+        self.loading_beside: tuple[int, int] | None = None  # a /load keep:true under way
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -115,13 +121,20 @@ class StageServer:
         """The worker threads (steps, and a /load's loading)."""
         return self._pool
 
-    def swap(self, config: StageConfig, executor: StageExecutor, warmup: WarmUp | None) -> None:
+    def swap(
+        self,
+        config: StageConfig,
+        executor: StageExecutor,
+        warmup: WarmUp | None,
+        count: bool = True,
+    ) -> None:
         """Serve ``executor`` (``config``'s block range) from now on; the caller checked that
-        no request is held or in flight (:mod:`testbed.stage.reload`)."""
+        no request is held or in flight, or kept their blocks (:mod:`testbed.stage.reload`)."""
         self.config, self._executor, self.warmup = config, executor, warmup
         self.intake.caps = Intake.caps_for(executor, config.limits, config.inputs)
-        self.loaded_at = time.time()
-        self.loads += 1
+        if count:
+            self.loaded_at = time.time()
+            self.loads += 1
 
     @property
     def intake(self) -> Intake:
@@ -157,12 +170,13 @@ class StageServer:
         app = web.Application(client_max_size=JSON_BODY_MAX_BYTES)
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
-        app.router.add_get("/metrics", self._metrics_text)
+        app.router.add_get("/metrics", partial(metrics_text, self))
         app.router.add_post("/forward", self._forward)
-        app.router.add_post("/release", self._release)
-        app.router.add_post("/sink", self._sink)
-        app.router.add_post("/load", self._load)
-        app.router.add_post("/speed", self._speed)
+        app.router.add_post("/release", partial(release, self))
+        app.router.add_post("/sink", partial(sink, self))
+        app.router.add_post("/load", partial(handle_load, self))
+        app.router.add_post("/unload", partial(handle_unload, self))
+        app.router.add_post("/speed", partial(handle_speed, self))
         app.router.add_get("/emulation", self._emulation)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, read_bufsize=READ_BUFSIZE_BYTES
@@ -215,12 +229,19 @@ class StageServer:
         while True:
             await asyncio.sleep(min(max(ttl / 4, 0.05), 30.0))
             for rid in self.executor.idle_requests(ttl):
-                lock = self._req_locks.get(rid)
-                if not (lock and lock.locked()):
-                    self.executor.release(rid)
-                    self._req_locks.pop(rid, None)
-                    self._recent.forget(rid)
-                    self._metrics.evicted += 1
+                self._evict(rid)
+
+    def _evict(self, rid: str) -> bool:
+        """Free an idle cache unless a step holds it; whether it was freed."""
+        lock = self._req_locks.get(rid)
+        if lock and lock.locked():
+            return False
+        self._recent.forget(rid)
+        if not self.executor.release(rid):
+            return False
+        self._req_locks.pop(rid, None)
+        self._metrics.evicted += 1
+        return True
 
     # ------------------------------------------------------------------ the tensor port's view
     def note_bytes_in(self, nbytes: int) -> None:
@@ -240,67 +261,12 @@ class StageServer:
             body["loading"] = list(self.loading)
         return web.json_response(body)
 
-    async def _load(self, request: web.Request) -> web.Response:
-        from testbed.stage.reload import handle_load
-
-        return await handle_load(self, request)
-
-    async def _speed(self, request: web.Request) -> web.Response:
-        from testbed.stage.speed import handle_speed
-
-        return await handle_speed(self, request)
-
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response(info_body(self))
 
     async def _emulation(self, request: web.Request) -> web.Response:
         """Pacing numbers of an emulated stage (404 when the stage is not emulated)."""
         return emulation_response(self.executor, self.config.label, request)
-
-    async def _release(self, request: web.Request) -> web.Response:
-        usage = 'release takes a JSON body {"request_id": "..."}'
-        try:
-            body = await self.intake.read_json(request)
-        except StageRejectedError as exc:
-            return _error(exc)
-        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nesting
-            return _error(self._refuse(400, ErrorCode.BAD_INPUT, usage))
-        rid = body.get("request_id") if isinstance(body, dict) else None
-        if not isinstance(rid, str) or not rid:
-            return _error(self._refuse(400, ErrorCode.BAD_INPUT, usage))
-        lock = self._req_locks.get(rid)
-        if lock is not None:
-            async with lock:
-                released = self.executor.release(rid)
-            self._req_locks.pop(rid, None)
-        else:
-            released = self.executor.release(rid)
-        self._recent.forget(rid)
-        return web.json_response({"request_id": rid, "released": released})
-
-    async def _sink(self, request: web.Request) -> web.Response:
-        t0 = time.perf_counter()
-        try:
-            msg, held = await self.intake.read_body(request, "sink")
-        except StageRejectedError as exc:
-            return _error(exc)
-        held.release()
-        self._metrics.bytes_in += msg.nbytes
-        return web.json_response(
-            {"bytes": msg.nbytes, "tensors": len(msg.tensors), "read_s": time.perf_counter() - t0}
-        )
-
-    async def _metrics_text(self, request: web.Request) -> web.Response:
-        ex = self.executor
-        gauges = Gauges(
-            waiting=self._waiting_steps,
-            running=self._running,
-            requests=len(ex.request_ids),
-            kv_bytes=ex.kv_bytes(),
-            param_bytes=ex.param_bytes,
-        )
-        text = self._metrics.render(self.config.label, gauges)
-        return web.Response(text=text, content_type="text/plain")
 
     async def _forward(self, request: web.Request) -> web.Response:
         # A request counts as waiting only once its body is complete (admission in
@@ -341,25 +307,22 @@ class StageServer:
         """The executor's early check; a prefill that finds every cache slot taken first evicts
         one idle cache (:mod:`testbed.stage.slots`)."""
         ex = self.executor
+        bind = getattr(ex, "bind", None)  # two block ranges held (testbed.stage.generations)
+        if bind is not None:
+            ex = bind(req.request_id, req.options.blocks)
         try:
             ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
         except CacheFullError:
             if not self._evict_one_idle():
                 raise
             ex.check_input(req.kind, req.input, req.start_pos, req.request_id)
+        finally:
+            if bind is not None and sys.exc_info()[0] is not None:
+                self.executor.unbind(req.request_id)  # type: ignore[attr-defined]
         self._recent.touch(req.request_id, lambda: ex.request_ids)
 
     def _evict_one_idle(self) -> bool:
-        for rid in self._recent.victims():
-            lock = self._req_locks.get(rid)
-            if lock is not None and lock.locked():
-                continue
-            self._recent.forget(rid)
-            if self.executor.release(rid):
-                self._req_locks.pop(rid, None)
-                self._metrics.evicted += 1
-                return True
-        return False
+        return any(self._evict(rid) for rid in list(self._recent.victims()))
 
     # ------------------------------------------------------------------ refusals
     def _refuse(self, status: int, code: ErrorCode, message: str) -> StageRejectedError:

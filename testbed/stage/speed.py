@@ -5,7 +5,7 @@ local process); on an emulated node that would only slow the stand-in's real wor
 well inside the device's windows, so the emulated device would not slow at all. An emulated
 stage instead takes ``{"speed": s}`` (0 < s <= 64) and paces every later step to the device's
 predicted time / s, the same step times the simulator charges for that event. The stage keeps
-``s`` for blocks it loads later (``POST /load``); a restarted stage starts at 1 again.
+``s`` for blocks it loads later (``POST /load``, also beside the current ones); a restarted stage starts at 1 again.
 
 Refusals: 400 ``bad_input`` for a body that is not ``{"speed": s}`` with s in (0, 64], or when
 the stage is not emulated (its speed is its CPU's: the runtime scales the quota instead).
@@ -45,6 +45,7 @@ async def handle_speed(server: StageServer, request: web.Request) -> web.Respons
     """The /speed route (see the module docstring)."""
     from testbed.emulation.executor import EmulatedExecutor
     from testbed.emulation.timing import EmulationSpec
+    from testbed.stage.generations import Generations
 
     label = server.config.label
 
@@ -71,6 +72,8 @@ async def handle_speed(server: StageServer, request: web.Request) -> web.Respons
     spec = EmulationSpec.from_json(cfg.emulation).model_copy(update={"speed": speed})
     server.config = dataclasses.replace(cfg, emulation=spec.to_json())  # later /load keeps it
     ex = server.executor
-    if isinstance(ex, EmulatedExecutor):
-        ex.speed = speed
+    held = [ex.executor(n) for n in ex.numbers] if isinstance(ex, Generations) else [ex]
+    for one in held:  # both ranges during a re-partitioning's overlap
+        if isinstance(one, EmulatedExecutor):
+            one.speed = speed
     return web.json_response({"name": label, "speed": speed})

@@ -77,6 +77,15 @@ async def test_an_emulated_stage_runs_at_the_speed_it_is_given(model):
         one, _held, speed = await prefill(url, "c")
         assert speed == 0.5
         assert one == pytest.approx(2 * server.executor.timing.step_s("prefill", 4, 0))  # type: ignore[attr-defined]
+        # a range loaded beside it (a re-partitioning's overlap) runs at that speed too, and a
+        # new speed reaches both
+        status, _ = await load(url, {"start": 0, "end": 2, "keep": True})
+        assert status == 200
+        gens = server.executor
+        held = [gens.executor(n) for n in gens.numbers]  # type: ignore[attr-defined]
+        assert len(held) == 2 and [e.speed for e in held] == [0.5, 0.5]
+        status, _ = await post_speed(url, {"speed": 0.25})
+        assert status == 200 and [e.speed for e in held] == [0.25, 0.25]
     finally:
         await server.aclose()
 

@@ -322,3 +322,20 @@ def test_the_scenario_names_its_transport() -> None:
     assert Scenario.model_validate(scenario_dict(transport="forward")).transport == "forward"
     with pytest.raises(ValidationError):
         Scenario.model_validate(scenario_dict(transport="pigeon"))
+
+
+def test_each_forwarded_hop_gets_its_own_block_range():
+    from testbed.stage.forward import StepOptions, parse_options
+
+    opts = StepOptions(blocks=(0, 1), route_blocks=((1, 3), (3, 4)))
+    meta = opts.to_meta()
+    assert meta["blocks"] == [0, 1] and meta["route_blocks"] == [[1, 3], [3, 4]]
+    assert parse_options(meta) == opts
+    nxt = opts.passed_on()
+    assert nxt.blocks == (1, 3) and nxt.route_blocks == ((3, 4),)
+    assert nxt.passed_on().blocks == (3, 4) and nxt.passed_on().route_blocks == ()
+    assert nxt.passed_on().passed_on().blocks is None  # past the route: names nothing
+    assert StepOptions().passed_on() == StepOptions()
+    for bad in ([[1, 2, 3]], [[1, True]], "x", [[0, 1]] * 17):
+        with pytest.raises(ValueError, match="route_blocks"):
+            parse_options({"route_blocks": bad})

@@ -130,16 +130,86 @@ def test_adaptive_pairs_need_a_repartition_block(tmp_path):
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, compare=["bsdp+arts+adaptive"])
     assert "compare[0]" in str(err.value) and "repartition" in str(err.value)
-    with pytest.raises(ConfigError, match="simulator only"):
-        parse_pair("bsdp+arts+adaptive")
+    assert parse_pair("bsdp+arts+adaptive") == ("bsdp", "arts")
 
 
-def test_a_replay_refuses_to_re_partition(tmp_path):
+def test_a_replay_re_partitions_with_the_block_or_an_adaptive_pair(tmp_path):
     from testbed.experiment.prepare import load_parts, prepare
 
     loaded = _load(tmp_path, repartition={"every": "10s", "threshold": "10%"})
     parts = load_parts(loaded)
+    assert prepare(parts).adaptive and prepare(parts).pair == "bsdp+arts+adaptive"
+    assert prepare(parts, "bsdp+arts+adaptive").adaptive
+    static = prepare(parts, "bsdp+arts")  # a static pair replays the plan unchanged
+    assert static.pair == "bsdp+arts" and not static.adaptive
+    with pytest.raises(ConfigError) as err:  # +adaptive needs the block
+        prepare(load_parts(_load(tmp_path)), "bsdp+arts+adaptive")
+    assert "repartition" in str(err.value) and err.value.exit_code == 2
+
+
+def test_confirm_waits_for_the_same_split_proposed_in_a_row():
+    from testbed.cost.replan import Confirmation
+
+    ok = Confirmation(2)
+    checks = [{"reason": "r"} for _ in range(5)]
+    assert not ok(True, (0, 0, 1, 4), checks[0])
+    assert "1 of 2" in checks[0]["reason"] and checks[0]["migrate"] is False
+    assert not ok(True, (0, 0, 2, 4), checks[1])  # another split: counts anew
+    assert ok(True, (0, 0, 2, 4), checks[2])
+    assert not ok(True, (0, 0, 1, 4), checks[3])
+    assert not ok(False, (0, 1, 2, 4), checks[4])  # "keep" resets the count
+    assert not ok(True, (0, 0, 1, 4), checks[4])
+    assert Confirmation(1)(True, (0, 0, 1, 4), {"reason": ""})
+
+
+def test_node_speeds_are_relative_to_the_median_and_only_when_clearly_off():
+    from testbed.cost.replan import normalized_speed
+
+    got = normalized_speed({"a": 0.05, "b": 0.06, "c": 0.2, "d": 0.01}, ["a", "b", "c", "d", "e"])
+    # median 0.055: a, b within 2x -> 1; c 3.6x faster, d 5.5x slower count; e unseen -> 1
+    assert got["a"] == got["b"] == got["e"] == 1.0
+    assert got["c"] == pytest.approx(0.2 / 0.055) and got["d"] == pytest.approx(0.01 / 0.055)
+    assert normalized_speed({}, ["a"]) == {}
+
+
+def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers():
+    from types import SimpleNamespace
+
+    from testbed.experiment.adaptive import LinkMeter
+    from testbed.metrics.records import Span
+
+    edge, fog = TOPO.tiers[0].nodes[0].name, TOPO.tiers[1].nodes[0].name
+
+    def hops(t: float, prefill_s: float) -> list[Span]:
+        spans = [Span("transfer", edge, t, t + prefill_s, 1, 1, "prefill", 0, peer=fog,
+                      nbytes=1_000_000)]  # fmt: skip
+        return spans + [
+            Span("transfer", edge, t, t + 0.010 + 0.001 * (i % 3), 1, 1, "decode", i, peer=fog,
+                 nbytes=10_000)
+            for i in range(1, 10)
+        ]  # fmt: skip
+
+    meter = LinkMeter(SimpleNamespace(topology=TOPO))  # type: ignore[arg-type]
+    nominal = TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
+    links, seen = meter.measure(0.0)  # nothing seen yet: the topology's links
+    assert links[0].bandwidth_bps == nominal and [s["measured"] for s in seen] == [False, False]
+    meter.observe(hops(1.0, 0.011 + 0.8))  # 990 kB in 0.8 s more than a decode: ~9.9 Mbit/s
+    links, seen = meter.measure(0.0)
+    assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
+    assert seen[0]["measured"] and not seen[1]["measured"]
+    links, _ = meter.measure(5.0)  # those transfers are too old, none newer: the estimate stays
+    assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
+    meter.observe(hops(6.0, 0.0115))  # within the decode steps' jitter: no slowdown shows
+    links, _ = meter.measure(5.0)
+    assert links[0].bandwidth_bps == nominal
+
+
+def test_a_replay_refuses_what_it_cannot_re_partition_before_a_testbed_comes_up():
+    from testbed.experiment.adaptive import check_adaptive
+
+    check_adaptive("s.yaml", "local")
+    check_adaptive("s.yaml", "docker")
     with pytest.raises(ConfigError) as err:
-        prepare(parts)
-    assert "repartition" in str(err.value) and "simulator only" in str(err.value)
-    assert prepare(parts, "bsdp+arts").pair == "bsdp+arts"  # a static pair still replays
+        check_adaptive("s.yaml", "swarm")
+    assert "not swarm" in str(err.value) and "s.yaml" in str(err.value)
+    assert err.value.exit_code == 2

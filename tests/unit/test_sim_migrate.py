@@ -139,3 +139,12 @@ def test_the_run_folder_lists_and_marks_the_re_plans(base: SimSetup, tmp_path) -
     assert [p["from_s"] for p in phases] == [0.0, 1.0] and phases[1]["requests"] > 0
     trace = run.files["trace"].read_text()
     assert "re-plan" in trace
+
+
+def test_confirm_waits_for_the_same_split_on_consecutive_checks(base: SimSetup) -> None:
+    _, _, once = _run(_with(base, DROP))
+    _, _, twice = _run(_with(base, DROP, confirm=2))
+    assert once["migrations"][0]["decided_s"] == pytest.approx(1.0)
+    assert twice["migrations"][0]["decided_s"] == pytest.approx(1.5)  # the next check, 0.5 s on
+    first = next(c for c in twice["checks"] if c["at_s"] == pytest.approx(1.0))
+    assert not first["migrate"] and "1 of 2" in first["reason"]
