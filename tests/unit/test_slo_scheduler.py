@@ -1,4 +1,5 @@
-"""The multi-SLO scheduler: predictions by hand, cheapest feasible route, least violation."""
+"""The multi-SLO scheduler: predictions by hand, the feasible route that finishes first, least
+violation, and queues counted by priority."""
 
 from __future__ import annotations
 
@@ -22,13 +23,17 @@ def test_prediction_by_hand() -> None:
     assert p.cost_s == pytest.approx(2.0)
 
 
-def test_cheapest_route_that_meets_the_slo_else_least_violation() -> None:
+def test_route_that_meets_the_slo_and_finishes_first_else_least_violation() -> None:
     fast_busy = NodeState("fast", 0, queue_len=9, capacity=4.0)
     slow_idle = NodeState("slow", 0, queue_len=0, capacity=1.0)
     snap = ClusterSnapshot(0.0, ((fast_busy, slow_idle),))
     work = {"fast": 1.0, "slow": 1.0}
     # fast: step 0.025, iteration 0.25 -> TPOT 0.25; slow: step 0.1, iteration 0.1 -> TPOT 0.1
-    assert SloAware().route(req(work, tpot_slo_s=0.3), snap) == ("fast",)  # both meet: cheaper
+    # both meet: the one predicted to finish first, not the one cheaper in device time (that
+    # piled every loose-SLO request onto the fastest replica and lengthened the run's tail)
+    assert SloAware().route(req(work, tpot_slo_s=0.3), snap) == ("slow",)
+    idle = ClusterSnapshot(0.0, ((NodeState("fast", 0, capacity=4.0), slow_idle),))
+    assert SloAware().route(req(work, tpot_slo_s=0.3), idle) == ("fast",)  # idle: fast first
     assert SloAware().route(req(work, tpot_slo_s=0.2), snap) == ("slow",)  # only slow meets
     assert SloAware().route(req(work, tpot_slo_s=0.01), snap) == ("slow",)  # less violation
     assert SloAware().route(req(work), snap) == ("slow",)  # no targets: least E2E
@@ -61,3 +66,37 @@ def test_speeds_are_learned_from_measured_steps() -> None:
     assert fixed.route(r, snap) == ("x",)
     with pytest.raises(ValueError, match="alpha"):
         SloAware(alpha=1.5)
+
+
+def test_lower_priority_requests_do_not_count_as_queue_ahead() -> None:
+    """The stages batch by priority, so a chat request is not delayed by the batch requests
+    queued on the fast replica: it is routed there, while a batch request (which waits behind
+    all of them) and a scheduler that did not route them (no counts) pick the idle slow one."""
+    from testbed.schedule.base import StageCompletion
+
+    work = {"fast": 1.0, "slow": 1.0}
+    only_fast = ClusterSnapshot(
+        0.0, ((NodeState("fast", 0, capacity=4.0), NodeState("slow", 0, up=False)),)
+    )
+    s = SloAware()
+    for i in range(8):  # 8 batch requests (priority 0) while the slow replica is down
+        r = RequestView(100 + i, 0.0, 16, 10, work, priority=0, e2e_slo_s=30.0)
+        assert s.route(r, only_fast) == ("fast",)
+    fast = NodeState("fast", 0, queue_len=8, capacity=4.0)
+    snap = ClusterSnapshot(0.0, ((fast, NodeState("slow", 0, capacity=1.0)),))
+    assert s.lower(fast, 1) == 8 and s.lower(fast, 0) == 0
+    chat = RequestView(1, 0.0, 16, 10, work, priority=1, ttft_slo_s=0.3, tpot_slo_s=0.2)
+    # fast for chat: step 0.025, none ahead -> iteration 0.025; slow: iteration 0.1
+    assert predict(chat, (fast,), 0.0, lower=lambda n: 8).tpot_s == pytest.approx(0.025)
+    assert s.route(chat, snap) == ("fast",)
+    batch = RequestView(2, 0.0, 16, 10, work, priority=0, e2e_slo_s=30.0)
+    assert s.route(batch, snap) == ("slow",)  # fast: (8 + 1) x 0.025 = 0.225 per iteration
+    assert SloAware().route(chat, snap) == ("slow",)  # no counts: the whole queue is ahead
+    # the counts are capped by the node's queue, and follow requests leaving and re-routing
+    assert predict(chat, (fast,), 0.0, lower=lambda n: 50).tpot_s == pytest.approx(0.025)
+    for i in range(8):
+        s.on_complete(StageCompletion("fast", 100 + i, 0.0, 0.0, 1.0, finished=True))
+    assert s.lower(fast, 1) == 0
+    s.route(RequestView(1, 0.0, 16, 10, work, priority=1), only_fast)  # chat re-routed
+    assert s.lower(fast, 2) == 1  # counted once, not once per routing
+    assert s.lower(snap.stages[0][1], 2) == 1  # the batch request on slow
