@@ -35,6 +35,11 @@ Every check is recorded (when, the decision and why, the measured links and spee
 new cuts, predicted bottlenecks); a migration also its load, switch and drain times and the
 overlap memory. Migrations are listed with the timeline's events (``kind: replan``), so the
 plots and the Perfetto trace mark them.
+
+A dilated run (emulated devices, ``dilation: k``) checks every k x ``every`` of real time,
+measures its transfers back on the emulated clock (times / k, so the links come out as
+configured, not k times slower), decides on the emulated links and devices, and records every
+time on the emulated clock (a load's real seconds / k too).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from testbed.cost.replan import (
     measured_topology,
     normalized_speed,
 )
+from testbed.emulation.dilation import dilate_link, undilate_topology
 from testbed.errors import ConfigError
 from testbed.metrics.records import Span
 from testbed.spec.repartition import RepartitionSpec
@@ -111,10 +117,13 @@ def adaptive_replanner(
 
 
 class LinkMeter:
-    """Per inter-tier link, the bandwidth the broker's transfers over it show (module doc)."""
+    """Per inter-tier link, the bandwidth the broker's transfers over it show (module doc).
+    ``topology``: the links as planned; ``k``: a dilated run's time dilation (its transfers
+    are measured back on the emulated clock: times / k)."""
 
-    def __init__(self, prep: Prepared) -> None:
-        topo = prep.topology
+    def __init__(self, topology: Topology, k: float = 1.0) -> None:
+        topo = topology
+        self.k = k
         self.tiers = topo.tier_names
         self.tier_of = {n.name: self.tiers[j] for j, n in topo.nodes()}
         self.nominal = [topo.uplink(j) for j in range(len(self.tiers) - 1)]
@@ -130,7 +139,8 @@ class LinkMeter:
             if a is None or b is None or a == b:
                 continue
             j = min(self.tiers.index(a), self.tiers.index(b))
-            self._samples[j].append((sp.start_s, sp.phase, int(sp.nbytes), sp.dur_s))
+            k = self.k
+            self._samples[j].append((sp.start_s / k, sp.phase, int(sp.nbytes), sp.dur_s / k))
 
     def measure(self, since_s: float) -> tuple[tuple[LinkSpec, ...], list[dict[str, Any]]]:
         """The links as measured from the transfers that started after ``since_s``."""
@@ -173,7 +183,12 @@ class Replanner:
         on_replan: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.spec, self.prep, self.tb = spec, prep, tb
-        self.meter = LinkMeter(prep)
+        # a dilated run (emulated devices, `dilation: k`) runs k times slower on links k times
+        # slower: checks every k x `every`, decided on the emulated clock and links, recorded
+        # back on the emulated clock (the broker's layouts keep the dilated links)
+        self.k = prep.dilation
+        self.topology = undilate_topology(prep.topology, self.k)
+        self.meter = LinkMeter(self.topology, self.k)
         self.nodes = [(j, n.name) for j, n in prep.topology.nodes()]
         self.checks: list[dict[str, Any]] = []
         self.migrations: list[dict[str, Any]] = []
@@ -200,21 +215,25 @@ class Replanner:
         """Check every ``every`` seconds of ``broker``'s run clock until cancelled."""
         broker.generational = True  # every step names its blocks from the start
         broker.on_spans = self.meter.observe
-        k = 1
+        n = 1
         try:
             while True:
-                delay = k * self.spec.every_s - broker.now_s()
+                delay = n * self.spec.every_s * self.k - broker.now_s()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                k += 1
+                n += 1
                 await self.check(broker)
         finally:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def now_s(self, broker: Broker) -> float:
+        """The broker's run clock, on the emulated clock of a dilated run."""
+        return broker.now_s() / self.k
+
     async def check(self, broker: Broker) -> None:
-        now = broker.now_s()
+        now = self.now_s(broker)
         if self._busy:
             self.checks.append({"at_s": now, "migrate": False, "reason": "a migration is running"})
             return
@@ -225,7 +244,7 @@ class Replanner:
         prep = self.prep
         from testbed.sim.steps import planner_times
 
-        d = decide(self._cuts, prep.topology, prep.cost, prep.loaded.spec.planning,
+        d = decide(self._cuts, self.topology, prep.cost, prep.loaded.spec.planning,
                    MeasuredState(links, speed), threshold=self.spec.threshold,
                    allow_empty=self.spec.allow_empty,
                    node_block_s=planner_times(prep.calibrated))  # fmt: skip
@@ -245,7 +264,7 @@ class Replanner:
             check["reason"] += f"; not migrated: {why}"
             return
         self._busy = True
-        topo = measured_topology(prep.topology, links)
+        topo = measured_topology(prep.topology, [dilate_link(x, self.k) for x in links])
         task = asyncio.create_task(self.migrate(broker, d, topo, now), name="migration")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -288,14 +307,14 @@ class Replanner:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
                 t0 = time.monotonic()
                 loaded = await self._load_all(http, layout, todo, m)
-                m["load_s"] = time.monotonic() - t0
+                m["load_s"] = (time.monotonic() - t0) / self.k
                 if loaded is None:
                     return m
                 for n in todo:
                     m["overlap_memory"][n] = await self._memory(http, layout.nodes[n].url, n)
                 broker.switch(layout, WorkPredictor(layout, self.prep.cost))
                 self._cuts = tuple(d.new_cuts)
-                m["switched_s"] = broker.now_s()
+                m["switched_s"] = self.now_s(broker)
                 for n, (a, b) in new_ranges.items():  # what the testbed serves new requests with
                     ep = self.tb.nodes[n]
                     ep.start, ep.end = a, b
@@ -303,7 +322,7 @@ class Replanner:
                 if self.on_replan is not None:
                     self.on_replan(m)
                 await broker.past[-1].drained.wait()
-                m["drained_s"] = broker.now_s()
+                m["drained_s"] = self.now_s(broker)
                 for n in todo:
                     if n in old_ranges:
                         m["unloaded"][n] = await self._unload(
@@ -336,7 +355,7 @@ class Replanner:
                         errors[n] = f"HTTP {resp.status}: {got.get('error', got)}"
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 errors[n] = f"{type(exc).__name__}: {exc}"
-            m["node_load_s"][n] = time.monotonic() - t
+            m["node_load_s"][n] = (time.monotonic() - t) / self.k
 
         async with asyncio.TaskGroup() as tg:
             for n, (a, b) in sorted(todo.items()):

@@ -236,13 +236,6 @@ def prepare(
     topo = with_max_batch(parts.topology, spec.max_batch)
     serve_args = None
     k = 1.0 if parts.simulated else spec.dilation  # a simulation runs the studied model's time
-    if k != 1 and adaptive:
-        raise ConfigError(
-            "re-partitioning cannot be combined with time dilation yet (its checks, measured "
-            "links and records are not dilated); drop `dilation:` or `repartition:`",
-            source=str(loaded.path),
-            field="dilation",
-        )
     if spec.execution == "emulated" and not parts.simulated:
         from testbed.emulation.dilation import dilate_topology
         from testbed.emulation.plumbing import emulation_specs

@@ -173,7 +173,6 @@ def test_node_speeds_are_relative_to_the_median_and_only_when_clearly_off():
 
 
 def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers():
-    from types import SimpleNamespace
 
     from testbed.experiment.adaptive import LinkMeter
     from testbed.metrics.records import Span
@@ -189,7 +188,7 @@ def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers():
             for i in range(1, 10)
         ]  # fmt: skip
 
-    meter = LinkMeter(SimpleNamespace(topology=TOPO))  # type: ignore[arg-type]
+    meter = LinkMeter(TOPO)
     nominal = TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
     links, seen = meter.measure(0.0)  # nothing seen yet: the topology's links
     assert links[0].bandwidth_bps == nominal and [s["measured"] for s in seen] == [False, False]
@@ -202,6 +201,27 @@ def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers():
     meter.observe(hops(6.0, 0.0115))  # within the decode steps' jitter: no slowdown shows
     links, _ = meter.measure(5.0)
     assert links[0].bandwidth_bps == nominal
+
+
+def test_the_link_meter_of_a_dilated_run_measures_on_the_emulated_clock():
+    from testbed.experiment.adaptive import LinkMeter
+    from testbed.metrics.records import Span
+
+    edge, fog = TOPO.tiers[0].nodes[0].name, TOPO.tiers[1].nodes[0].name
+    k = 4.0  # every transfer took k times as long on links k times slower
+    spans = [Span("transfer", edge, k * 1.0, k * 1.811, 1, 1, "prefill", 0, peer=fog,
+                  nbytes=1_000_000)]  # fmt: skip
+    spans += [
+        Span("transfer", edge, k * 1.0, k * (1.010 + 0.001 * (i % 3)), 1, 1, "decode", i,
+             peer=fog, nbytes=10_000)
+        for i in range(1, 10)
+    ]  # fmt: skip
+    meter = LinkMeter(TOPO, k)
+    meter.observe(spans)
+    links, _ = meter.measure(0.5)  # since 0.5 s of the emulated clock (2 s of real time)
+    assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
+    _, seen = meter.measure(1.5)  # they started at 1.0 s of the emulated clock: too old now
+    assert seen[0]["samples"] == 0
 
 
 def test_a_replay_refuses_what_it_cannot_re_partition_before_a_testbed_comes_up():
