@@ -2,10 +2,12 @@
 
 For each request, in order:
 
-1. **Admit** at its absolute time ``start + arrival_s`` (never chained sleeps): a timer sleep
-   until ``admission_spin_s`` before the deadline, then yielding to the loop until it is
-   reached (the event loop's timers are only as precise as epoll's millisecond). Admission is bounded (``max_active_requests``): when that many are
-   unfinished the next one waits, and its injection lag shows it.
+1. **Admit** at its absolute time ``start + arrival_s`` (never chained sleeps): the loop
+   sleeps until then on a kernel timer (:mod:`testbed.broker.timer`; without one, a timer
+   sleep until ``admission_spin_s`` before the deadline, then yielding to the loop until it
+   is reached: the event loop's timers are only as precise as epoll's millisecond).
+   Admission is bounded (``max_active_requests``): when that many are unfinished the next
+   one waits, and its injection lag shows it.
 2. **Decide** (synchronously, no await between snapshot and charge): the cost model's
    :class:`~testbed.broker.layout.Prediction` gives the request's work on every replica, the
    :class:`~testbed.schedule.ledger.Ledger` the exact queue counts, queued work and KV headroom;
@@ -51,6 +53,7 @@ from testbed.broker.state import (
     RequestState,
     Tracker,
 )
+from testbed.broker.timer import ArrivalTimer, arrival_timer
 from testbed.broker.transport import (
     ChainTransport,
     StageError,
@@ -126,6 +129,7 @@ class Broker:
         self._records: dict[int, RequestRecord] = {}
         self._trackers: dict[int, Tracker] = {}
         self._started = False
+        self._timer: ArrivalTimer | None = None
         self.clock_started = asyncio.Event()  # set when run() fixed the run clock's start
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -184,6 +188,7 @@ class Broker:
         self._t0 = self.clock() + self.config.start_delay_s
         self.clock_started.set()
         prober = asyncio.create_task(self.health.readmit_down_nodes(), name="probe-down-nodes")
+        self._timer = arrival_timer(self.clock)
         try:
             async with asyncio.timeout(
                 (admitted[-1].arrival_s if admitted else 0.0)
@@ -211,6 +216,9 @@ class Broker:
         except TimeoutError:
             pass  # recorded below: every unfinished request fails with the drain timeout
         finally:
+            if self._timer is not None:
+                self._timer.close()
+                self._timer = None
             prober.cancel()
             await asyncio.gather(prober, return_exceptions=True)
         wall = self.now_s()
@@ -231,7 +239,11 @@ class Broker:
         )
 
     async def _until(self, due: float) -> None:
-        """Wait for the absolute clock time ``due``: sleep, then yield for the last stretch."""
+        """Wait for the absolute clock time ``due``: on the kernel timer, else sleep, then
+        yield for the last stretch."""
+        if self._timer is not None:
+            await self._timer.wait_until(due)
+            return
         spin = self.config.admission_spin_s
         delay = due - self.clock()
         if delay > spin:
