@@ -34,7 +34,6 @@ request ends completed or failed with a reason; none is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -361,7 +360,9 @@ class Broker:
         rid = tr.req.request_id
         waited_from = self.now_s()
         order = wait_order(tr, ordered=self.scheduler.orders_stage_queues)
-        async with self._node_slots[node].hold(order):
+        slots = self._node_slots[node]
+        await slots.acquire(order)
+        try:
             t0 = self.now_s()
             if t0 - waited_from > 1e-6:
                 tr.spans.append(Span("queue", node, waited_from, t0, rid, s, kind, step))
@@ -373,6 +374,8 @@ class Broker:
                 node, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
             )
             t1 = self.now_s()
+        finally:
+            slots.release()
         service = min(max(res.service_s, 0.0), t1 - t0)
         queued = min(max(res.queue_s, 0.0), t1 - t0 - service)
         c0 = t1 - service
@@ -398,9 +401,12 @@ class Broker:
         transport: ChainTransport = self.transport  # type: ignore[assignment]  # checked in start()
         waited_from = self.now_s()
         order = wait_order(tr, ordered=self.scheduler.orders_stage_queues)
-        async with contextlib.AsyncExitStack() as held:
+        held: list[NodeSlots] = []
+        try:
             for node in route:
-                await held.enter_async_context(self._node_slots[node].hold(order))
+                slots = self._node_slots[node]
+                await slots.acquire(order)
+                held.append(slots)
             t0 = self.now_s()
             if t0 - waited_from > 1e-6:
                 tr.spans.append(Span("queue", route[0], waited_from, t0, rid, 0, kind, step))
@@ -413,6 +419,9 @@ class Broker:
                 route, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
             )
             t1 = self.now_s()
+        finally:
+            for slots in reversed(held):
+                slots.release()
         for s, (hop, at) in enumerate(zip(res.hops, chain_spans(t0, t1, res.hops), strict=True)):
             self._record_hop(
                 tr, pred, route, at, HopStep(s, kind, step, hop.nbytes, hop.batch_size)
@@ -443,9 +452,10 @@ class Broker:
             except (StageError, OSError, TimeoutError) as exc:
                 log.debug("release of %s on %s failed: %s", sid, node, exc)
 
-        async with asyncio.TaskGroup() as tg:
-            for n in route:
-                if not freed and n != skip and self.ledger.book(n).up:
+        targets = [] if freed else [n for n in route if n != skip and self.ledger.book(n).up]
+        if targets:
+            async with asyncio.TaskGroup() as tg:
+                for n in targets:
                     tg.create_task(one(n))
         now = self.now_s()
         for n in route:  # nothing new to learn (no work, no time): only "it left"

@@ -38,6 +38,7 @@ from testbed.stage.wire import (
     WireFormatError,
     WireLimits,
     encode_parts,
+    encode_token_parts,
     read_message,
 )
 
@@ -317,7 +318,10 @@ class StageClient:
         if route:
             meta["route"] = route_to_meta(route)
             meta["timeout_s"] = chain_timeout_s if chain_timeout_s is not None else self.timeout_s
-        parts = encode_parts(meta, {"input": _input_tensor(data)})
+        if isinstance(data, torch.Tensor):
+            parts = encode_parts(meta, {"input": _input_tensor(data)})
+        else:  # token ids: the same bytes, without a tensor
+            parts = encode_token_parts(meta, "input", data)
         nbytes = sum(p.nbytes for p in parts)
         use_tcp = await self._use_tcp()
         link_s = 0.0
