@@ -223,10 +223,15 @@ class TensorClientConnection(_FrameProtocol):
     def __init__(self, limits: WireLimits):
         super().__init__(limits)
         self._waiter: asyncio.Future[WireMessage] | None = None
+        # an answer before any request: the port refused the connection (its cap, 429 busy)
+        # and closes it; the next request gets that answer instead of a reset connection
+        self._early: WireMessage | None = None
 
     def _on_message(self, msg: WireMessage) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(msg)
+        elif self._waiter is None:
+            self._early = msg
         self._reset()
 
     def _frame_error(self, exc: WireFormatError) -> None:
@@ -246,6 +251,10 @@ class TensorClientConnection(_FrameProtocol):
         return not self._closed and self._waiter is None
 
     async def request(self, parts: Sequence[memoryview]) -> WireMessage:
+        if self._early is not None:  # refused before it was asked: that is the answer
+            msg, self._early = self._early, None
+            self.close()
+            return msg
         if not self.usable:
             raise ConnectionResetError("connection not usable")
         self._waiter = asyncio.get_running_loop().create_future()

@@ -205,6 +205,25 @@ async def test_tensor_port_drops_a_stalled_sender_and_caps_connections():
             w.close()
 
 
+async def test_a_client_refused_by_the_connection_cap_hears_busy_not_a_reset():
+    """The port answers 429 busy to a connection over its cap, often before the client has
+    sent anything: the client must report that answer (retry later), not a closed connection
+    (which would mark the node down)."""
+    from testbed.stage.client import StageClient
+    from testbed.stage.tensor_port import open_connection
+    from testbed.stage.wire import WireLimits, encode_parts
+
+    inputs = InputLimits(max_connections=1)
+    async with echo_server(start=0, end=2, inputs=inputs) as srv, StageClient(srv.url) as a:
+        await a.forward("a", "prefill", 0, [5, 6, 7])  # its connection stays pooled
+        conn = await open_connection("127.0.0.1", srv.tensor_port, WireLimits())
+        await asyncio.sleep(0.2)  # the refusal arrives before the request, as under load
+        meta = {"op": "forward", "request_id": "b", "kind": "prefill", "start_pos": 0}
+        answer = await conn.request(encode_parts(meta, {"input": torch.tensor([[5, 6, 7]])}))
+        assert answer.meta["status"] == 429 and answer.meta["code"] == "busy"
+        assert not conn.usable
+
+
 # -------------------------------------------------------------------------------------- CLI
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
