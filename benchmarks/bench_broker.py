@@ -133,6 +133,7 @@ async def one_rate(
         config=BrokerConfig(
             call_timeout_s=10.0,
             max_inflight_per_node=32,  # pooled connections stay under a stage port's 64
+            max_active_requests=250,  # an echo stage holds 256 caches: overload waits here
             drain_timeout_s=60,
             transport=transport,
         ),
