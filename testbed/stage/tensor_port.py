@@ -12,7 +12,9 @@ Protocol, per connection, strictly request -> response:
   (then the /forward meta keys) or ``"sink"`` (read and discard, for transfer checks);
 - response: a wire message whose meta has ``status`` (200, or the HTTP-like error status) and,
   for errors, ``error`` and ``code`` (:class:`testbed.stage.errors.ErrorCode`, as in the HTTP
-  error body); a forward's response meta and tensors are those of ``/forward``.
+  error body), and ``closing: true`` when the port closes the connection after it (a framing
+  error, a refused payload, a connection over the cap); a forward's response meta and tensors
+  are those of ``/forward``.
 
 A malformed frame gets an error response and the connection is closed (its framing is lost);
 a well-framed bad request gets a 4xx response and the connection stays usable. The HTTP API
@@ -183,7 +185,7 @@ class TensorServerProtocol(_FrameProtocol):
         tr = self.transport
         if tr is None or self._closed:
             return
-        for part in encode_parts(body):
+        for part in encode_parts({**body, "closing": True}):  # the client must not reuse it
             tr.write(part)
         if tr.can_write_eof():
             tr.write_eof()
@@ -260,7 +262,10 @@ class TensorClientConnection(_FrameProtocol):
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self.send(parts)
-            return await self._waiter
+            msg = await self._waiter
+            if msg.meta.get("closing"):  # refused and half-closed by the port: not reusable
+                self.close()
+            return msg
         except BaseException:
             self.close()  # state unknown after a failure or a cancel
             raise
