@@ -7,7 +7,8 @@ opens one at position 0, each decode must come at the cache's length, a release 
 wrong position is a 409, an unknown request a 404), so a broker that loses track of a route or
 a position fails loudly. It computes nothing: hidden states are zeros, the last stage's token
 is a fixed function of the position (EOS included, so forced lengths are exercised), and a
-step takes ``compute_s`` seconds (a sleep on the server's worker thread; 0 = instant).
+step takes ``compute_s`` seconds (a sleep on the server's worker thread; 0 = instant, and
+the server then runs the step on its event loop: a thread hop would cost more than the step).
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ class EchoExecutor:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.param_bytes = 0
+
+    @property
+    def instant(self) -> bool:
+        """No compute time: the stage server runs its steps on the loop, not a worker thread."""
+        return self.compute_s == 0 and self.per_token_s == 0
 
     # -- accounting (as LayerRangeExecutor) ----------------------------------------------------
     def kv_bytes(self) -> int:

@@ -16,6 +16,7 @@ of the link into it, from its hook): the stages pass the step on themselves
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -63,6 +64,7 @@ class HttpStageTransport:
         self.busy_retries = 0  # how often a stage said "busy" (for the results)
         self._session: aiohttp.ClientSession | None = None
         self._clients: dict[str, StageClient] = {}
+        self._hops: dict[str, RouteHop] = {}  # node -> its route entry, less the shape
 
     async def start(self) -> None:
         if self._session is not None:
@@ -150,10 +152,15 @@ class HttpStageTransport:
         return RouteResult(output=res.token_id, hops=tuple(hops))
 
     def _route_hop(self, node: str) -> RouteHop:
+        hop = self._hops.get(node)
+        if hop is None:
+            seed = self.seed * 1000 + zlib.crc32(node.encode()) % 1000
+            hop = RouteHop(node, self.route_urls.get(node, self.urls[node]), None, seed)
+            self._hops[node] = hop
         shaper = self.shapers.get(node)
-        seed = self.seed * 1000 + zlib.crc32(node.encode()) % 1000
-        url = self.route_urls.get(node, self.urls[node])
-        return RouteHop(node, url, None if shaper is None else shaper.shape, seed)
+        if shaper is not None:  # its shape is read at every send (a timeline may change it)
+            hop = dataclasses.replace(hop, hop=shaper.shape)
+        return hop
 
     async def _send(
         self,

@@ -10,8 +10,9 @@ same error type (and the stage server with the same HTTP status and code).
 Threading contract (what :class:`testbed.stage.server.StageServer` does, and what an executor
 must allow):
 
-- ``step()`` and ``step_batch()`` run on the server's worker threads: up to ``max_inflight``
-  batches at once, never two steps for the same request id at once (the server holds a
+- ``step()`` and ``step_batch()`` run on the server's worker threads (on the event loop
+  itself for an executor whose ``instant`` attribute is true: one that computes nothing and
+  never blocks, the echo without compute time): up to ``max_inflight`` batches at once, never two steps for the same request id at once (the server holds a
   per-request lock around each step, and a request is in at most one batch row).
 - Everything else - ``check_input``, ``release``, ``has_request``, ``request_ids``,
   ``idle_requests``, ``kv_bytes``, ``info`` and the attributes - is called from the event loop

@@ -38,6 +38,7 @@ from testbed.stage.wire import (
     WireFormatError,
     WireLimits,
     encode_parts,
+    encode_token_parts,
     read_message,
 )
 
@@ -258,7 +259,10 @@ class StageClient:
             msg = await conn.request(parts)
         except WireFormatError as exc:
             raise StageProtocolError(self.name, f"malformed response: {exc}") from None
-        self._tcp_pool.append(conn)
+        if len(self._tcp_pool) < MAX_IDLE_CONNECTIONS:
+            self._tcp_pool.append(conn)
+        else:  # idle connections count against the stage port's cap for every sender
+            conn.close()
         status = msg.meta.get("status", 200)
         if status != 200:
             downstream = chain_error(msg.meta)  # a stage further down the route failed
@@ -317,7 +321,10 @@ class StageClient:
         if route:
             meta["route"] = route_to_meta(route)
             meta["timeout_s"] = chain_timeout_s if chain_timeout_s is not None else self.timeout_s
-        parts = encode_parts(meta, {"input": _input_tensor(data)})
+        if isinstance(data, torch.Tensor):
+            parts = encode_parts(meta, {"input": _input_tensor(data)})
+        else:  # token ids: the same bytes, without a tensor
+            parts = encode_token_parts(meta, "input", data)
         nbytes = sum(p.nbytes for p in parts)
         use_tcp = await self._use_tcp()
         link_s = 0.0
@@ -379,6 +386,10 @@ class StageClient:
             raise StageProtocolError(self.name, f"response meta lacks {exc}") from None
 
 
+# tensor-port connections a client keeps open between steps (more are opened when more steps
+# are in flight, and closed when they end): a stage's port takes 64 connections from all its
+# senders together, and hoarded idle ones would leave none for the others
+MAX_IDLE_CONNECTIONS = 16
 READ_BUFSIZE = 1 << 22  # aiohttp's default (64 KiB) pauses the socket every few reads
 
 

@@ -20,9 +20,15 @@ async def run_batch(
     metrics: StageMetrics,
     steps: list[BatchStep],
 ) -> list[StepOutput | Exception]:
-    """One batch on a worker thread of `pool` (the step queue's runner), counted in `metrics`."""
-    loop = asyncio.get_running_loop()
-    outs = await loop.run_in_executor(pool, executor.step_batch, steps)
+    """One batch on a worker thread of `pool` (the step queue's runner), counted in `metrics`.
+
+    An executor whose ``instant`` attribute is true (the model-free echo with no compute time)
+    runs on the loop itself: a thread hop would cost more than its step."""
+    if getattr(executor, "instant", False):
+        outs = executor.step_batch(steps)
+    else:
+        loop = asyncio.get_running_loop()
+        outs = await loop.run_in_executor(pool, executor.step_batch, steps)
     ok = [o for o in outs if isinstance(o, StepOutput)]
     metrics.count_batch(len(ok), ok[0].compute_s if ok else 0.0)
     return outs

@@ -12,7 +12,9 @@ Protocol, per connection, strictly request -> response:
   (then the /forward meta keys) or ``"sink"`` (read and discard, for transfer checks);
 - response: a wire message whose meta has ``status`` (200, or the HTTP-like error status) and,
   for errors, ``error`` and ``code`` (:class:`testbed.stage.errors.ErrorCode`, as in the HTTP
-  error body); a forward's response meta and tensors are those of ``/forward``.
+  error body), and ``closing: true`` when the port closes the connection after it (a framing
+  error, a refused payload, a connection over the cap); a forward's response meta and tensors
+  are those of ``/forward``.
 
 A malformed frame gets an error response and the connection is closed (its framing is lost);
 a well-framed bad request gets a 4xx response and the connection stays usable. The HTTP API
@@ -183,7 +185,7 @@ class TensorServerProtocol(_FrameProtocol):
         tr = self.transport
         if tr is None or self._closed:
             return
-        for part in encode_parts(body):
+        for part in encode_parts({**body, "closing": True}):  # the client must not reuse it
             tr.write(part)
         if tr.can_write_eof():
             tr.write_eof()
@@ -223,10 +225,15 @@ class TensorClientConnection(_FrameProtocol):
     def __init__(self, limits: WireLimits):
         super().__init__(limits)
         self._waiter: asyncio.Future[WireMessage] | None = None
+        # an answer before any request: the port refused the connection (its cap, 429 busy)
+        # and closes it; the next request gets that answer instead of a reset connection
+        self._early: WireMessage | None = None
 
     def _on_message(self, msg: WireMessage) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(msg)
+        elif self._waiter is None:
+            self._early = msg
         self._reset()
 
     def _frame_error(self, exc: WireFormatError) -> None:
@@ -246,12 +253,19 @@ class TensorClientConnection(_FrameProtocol):
         return not self._closed and self._waiter is None
 
     async def request(self, parts: Sequence[memoryview]) -> WireMessage:
+        if self._early is not None:  # refused before it was asked: that is the answer
+            msg, self._early = self._early, None
+            self.close()
+            return msg
         if not self.usable:
             raise ConnectionResetError("connection not usable")
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self.send(parts)
-            return await self._waiter
+            msg = await self._waiter
+            if msg.meta.get("closing"):  # refused and half-closed by the port: not reusable
+                self.close()
+            return msg
         except BaseException:
             self.close()  # state unknown after a failure or a cancel
             raise

@@ -14,11 +14,12 @@ oversized header or body before reading it.
 
 from __future__ import annotations
 
+import array
 import json
 import math
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -104,6 +105,19 @@ def encode_parts(
         {"meta": dict(meta), "tensors": specs}, separators=(",", ":"), allow_nan=False
     ).encode()
     return [memoryview(_PREFIX.pack(MAGIC, len(header)) + header), *chunks]
+
+
+def encode_token_parts(meta: Mapping[str, Any], name: str, ids: Sequence[int]) -> list[memoryview]:
+    """``encode_parts(meta, {name: torch.tensor([ids])})`` - one row of int64 token ids - byte
+    for byte, without making a tensor (the broker sends one per step)."""
+    if sys.byteorder != "little":  # pragma: no cover - all supported hosts are little-endian
+        raise WireFormatError("big-endian hosts are not supported")
+    body = array.array("q", ids)  # C long long: int64
+    specs = [{"name": name, "dtype": "int64", "shape": [1, len(body)]}]
+    header = json.dumps(
+        {"meta": dict(meta), "tensors": specs}, separators=(",", ":"), allow_nan=False
+    ).encode()
+    return [memoryview(_PREFIX.pack(MAGIC, len(header)) + header), memoryview(body).cast("B")]
 
 
 def encode(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> bytes:

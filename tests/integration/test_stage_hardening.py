@@ -205,6 +205,44 @@ async def test_tensor_port_drops_a_stalled_sender_and_caps_connections():
             w.close()
 
 
+async def test_a_client_refused_by_the_connection_cap_hears_busy_not_a_reset():
+    """The port answers 429 busy to a connection over its cap, often before the client has
+    sent anything: the client must report that answer (retry later), not a closed connection
+    (which would mark the node down)."""
+    from testbed.stage.client import StageClient
+    from testbed.stage.tensor_port import open_connection
+    from testbed.stage.wire import WireLimits, encode_parts
+
+    inputs = InputLimits(max_connections=1)
+    async with echo_server(start=0, end=2, inputs=inputs) as srv, StageClient(srv.url) as a:
+        await a.forward("a", "prefill", 0, [5, 6, 7])  # its connection stays pooled
+        conn = await open_connection("127.0.0.1", srv.tensor_port, WireLimits())
+        await asyncio.sleep(0.2)  # the refusal arrives before the request, as under load
+        meta = {"op": "forward", "request_id": "b", "kind": "prefill", "start_pos": 0}
+        answer = await conn.request(encode_parts(meta, {"input": torch.tensor([[5, 6, 7]])}))
+        assert answer.meta["status"] == 429 and answer.meta["code"] == "busy"
+        assert not conn.usable
+        # refused after the request was sent: the answer says the port closes it, so the
+        # client does not pool it (its next step would find the connection closed: EOF)
+        late = await open_connection("127.0.0.1", srv.tensor_port, WireLimits())
+        meta["request_id"] = "c"
+        answer = await late.request(encode_parts(meta, {"input": torch.tensor([[5, 6, 7]])}))
+        assert answer.meta["status"] == 429 and answer.meta["closing"] is True
+        assert not late.usable
+
+
+async def test_a_client_keeps_a_bounded_number_of_idle_connections():
+    """Steps in flight at once each take a connection; once they end, at most
+    MAX_IDLE_CONNECTIONS stay open (a stage's port cap is shared by all its senders)."""
+    from testbed.stage.client import MAX_IDLE_CONNECTIONS, StageClient
+
+    async with echo_server(start=0, end=2) as srv, StageClient(srv.url) as c:
+        n = MAX_IDLE_CONNECTIONS + 8
+        await asyncio.gather(*(c.forward(f"r{i}", "prefill", 0, [5, 6]) for i in range(n)))
+        await until(lambda: len(srv._tensor_server._conns) <= MAX_IDLE_CONNECTIONS)
+        assert len(c._tcp_pool) == MAX_IDLE_CONNECTIONS
+
+
 # -------------------------------------------------------------------------------------- CLI
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}

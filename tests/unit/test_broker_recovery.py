@@ -54,11 +54,25 @@ async def test_a_crash_mid_request_resumes_from_prompt_plus_tokens_so_far() -> N
     assert resumed
     for rec in resumed:
         assert rec.route[0] == "edge-2"
-        # the new route's first step is a prefill at the step where the old one stopped
+        # the new route's first step is a prefill at the step where the old one stopped: after
+        # the tokens the old route gave (none for a request cut before its first token)
         pre = [s for s in rec.spans if s.kind == "compute" and s.phase == "prefill"]
-        assert any(s.step > 0 and s.node == "edge-2" for s in pre), pre
+        again = min((s for s in pre if s.node == "edge-2"), key=lambda s: s.start_s)
+        last = len(rec.route) - 1
+        given = {
+            s.step
+            for s in rec.spans
+            if s.kind == "compute" and s.stage == last and s.end_s <= again.start_s
+        }
+        assert again.step == len(given), (again, sorted(given))
         # and the tokens are the ones an uninterrupted run gives (positions carried on)
         assert len(rec.token_times_s) == rec.output_tokens
+    # the broker waited for a request with 3 tokens on edge-1: it resumed mid-request
+    assert any(
+        s.step >= 3 and s.node == "edge-2" and s.phase == "prefill" and s.kind == "compute"
+        for rec in resumed
+        for s in rec.spans
+    )
     assert broker.ledger.in_flight() == 0
     assert echo_token(7) != echo_token(8)  # the echo's tokens depend on the position
 

@@ -15,6 +15,8 @@ from testbed.stage.wire import (
     WireLimits,
     decode,
     encode,
+    encode_parts,
+    encode_token_parts,
     read_message,
 )
 
@@ -167,3 +169,12 @@ async def test_read_message_refuses_a_huge_header_without_reading_it():
     with pytest.raises(WireFormatError, match="exceeds the limit") as info:
         await read_message(stream)
     assert info.value.too_large and stream.pos == 8
+
+
+def test_token_ids_encode_byte_for_byte_as_their_tensor() -> None:
+    meta = {"request_id": "r", "kind": "prefill", "start_pos": 0}
+    for ids in ([5, 0, 2**40, -3], [7], []):
+        fast = b"".join(encode_token_parts(meta, "input", ids))
+        ref = b"".join(encode_parts(meta, {"input": torch.tensor([ids], dtype=torch.int64)}))
+        assert fast == ref
+        assert decode(fast).tensors["input"].tolist() == [ids]
