@@ -39,13 +39,11 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
-from testbed.broker.chain import HopStep, HopTimes, chain_spans, hop_spans
 from testbed.broker.generation import Generation, Generational, routed_totals
 from testbed.broker.health import NodeHealth
-from testbed.broker.layout import Layout, Prediction, WorkPredictor
-from testbed.broker.slo import request_view, step_options, wait_order
+from testbed.broker.layout import Layout, WorkPredictor
+from testbed.broker.slo import request_view
 from testbed.broker.slots import NodeSlots
 from testbed.broker.state import (
     CLIENT,
@@ -55,13 +53,12 @@ from testbed.broker.state import (
     RequestState,
     Tracker,
 )
+from testbed.broker.stepping import StepAt, StepSenders
 from testbed.broker.timer import ArrivalTimer, arrival_timer
 from testbed.broker.transport import (
-    ChainTransport,
     StageError,
     StageRejectedError,
     StageTransport,
-    StageUnreachableError,
     StepKind,
     as_token,
     marks_node_down,
@@ -89,7 +86,7 @@ class _Failed(Exception):
 PromptFn = Callable[[TraceRequest], Sequence[int]]
 
 
-class Broker(Generational):
+class Broker(Generational, StepSenders):
     """Replays requests through the stages; see the module docstring.
 
     ``async with Broker(...) as b: result = await b.run(requests)`` (or start()/aclose()).
@@ -341,11 +338,12 @@ class Broker(Generational):
         for step in range(len(tr.tokens), req.output_tokens):
             first = data is prefix
             kind: StepKind = "prefill" if first else "decode"
+            call = StepAt(tr, pred, route, sid, kind, step, pos)
             if self.config.transport == "forward":
-                data = await self._chain(tr, pred, route, sid, kind, step, pos, data)
+                data = await self._chain(call, data)
             else:
                 for s in range(len(route)):
-                    data = await self._call(tr, pred, s, route, sid, kind, step, pos, data)
+                    data = await self._call(call, s, data)
             token = as_token(data, route[-1])
             tr.tokens.append(token)
             tr.token_times_s.append(self.now_s())
@@ -353,109 +351,6 @@ class Broker(Generational):
             data = [token]  # forced length: whatever the token, it is fed back
         tr.gen.ledger.leave(req.request_id)
         await self._release(tr, route, freed=True)  # the last step freed the caches
-
-    async def _call(
-        self,
-        tr: Tracker,
-        pred: Prediction,
-        s: int,
-        route: Route,
-        sid: str,
-        kind: StepKind,
-        step: int,
-        pos: int,
-        data: object,
-    ) -> object:
-        node = route[s]
-        rid = tr.req.request_id
-        waited_from = self.now_s()
-        order = wait_order(tr, ordered=self.scheduler.orders_stage_queues)
-        slots = self._node_slots[node]
-        await slots.acquire(order)
-        try:
-            t0 = self.now_s()
-            if t0 - waited_from > 1e-6:
-                tr.spans.append(Span("queue", node, waited_from, t0, rid, s, kind, step))
-            if not tr.gen.ledger.book(node).up:
-                down = tr.gen.ledger.book(node).down_reason or "marked down"
-                raise StageUnreachableError(node, down)
-            opts = step_options(tr, t0, ordered=self.scheduler.orders_stage_queues)
-            if self.generational:  # the stage may hold two ranges: say which one
-                opts = replace(opts, blocks=tr.gen.blocks(s))
-            res = await self.transport.forward(
-                node, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
-            )
-            t1 = self.now_s()
-        finally:
-            slots.release()
-        service = min(max(res.service_s, 0.0), t1 - t0)
-        queued = min(max(res.queue_s, 0.0), t1 - t0 - service)
-        c0 = t1 - service
-        times = HopTimes(t0, c0 - queued, c0, t1)
-        self._record_hop(tr, pred, route, times, HopStep(s, kind, step, res.nbytes, res.batch_size))
-        return res.output
-
-    async def _chain(
-        self,
-        tr: Tracker,
-        pred: Prediction,
-        route: Route,
-        sid: str,
-        kind: StepKind,
-        step: int,
-        pos: int,
-        data: object,
-    ) -> object:
-        """One step through the whole route in the forward transport (:mod:`.chain`): a slot
-        on every node of the route is held while the step is in the chain (taken in stage
-        order, so two chains never wait on each other)."""
-        rid = tr.req.request_id
-        transport: ChainTransport = self.transport  # type: ignore[assignment]  # checked in start()
-        waited_from = self.now_s()
-        order = wait_order(tr, ordered=self.scheduler.orders_stage_queues)
-        held: list[NodeSlots] = []
-        try:
-            for node in route:
-                slots = self._node_slots[node]
-                await slots.acquire(order)
-                held.append(slots)
-            t0 = self.now_s()
-            if t0 - waited_from > 1e-6:
-                tr.spans.append(Span("queue", route[0], waited_from, t0, rid, 0, kind, step))
-            for node in route:
-                if not tr.gen.ledger.book(node).up:
-                    down = tr.gen.ledger.book(node).down_reason or "marked down"
-                    raise StageUnreachableError(node, down)
-            opts = step_options(tr, t0, ordered=self.scheduler.orders_stage_queues)
-            if self.generational:  # each hop names its blocks (a stage may hold two ranges)
-                blocks = tuple(tr.gen.blocks(s) for s in range(len(route)))
-                opts = replace(opts, blocks=blocks[0], route_blocks=blocks[1:])
-            res = await transport.forward_route(
-                route, sid, kind, pos, data, timeout_s=self.config.call_timeout_s, options=opts
-            )
-            t1 = self.now_s()
-        finally:
-            for slots in reversed(held):
-                slots.release()
-        for s, (hop, at) in enumerate(zip(res.hops, chain_spans(t0, t1, res.hops), strict=True)):
-            self._record_hop(
-                tr, pred, route, at, HopStep(s, kind, step, hop.nbytes, hop.batch_size)
-            )
-        return res.output
-
-    def _record_hop(
-        self, tr: Tracker, pred: Prediction, route: Route, at: HopTimes, hop: HopStep
-    ) -> None:
-        """A hop's spans, its progress on the ledger, its completion for the scheduler."""
-        node, rid, s = route[hop.stage], tr.req.request_id, hop.stage
-        spans = hop_spans(route, rid, at, hop)
-        tr.spans.extend(spans)
-        if self.on_spans is not None:  # a live observer (adaptive re-partitioning's link meter)
-            self.on_spans(spans)
-        predicted = pred.prefill_s[node] if hop.kind == "prefill" else pred.decode_step_s[node]
-        tr.gen.ledger.progress(rid, s, predicted)
-        done = StageCompletion(node, rid, predicted, at.compute_s, at.compute_end_s, False)
-        self.scheduler.on_complete(done)
 
     async def _release(
         self, tr: Tracker, route: Route, skip: str | None = None, *, freed: bool = False
