@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +132,17 @@ def info_body(server: StageServer) -> dict[str, Any]:
         # blocks, caches and weights; param_bytes above adds them up
         "generations": getattr(ex, "describe", lambda: None)(),
     }
+
+
+def refuser(server: StageServer) -> Callable[[int, ErrorCode, str], web.Response]:
+    """A route's refusal: counted in the stage's metrics, answered as a JSON error."""
+    label = server.config.label
+
+    def refuse(status: int, code: ErrorCode, message: str) -> web.Response:
+        server.note_refused(status, code)
+        return error_response(StageRejectedError(label, status, code, message))
+
+    return refuse
 
 
 def emulation_response(executor: StageExecutor, label: str, request: web.Request) -> web.Response:

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from testbed.errors import ConfigError
 from testbed.stage.errors import ErrorCode, StageRejectedError
-from testbed.stage.info import error_response, info_body, load_executor
+from testbed.stage.info import error_response, info_body, load_executor, refuser
 
 if TYPE_CHECKING:
     from testbed.stage.server import StageServer
@@ -82,10 +82,7 @@ async def handle_load(server: StageServer, request: web.Request) -> web.Response
     """The /load route (see the module docstring)."""
     label = server.config.label
 
-    def refuse(status: int, code: ErrorCode, message: str) -> web.Response:
-        server.note_refused(status, code)
-        return error_response(StageRejectedError(label, status, code, message))
-
+    refuse = refuser(server)
     try:
         body: Any = await server.intake.read_json(request)
     except StageRejectedError as exc:
@@ -166,10 +163,7 @@ async def handle_unload(server: StageServer, request: web.Request) -> web.Respon
 
     label = server.config.label
 
-    def refuse(status: int, code: ErrorCode, message: str) -> web.Response:
-        server.note_refused(status, code)
-        return error_response(StageRejectedError(label, status, code, message))
-
+    refuse = refuser(server)
     try:
         body: Any = await server.intake.read_json(request)
         start, end = parse_range(body, server.executor.info.num_blocks)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from testbed.stage.errors import ErrorCode, StageRejectedError
-from testbed.stage.info import error_response
+from testbed.stage.info import error_response, refuser
 
 if TYPE_CHECKING:
     from testbed.stage.server import StageServer
@@ -49,9 +49,10 @@ async def handle_speed(server: StageServer, request: web.Request) -> web.Respons
 
     label = server.config.label
 
+    bad_input = refuser(server)
+
     def refuse(message: str) -> web.Response:
-        server.note_refused(400, ErrorCode.BAD_INPUT)
-        return error_response(StageRejectedError(label, 400, ErrorCode.BAD_INPUT, message))
+        return bad_input(400, ErrorCode.BAD_INPUT, message)
 
     try:
         body: Any = await server.intake.read_json(request)

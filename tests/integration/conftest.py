@@ -21,3 +21,12 @@ def module_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         os.environ.pop("TESTBED_STATE_DIR", None)
     else:
         os.environ["TESTBED_STATE_DIR"] = old
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``$TESTBED_STATE_DIR`` set to this test's own folder (a module may override this with
+    its ``module_state_dir``)."""
+    d = tmp_path / "state"
+    monkeypatch.setenv("TESTBED_STATE_DIR", str(d))
+    return d

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,6 @@ pytestmark = [
     pytest.mark.timeout(600),
     pytest.mark.filterwarnings("ignore:subprocess .* is still running:ResourceWarning"),
 ]
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Any:
-    old = os.environ.get("TESTBED_STATE_DIR")
-    os.environ["TESTBED_STATE_DIR"] = str(tmp_path / "state")
-    yield tmp_path / "state"
-    if old is None:
-        os.environ.pop("TESTBED_STATE_DIR", None)
-    else:
-        os.environ["TESTBED_STATE_DIR"] = old
 
 
 def _scenario(tmp: Path, **over: Any) -> Path:

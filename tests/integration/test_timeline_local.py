@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -39,17 +37,6 @@ TIMELINE = [
     {"at": "8s", "node": "edge-2", "down": "partition"},
     {"at": "9s", "node": "edge-2", "up": True},
 ]
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Any:
-    old = os.environ.get("TESTBED_STATE_DIR")
-    os.environ["TESTBED_STATE_DIR"] = str(tmp_path / "state")
-    yield tmp_path / "state"
-    if old is None:
-        os.environ.pop("TESTBED_STATE_DIR", None)
-    else:
-        os.environ["TESTBED_STATE_DIR"] = old
 
 
 def _scenario(tmp: Path) -> Path:
