@@ -88,8 +88,11 @@ def test_the_emulated_run_is_simulated_with_its_devices_timing(scored: Any) -> N
     assert res.timing == "emulated" and not res.in_sample and res.profile_source == ""
     assert res.cost_source == cfg["cost_source"] == "roofline"
     assert res.dilation == DILATION
-    # the transport's cost per call on the emulated clock: host milliseconds / 5
-    assert 0 < res.hop_overhead_s < 0.01, table
+    # the transport's cost per call on the emulated clock: host milliseconds / 5, net of what
+    # the simulator's links charge (clipped at 0: since the broker's per-step path got leaner,
+    # the expected-loss delay the link model charges on edge->fog, which the app shaper does
+    # not add, can exceed it); never more than a few ms
+    assert 0 <= res.hop_overhead_s < 0.01, table
     assert set(res.sim["node_utilisation"]) == {"edge-nano", "fog-agx", "cloud-agx"}
 
 
