@@ -268,7 +268,13 @@ async def restart_node(tb: RunningTestbed, node: str, link: LinkSpec | None) -> 
     await runtime_of(tb).restart_node(tb, node, down, up)
     ep = tb.nodes[node]
     if ep.emulated and ep.speed != 1.0:  # a new stage paces at 1: its slowdown goes on
-        await _wait_healthy(ep.name, ep.url)
+        from testbed.errors import StageTimeoutError
+        from testbed.runtime.measure import wait_urls_healthy
+
+        try:
+            await wait_urls_healthy({ep.name: ep.url}, 300.0)
+        except StageTimeoutError as exc:  # a timeline step fails as a runtime's does
+            raise RuntimeBackendError(f"{node}: restarted, but {exc}") from exc
         await _post_speed(ep.name, ep.url, ep.speed)
 
 
@@ -302,26 +308,6 @@ async def set_node_speed(
     else:
         await runtime_of(tb).set_speed(tb, node, speed)
     await asyncio.to_thread(tb.save)
-
-
-async def _wait_healthy(node: str, url: str, timeout_s: float = 300.0) -> None:
-    """Until ``url``'s /health answers 200 (a restarted stage loading its blocks)."""
-    import aiohttp
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while True:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(f"{url}/health") as resp:
-                    if resp.status == 200 and "loading" not in await resp.json():
-                        return
-            if loop.time() > deadline:
-                raise RuntimeBackendError(
-                    f"{node}: its restarted stage server did not answer /health within "
-                    f"{timeout_s:g} s; see its log (`testbed status`)"
-                )
-            await asyncio.sleep(0.2)
 
 
 async def _post_speed(node: str, url: str, speed: float, timeout_s: float = 30.0) -> None:
