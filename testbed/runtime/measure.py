@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -41,35 +41,49 @@ async def health_report(tb: RunningTestbed, timeout_s: float = 3.0) -> dict[str,
 
 
 async def wait_urls_healthy(
-    urls: Mapping[str, str],
+    urls: Mapping[str, str | Sequence[str]],
     timeout_s: float,
     *,
     gone: Callable[[str], str | None] | None = None,
     interval_s: float = 0.25,
-) -> None:
-    """The one health wait: poll every ``name -> url`` until all answer 200. ``gone(name)``
-    says why a node can no longer come up (its process exited), which fails at once. The
-    error names the laggards and their last answer."""
+) -> dict[str, str]:
+    """The one health wait: poll every ``name -> url`` until all answer 200. A name may have
+    alternative urls (one node reached two ways), tried in order: the first that answers is
+    the one returned for it. ``gone(name)`` says why a node can no longer come up (its process
+    exited), which fails at once. The error names the laggards and each url's last answer."""
     deadline = time.monotonic() + timeout_s
-    pending = set(urls)
-    last_err: dict[str, str] = {}
+    alts = {n: [u] if isinstance(u, str) else list(u) for n, u in urls.items()}
+    pending = set(alts)
+    chosen: dict[str, str] = {}
+    last_err: dict[str, dict[str, str]] = {n: {} for n in alts}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         while pending:
             for name in sorted(pending):
-                why = await health_of(session, urls[name])
-                if why is None:
+                for url in alts[name]:
+                    why = await health_of(session, url)
+                    if why is None:
+                        chosen[name] = url
+                        break
+                    last_err[name][url] = why
+                if name in chosen:
                     pending.discard(name)
                     continue
-                last_err[name] = why
                 dead = gone(name) if gone is not None else None
                 if dead is not None:
                     raise RuntimeBackendError(f"stage server {name} {dead} while starting")
             if not pending:
                 break
             if time.monotonic() > deadline:
-                detail = ", ".join(f"{n} ({last_err.get(n, '?')})" for n in sorted(pending))
+                detail = ", ".join(_laggard(n, alts[n], last_err[n]) for n in sorted(pending))
                 raise StageTimeoutError(f"stage servers not healthy after {timeout_s:g}s: {detail}")
             await asyncio.sleep(interval_s)
+    return chosen
+
+
+def _laggard(name: str, urls: Sequence[str], errs: Mapping[str, str]) -> str:
+    if len(urls) == 1:
+        return f"{name} ({errs.get(urls[0], '?')})"
+    return f"{name} (" + "; ".join(f"{u}: {errs.get(u, '?')}" for u in urls) + ")"
 
 
 async def wait_healthy(tb: RunningTestbed, timeout_s: float = 120.0) -> None:

@@ -9,7 +9,9 @@
   server and the link probe in one container. Their two ports are published in **host
   mode** on the node that runs the task (random ports, read back from the task): the broker
   on the manager reaches each stage at ``<swarm node address>:<port>`` without the ingress
-  mesh's extra NAT hop. The host cannot join an overlay, so this is how it talks to them.
+  mesh's extra NAT hop. The host cannot join an overlay, so this is how it talks to them;
+  a task on the manager's own host is reached at its ``docker_gwbridge`` address instead
+  (no userland proxy; the published port when that address does not answer).
 - **Shaping**: the broker's traffic enters each container through its ``docker_gwbridge``
   NIC, so the link feeding the node is shaped there (downlink on the host-side veth,
   uplink inside), by the per-host agent (:mod:`testbed.runtime.swarm_agent`), which also
@@ -25,6 +27,7 @@ import contextlib
 import os
 import shlex
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +58,7 @@ from testbed.runtime.swarm import (
     swarm_state,
     wanted_of,
 )
-from testbed.runtime.swarm_agent import PLAN_ENV, run_agent_job, shape_plan
+from testbed.runtime.swarm_agent import GWBRIDGE, PLAN_ENV, run_agent_job, shape_plan
 from testbed.runtime.swarm_links import (
     link_net_name,
     link_shapes,
@@ -166,6 +169,7 @@ class SwarmTestbed(EngineBringUp):
         await asyncio.to_thread(tb.save)
         addr_of = {n.id: n.addr for n in nodes}
         into = {r: link_net_name(self.run_id, x) for x in links for r in x.receivers}
+        direct: dict[str, str] = {}
         for name, svc in services.items():
             node_id, ports, task = await asyncio.to_thread(wait_running, svc, RUNNING_TIMEOUT_S)
             ep = tb.nodes[name]
@@ -178,6 +182,10 @@ class SwarmTestbed(EngineBringUp):
             ep.address = addr_of.get(node_id) or "127.0.0.1"
             ep.url = f"http://{ep.address}:{ports[STAGE_PORT]}"
             ep.probe_port = ports[PROBE_PORT]
+            if node_id == local_id:  # on this host: its docker_gwbridge address, too
+                gw = await asyncio.to_thread(gwbridge_address, c, task)
+                if gw is not None:
+                    direct[name] = gw
             tb.notes.append(f"{name}: on swarm node {node_id[:12]} ({ep.address})")
         for i, n in enumerate(sorted(tb.nodes)):
             tb.nodes[n].make_hook(self.seed * 1000 + i)
@@ -185,7 +193,7 @@ class SwarmTestbed(EngineBringUp):
         shapes = {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}
         await shape_nodes(c, tb, shapes, info.mounts, link_shapes(tb, shapes))
         log_up(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
-        await wait_stages(tb, services, health_timeout_s)
+        await wait_stages(tb, services, health_timeout_s, direct)
         tb.status = "up"
         await asyncio.to_thread(tb.save)
 
@@ -325,12 +333,25 @@ def task_report(svc: Any, lines: int = 6) -> str:
     )
 
 
-async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: float) -> None:
+async def wait_stages(
+    tb: RunningTestbed,
+    services: dict[str, Any],
+    timeout_s: float,
+    direct: Mapping[str, str] | None = None,
+) -> None:
     """Wait until every stage answers /health; a task that ends fails the wait at once (a
-    watcher polls the tasks off the loop, the health wait reads what it found)."""
+    watcher polls the tasks off the loop, the health wait reads what it found).
+
+    A task on this host (``direct``: node -> its ``docker_gwbridge`` address) is tried first
+    at that address, the way the docker runtime reaches a container, then at its published
+    port: the first that answers is kept (and noted). The direct way skips the engine's
+    userland proxy (one more copy of every byte on the broker's host), reaches the stage's
+    tensor port, and crosses the same shaped veth; the published port stays the way to a
+    task on another host, and the fallback when the bridge address does not answer."""
     from testbed.runtime.measure import wait_urls_healthy
 
     ended: dict[str, str] = {}
+    direct = direct or {}
 
     async def watch() -> None:
         while True:
@@ -340,10 +361,14 @@ async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: f
                     ended[name] = why
             await asyncio.sleep(2.0)
 
+    def ways(ep: NodeEndpoint) -> list[str]:
+        gw = direct.get(ep.name)
+        return ([f"http://{gw}:{STAGE_PORT}"] if gw else []) + [ep.url]
+
     watcher = asyncio.create_task(watch())
     try:
-        await wait_urls_healthy(
-            {n.name: n.url for n in tb.stage_nodes()}, timeout_s, gone=ended.get
+        chosen = await wait_urls_healthy(
+            {n.name: ways(n) for n in tb.stage_nodes()}, timeout_s, gone=ended.get
         )
     except StageTimeoutError as exc:  # say what each laggard's task was doing
         seen = await asyncio.to_thread(lambda: {n: task_report(svc) for n, svc in services.items()})
@@ -353,6 +378,32 @@ async def wait_stages(tb: RunningTestbed, services: dict[str, Any], timeout_s: f
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+    for name, url in chosen.items():
+        ep = tb.nodes[name]
+        if name in direct and url != ep.url:
+            ep.address, ep.url, ep.probe_port = direct[name], url, PROBE_PORT
+            tb.notes.append(f"{name}: reached at its docker_gwbridge address {ep.address}")
+        elif name in direct:
+            tb.notes.append(
+                f"{name}: its docker_gwbridge address {direct[name]} did not answer; "
+                f"reached at the published port ({ep.url})"
+            )
+
+
+def gwbridge_address(c: Any, task: Mapping[str, Any]) -> str | None:
+    """The task's container's address on this host's ``docker_gwbridge`` (None if it has
+    none: a task on an overlay-less or host network)."""
+    import docker
+
+    cid = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
+    if not cid:
+        return None
+    try:
+        members = c.networks.get(GWBRIDGE).attrs.get("Containers") or {}
+    except docker.errors.NotFound:
+        return None
+    addr = str((members.get(cid) or {}).get("IPv4Address") or "")
+    return addr.split("/", 1)[0] or None
 
 
 async def shape_nodes(

@@ -139,6 +139,7 @@ def test_swarm_up_measure_replay_down(tmp_path: Path, monkeypatch: pytest.Monkey
                 assert ch["ok"], ch
             assert checks["cloud-1"]["measured_rtt_s"] >= 0.018  # 2 x 10 ms configured
             _assert_link_overlays(tb)
+            _assert_reached_on_the_gwbridge(c, tb)
 
             _replay(tmp_path, environ, run_id)
             _same_tokens_over_the_overlays(c, tmp_path, run_id)
@@ -153,6 +154,21 @@ def test_swarm_up_measure_replay_down(tmp_path: Path, monkeypatch: pytest.Monkey
     assert bool(c.networks.list(names=["docker_gwbridge"])) == gw_before
     if run_id is not None:
         assert _leftovers(c, run_id) == {}
+
+
+def _assert_reached_on_the_gwbridge(c: Any, tb: dict[str, Any]) -> None:
+    """Every task runs on this host: the broker reaches each at its docker_gwbridge address
+    (the engine's userland proxy out of the path), and the link checks above went that way."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    subnet = ipaddress.ip_network(
+        c.networks.get("docker_gwbridge").attrs["IPAM"]["Config"][0]["Subnet"]
+    )
+    for name, ep in tb["nodes"].items():
+        assert ipaddress.ip_address(urlsplit(ep["url"]).hostname) in subnet, (name, ep["url"])
+        assert ep["address"] == urlsplit(ep["url"]).hostname
+        assert f"{name}: reached at its docker_gwbridge address {ep['address']}" in tb["notes"]
 
 
 def _assert_link_overlays(tb: dict[str, Any]) -> None:
