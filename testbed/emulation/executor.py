@@ -107,6 +107,29 @@ def unpack_hidden(
     return raw[:, :, :n].contiguous().view(torch.float32).reshape(1, q, standin_hidden)
 
 
+class PacingLog:
+    """The steps a stage's emulated device paced, in the order they ran. One stage's log goes
+    on across the block ranges it loads beside each other (:meth:`EmulatedExecutor.
+    continue_log`), so a report's step indices (``since``) stay valid through a migration."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # steps: worker threads; reports: the event loop
+        self._steps: list[StepPacing] = []
+        self._dropped = 0
+
+    def append(self, pace: StepPacing) -> None:
+        with self._lock:
+            if len(self._steps) < _MAX_STEPS_KEPT:
+                self._steps.append(pace)
+            else:
+                self._dropped += 1
+
+    def read(self, since: int) -> tuple[list[StepPacing], int, int]:
+        """(steps from index ``since`` on, steps recorded, steps dropped past the cap)."""
+        with self._lock:
+            return self._steps[since:], len(self._steps), self._dropped
+
+
 class EmulatedExecutor:
     """A stand-in executor paced as the emulated device (see the module docstring)."""
 
@@ -147,9 +170,7 @@ class EmulatedExecutor:
         self._sleep = sleep
         # the device runs at `speed` x its profile (a timeline slowdown): windows / speed
         self.speed = timing.spec.speed
-        self._lock = threading.Lock()  # steps: worker thread; reports: the event loop
-        self._steps: list[StepPacing] = []
-        self._dropped = 0
+        self.log = PacingLog()
         if not self.is_first:  # fail now, not on the first step
             pack_hidden(
                 torch.zeros(1, 1, self.info.hidden_size), self.studied_hidden, self.wire_dtype
@@ -220,11 +241,7 @@ class EmulatedExecutor:
             self._sleep(left)
         t_end = self._clock()
         pace = StepPacing(kind, q, start_pos, predicted, t_end - t0, t_real - t0)
-        with self._lock:
-            if len(self._steps) < _MAX_STEPS_KEPT:
-                self._steps.append(pace)
-            else:
-                self._dropped += 1
+        self.log.append(pace)
         return EmulatedStepOutput(
             hidden=hidden,
             logits=out.logits,
@@ -269,11 +286,7 @@ class EmulatedExecutor:
         tokens = sum(q for _, q, _ in rows)
         context = max(c for _, _, c in rows)
         pace = StepPacing(kind, tokens, context, predicted, t_end - t0, t_real - t0)
-        with self._lock:
-            if len(self._steps) < _MAX_STEPS_KEPT:
-                self._steps.append(pace)
-            else:
-                self._dropped += 1
+        self.log.append(pace)
         emulation = {
             "predicted_s": predicted,
             "emulated_s": pace.emulated_s,
@@ -297,12 +310,16 @@ class EmulatedExecutor:
         return [r for r in results if r is not None]
 
     # -- reports ---------------------------------------------------------------------------------
+    def continue_log(self, previous: EmulatedExecutor) -> None:
+        """Record this executor's steps in ``previous``'s log from now on (a range loaded
+        beside the one the stage serves: one record of the stage; what this executor paced
+        before, its warm-up, is left out)."""
+        self.log = previous.log
+
     def pacing_report(self, since: int = 0) -> dict[str, Any]:
         """Steps from index ``since`` on: [kind, tokens, context, predicted_s, emulated_s,
         real_s] each, plus the device and the capacity (served at GET /emulation)."""
-        with self._lock:
-            steps = self._steps[since:]
-            total = len(self._steps)
+        steps, total, dropped = self.log.read(since)
         spec = self.timing.spec
         return {
             "node": spec.node,
@@ -314,7 +331,7 @@ class EmulatedExecutor:
             "cost_source": self.timing.cost.source,
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "steps_total": total,
-            "steps_dropped": self._dropped,
+            "steps_dropped": dropped,
             "since": since,
             "steps": [
                 [s.kind, s.tokens, s.context, s.predicted_s, s.emulated_s, s.real_s] for s in steps

@@ -146,7 +146,13 @@ def refuser(server: StageServer) -> Callable[[int, ErrorCode, str], web.Response
 
 
 def emulation_response(executor: StageExecutor, label: str, request: web.Request) -> web.Response:
-    """Pacing numbers of an emulated stage (404 when the stage is not emulated)."""
+    """Pacing numbers of an emulated stage (404 when the stage is not emulated). A stage
+    holding two ranges (a migration's overlap) reports its newest's log, which the older
+    ranges' steps went on in (:func:`testbed.stage.reload.continue_pacing_log`)."""
+    from testbed.stage.generations import Generations
+
+    if isinstance(executor, Generations):
+        executor = executor.newest
     report = getattr(executor, "pacing_report", None)
     if report is None:
         return error_response(

@@ -149,12 +149,22 @@ async def load_beside(server: StageServer, start: int, end: int, refuse: Any) ->
     finally:
         server.loading_beside = None
         pool.shutdown(wait=False)
+    continue_pacing_log(executor, gens.newest)
     number = gens.add(executor)
     server.swap(cfg, gens, warm)
     return web.json_response(
         info_body(server)
         | {"loaded": True, "load_s": time.perf_counter() - t0, "generation": number}
     )
+
+
+def continue_pacing_log(new: object, serving: object) -> None:
+    """An emulated range loaded beside another records its steps in the stage's one pacing
+    log (GET /emulation then reports both ranges' steps, with stable indices)."""
+    from testbed.emulation.executor import EmulatedExecutor
+
+    if isinstance(new, EmulatedExecutor) and isinstance(serving, EmulatedExecutor):
+        new.continue_log(serving)
 
 
 async def handle_unload(server: StageServer, request: web.Request) -> web.Response:

@@ -129,3 +129,52 @@ async def test_a_timeline_slowdown_of_an_emulated_node_goes_to_its_stage(
     # no stage answers: the event fails with the node and the reason
     with pytest.raises(control.RuntimeBackendError, match="e1: setting its emulated speed"):
         await control.set_node_speed(tb, "e1", 0.5)
+
+
+async def _step(s, url, rid, kind, pos, ids):
+    msg = encode(
+        {"request_id": rid, "kind": kind, "start_pos": pos}, {"input": torch.tensor([ids])}
+    )
+    async with s.post(url + "/forward", data=msg) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_the_emulation_report_covers_both_ranges_of_an_overlap(model):
+    # a migration's overlap: a request in flight steps on the old range while a new one
+    # prefills on the range loaded beside it; GET /emulation reports every step of both, in
+    # order, with the indices taken before the migration still valid after the unload
+    server = StageServer(
+        StageConfig(str(model), 0, 2, name="s", emulation=_emulation("jetson-orin-nano"))
+    )
+    await server.start()
+    url = server.url
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def report(since):
+                async with s.get(url + "/emulation", params={"since": since}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    return await resp.json()
+
+            since = (await report(0))["steps_total"]  # the warm-up's steps come before
+            await _step(s, url, "old", "prefill", 0, [1, 2, 3, 4, 5])
+            status, _ = await load(url, {"start": 0, "end": 1, "keep": True})
+            assert status == 200
+            await _step(s, url, "old", "decode", 5, [6])  # on blocks 0:2, its cache's
+            await _step(s, url, "new", "prefill", 0, [1, 2, 3])  # on blocks 0:1
+            during = await report(since)
+            steps = [(k, q, c) for k, q, c, *_ in during["steps"]]
+            assert steps == [("prefill", 5, 0), ("decode", 1, 5), ("prefill", 3, 0)]
+            old_window, new_window = during["steps"][0][3], during["steps"][2][3]
+            assert new_window < old_window  # one block's window, not two blocks'
+            assert during["steps_total"] == since + 3
+            async with s.post(url + "/release", json={"request_id": "old"}) as resp:
+                assert resp.status == 200
+            async with s.post(url + "/unload", json={"start": 0, "end": 2}) as resp:
+                assert resp.status == 200, await resp.text()
+            await _step(s, url, "new", "decode", 3, [4])
+            after = await report(since)
+            assert after["steps"][:3] == during["steps"]
+            assert [(k, q, c) for k, q, c, *_ in after["steps"][3:]] == [("decode", 1, 3)]
+    finally:
+        await server.aclose()
