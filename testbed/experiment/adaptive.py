@@ -4,7 +4,8 @@ The replay-side twin of the simulator's :mod:`testbed.sim.migrate` (same decisio
 record format). Every ``every`` seconds of the run clock the :class:`Replanner` measures:
 
 - each inter-tier link's bandwidth from the broker's own transfers over it as they happen
-  (every hop's transfer span, bytes and seconds, of the last two check intervals): a
+  (every hop's transfer span, bytes and seconds, of the last check interval when they show a
+  bandwidth on their own, so a change is acted on one check after it, else of the last two): a
   prefill's hidden states are many times a decode step's, so the extra seconds of the median
   prefill transfer over the median decode transfer, for the extra bytes, is the bandwidth,
   the per-message cost (HTTP, framing, the link's delay) cancelling out. It only counts when
@@ -142,18 +143,30 @@ class LinkMeter:
             k = self.k
             self._samples[j].append((sp.start_s / k, sp.phase, int(sp.nbytes), sp.dur_s / k))
 
-    def measure(self, since_s: float) -> tuple[tuple[LinkSpec, ...], list[dict[str, Any]]]:
-        """The links as measured from the transfers that started after ``since_s``."""
+    def measure(
+        self, since_s: float, recent_s: float | None = None
+    ) -> tuple[tuple[LinkSpec, ...], list[dict[str, Any]]]:
+        """The links as measured from the transfers that started after ``recent_s`` when
+        they alone show a bandwidth (a change is seen one interval after it), else from all
+        that started after ``since_s``."""
         links, seen = [], []
         for j, link in enumerate(self.nominal):
             assert link is not None
             self._samples[j] = [x for x in self._samples[j] if x[0] > since_s]
-            got = self._slope([x[1:] for x in self._samples[j]])
+            got, window = None, since_s
+            if recent_s is not None:
+                got, window = (
+                    self._slope([x[1:] for x in self._samples[j] if x[0] > recent_s]),
+                    recent_s,
+                )
+            if got is None:
+                got, window = self._slope([x[1:] for x in self._samples[j]]), since_s
             if got is not None:
                 self.estimate[j] = min(got, link.bandwidth_bps)
             links.append(link.model_copy(update={"bandwidth_bps": self.estimate[j]}))
             seen.append({"link": f"{self.tiers[j]}->{self.tiers[j + 1]}",
                          "bandwidth_bps": self.estimate[j], "measured": got is not None,
+                         "since_s": window if got is not None else None,
                          "samples": len(self._samples[j])})  # fmt: skip
         return tuple(links), seen
 
@@ -240,7 +253,8 @@ class Replanner:
         estimates = getattr(broker.scheduler, "capacity_estimates", None)
         raw = estimates() if callable(estimates) else {}
         speed = normalized_speed(raw, [n for _, n in self.nodes])
-        links, seen = self.meter.measure(now - 2 * self.spec.every_s)
+        every = self.spec.every_s
+        links, seen = self.meter.measure(now - 2 * every, recent_s=now - every)
         prep = self.prep
         from testbed.sim.steps import planner_times
 

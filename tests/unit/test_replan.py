@@ -203,6 +203,41 @@ def test_the_link_meter_reads_bandwidth_from_prefill_over_decode_transfers():
     assert links[0].bandwidth_bps == nominal
 
 
+def test_the_link_meter_sees_a_drop_one_interval_after_it():
+    from testbed.experiment.adaptive import LinkMeter
+    from testbed.metrics.records import Span
+
+    edge, fog = TOPO.tiers[0].nodes[0].name, TOPO.tiers[1].nodes[0].name
+
+    def hops(t: float, prefill_s: float, prefills: int = 1) -> list[Span]:
+        spans = [Span("transfer", edge, t + i, t + i + prefill_s, 1, 1, "prefill", 0, peer=fog,
+                      nbytes=1_000_000) for i in range(prefills)]  # fmt: skip
+        return spans + [
+            Span("transfer", edge, t + i / 10, t + i / 10 + 0.010 + 0.001 * (i % 3), 1, 1,
+                 "decode", i, peer=fog, nbytes=10_000)
+            for i in range(1, 10)
+        ]  # fmt: skip
+
+    nominal = TOPO.uplink(0).bandwidth_bps  # type: ignore[union-attr]
+    meter = LinkMeter(TOPO)
+    meter.observe(hops(1.0, 0.0115, prefills=3))  # 0-10 s: the link as configured
+    meter.observe(hops(11.0, 0.011 + 0.8))  # 10-20 s: dropped, one prefill so far
+    links, seen = meter.measure(0.0, recent_s=10.0)
+    assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
+    assert seen[0]["since_s"] == 10.0
+    # over both intervals the three fast prefills outvote the slow one: no drop shows
+    both = LinkMeter(TOPO)
+    both.observe(hops(1.0, 0.0115, prefills=3) + hops(11.0, 0.011 + 0.8))
+    links, seen = both.measure(0.0)
+    assert links[0].bandwidth_bps == nominal and seen[0]["since_s"] == 0.0
+    # no prefill in the last interval: the two-interval window decides
+    quiet = LinkMeter(TOPO)
+    quiet.observe(hops(1.0, 0.011 + 0.8) + hops(11.0, 0.011 + 0.8, prefills=0))
+    links, seen = quiet.measure(0.0, recent_s=10.0)
+    assert links[0].bandwidth_bps == pytest.approx(8 * 990_000 / 0.8, rel=0.01)
+    assert seen[0]["since_s"] == 0.0
+
+
 def test_the_link_meter_of_a_dilated_run_measures_on_the_emulated_clock():
     from testbed.experiment.adaptive import LinkMeter
     from testbed.metrics.records import Span
