@@ -156,7 +156,12 @@ async def one_rate(
     return ok, lag, len(reqs) - done, cpu_ms, echo_ms
 
 
-async def main_async(args: argparse.Namespace) -> None:
+Rows = dict[tuple[str, float], tuple[float, float]]  # (transport, rate) -> (cpu ms, lag p99 s)
+
+
+async def main_async(args: argparse.Namespace) -> Rows:
+    """One sweep on the running event loop; the broker's CPU per request and lag p99 of every
+    (transport, rate) at which every request completed."""
     topo = load_topology(REPO / "topologies" / "tiny.yaml")
     cost = CostModel(load_model_profile("tiny", dtype="float32"))
     plan = make_plan(
@@ -186,6 +191,7 @@ async def main_async(args: argparse.Namespace) -> None:
         best: dict[str, float | None] = dict.fromkeys(transports)
         misses = dict.fromkeys(transports, 0)
         cpu: dict[str, tuple[float, float, float]] = {}  # the highest rate with no failure
+        done: Rows = {}
         rate = args.start_rps
         while rate <= args.max_rps and any(m < args.patience for m in misses.values()):
             row = f"{rate:12.0f}"
@@ -201,6 +207,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 )
                 if not failed:
                     cpu[t] = (rate, cpu_ms, echo_ms)
+                    done[(t, rate)] = (cpu_ms, lag.p99 if lag.p99 is not None else float("nan"))
                 if ok:
                     best[t] = rate
                 # overloaded (requests failed, or lag p99 over 50x the bound): the next rate
@@ -227,6 +234,51 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"{t}: highest sustained rate {b:.0f} req/s "
                 f"(injection lag p99 < {args.lag_ms:g} ms, every request completed)"
             )
+    return done
+
+
+def use_loop(name: str) -> None:
+    """Run the next sweep on event loop ``name``: asyncio's own, or uvloop (not in the lock:
+    `uv pip install uvloop` into the environment to compare)."""
+    if name == "asyncio":
+        asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+        return
+    if name != "uvloop":
+        raise SystemExit(f"--loops: {name!r} is not asyncio or uvloop")
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        print(
+            "--loops uvloop: uvloop is not installed (it is not in uv.lock); "
+            "`.tools/bin/uv pip install --python .venv/bin/python uvloop` to compare",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def compare_loops(runs: dict[str, Rows]) -> None:
+    """Per transport and rate that every loop completed, each loop's broker CPU per request and
+    lag p99, as ratios to the first loop's."""
+    first, *others = runs
+    transports = sorted(
+        {t for rows in runs.values() for t, _ in rows}, key=["relay", "forward"].index
+    )
+    print(f"event loops side by side (ratios to {first}):")
+    for t in transports:
+        common = set.intersection(*({r for tt, r in rows if tt == t} for rows in runs.values()))
+        if not common:
+            print(f"  {t}: no rate that every loop completed")
+        for rate in sorted(common):
+            base_cpu, base_lag = runs[first][(t, rate)]
+            cells = [f"{first} {base_cpu:.2f} ms CPU/req, lag p99 {base_lag * 1e3:.2f} ms"]
+            for name in others:
+                c, lag = runs[name][(t, rate)]
+                cells.append(
+                    f"{name} {c:.2f} ms ({c / base_cpu:.2f}x), lag p99 {lag * 1e3:.2f} ms "
+                    f"({lag / base_lag:.2f}x)"
+                )
+            print(f"  {t:>7} at {rate:4.0f} req/s: " + "; ".join(cells))
 
 
 def main() -> None:
@@ -257,7 +309,22 @@ def main() -> None:
         default=10,
         help="CPU niceness of the echo stage processes (0: the broker's priority)",
     )
-    asyncio.run(main_async(p.parse_args()))
+    p.add_argument(
+        "--loops",
+        default="asyncio",
+        help="event loops of the broker, comma-separated: each runs the whole sweep, then they "
+        "are compared side by side (asyncio,uvloop; uvloop is not in the lock)",
+    )
+    args = p.parse_args()
+    loops = [x.strip() for x in args.loops.split(",") if x.strip()]
+    runs: dict[str, Rows] = {}
+    for name in loops:
+        use_loop(name)
+        if len(loops) > 1:
+            print(f"== broker event loop: {name}", flush=True)
+        runs[name] = asyncio.run(main_async(args))
+    if len(runs) > 1:
+        compare_loops(runs)
 
 
 if __name__ == "__main__":

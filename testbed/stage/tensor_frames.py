@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from testbed.stage.wire import (
     PREFIX_BYTES,
@@ -107,8 +107,8 @@ class _FrameProtocol(asyncio.BufferedProtocol):
 
     # -- connection ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's implements the interface without subclassing it)
+        self.transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=4 * SEND_SLICE)
         sock = transport.get_extra_info("socket")
         if sock is not None:
