@@ -109,7 +109,7 @@ class _FrameProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's implements the interface without subclassing it)
         self.transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(high=4 * SEND_SLICE)
+        self.transport.set_write_buffer_limits(high=4 * SEND_SLICE)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             import socket
