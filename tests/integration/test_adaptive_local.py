@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from rich.console import Console
 
 from testbed.broker.broker import BrokerConfig
@@ -23,7 +22,7 @@ from testbed.experiment.prepare import prepare
 from testbed.experiment.replay import make_transport, replay_once
 from testbed.runtime.interface import RUNTIMES
 from testbed.spec.scenario import load_scenario
-from tests.factories import reference_generate
+from tests.factories import reference_generate, scenario_dict, write_yaml
 from tests.runs import TokenBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,28 +36,24 @@ pytestmark = [
 
 
 def _scenario(tmp: Path, **over: Any) -> Path:
-    data = {
-        "name": "adaptive-local",
-        "topology": str(REPO / "topologies" / "tiny-fog2.yaml"),
-        "model": "tiny",
-        "dtype": "float32",
-        "partitioner": "bsdp",
-        "scheduler": {"name": "arts", "params": {"alpha": 0.2}},
-        "planning": {"prompt_tokens": 128, "output_tokens": 16, "concurrency": 4},
-        "workload": {
+    data = scenario_dict(
+        str(REPO / "topologies" / "tiny-fog2.yaml"),
+        name="adaptive-local",
+        dtype="float32",
+        scheduler={"name": "arts", "params": {"alpha": 0.2}},
+        planning={"prompt_tokens": 128, "output_tokens": 16, "concurrency": 4},
+        workload={
             "kind": "synthetic",
             "rate_rps": 2.0,
             "num_requests": 16,
             "prompt_tokens": 48,
             "output_tokens": 12,
         },
-        "duration": "10s",
-        "output": str(tmp / "results"),
-        "repartition": {"every": "2s", "threshold": "10%"},
-    } | over
-    path = tmp / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+        duration="10s",
+        output=str(tmp / "results"),
+        repartition={"every": "2s", "threshold": "10%"},
+    )
+    return write_yaml(tmp / "scenario.yaml", data | over)
 
 
 @pytest.mark.parametrize("transport", ["relay", "forward"])
