@@ -49,7 +49,7 @@ async def wait_urls_healthy(
 ) -> dict[str, str]:
     """The one health wait: poll every ``name -> url`` until all answer 200. A name may have
     alternative urls (one node reached two ways), tried in order: the first that answers is
-    the one returned for it. ``gone(name)`` says why a node can no longer come up (its process
+    the one returned for it (once one answers, the ones before it are tried again). ``gone(name)`` says why a node can no longer come up (its process
     exited), which fails at once. The error names the laggards and each url's last answer."""
     deadline = time.monotonic() + timeout_s
     alts = {n: [u] if isinstance(u, str) else list(u) for n, u in urls.items()}
@@ -59,10 +59,14 @@ async def wait_urls_healthy(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
         while pending:
             for name in sorted(pending):
-                for url in alts[name]:
+                for i, url in enumerate(alts[name]):
                     why = await health_of(session, url)
-                    if why is None:
-                        chosen[name] = url
+                    if why is None:  # the earlier ways once more: the stage may have begun
+                        chosen[name] = url  # listening between their try and this one
+                        for first in alts[name][:i]:
+                            if await health_of(session, first) is None:
+                                chosen[name] = first
+                                break
                         break
                     last_err[name][url] = why
                 if name in chosen:

@@ -129,17 +129,19 @@ async def wait_stages(
             )
 
 
-def gwbridge_address(c: Any, task: Mapping[str, Any]) -> str | None:
-    """The task's container's address on this host's ``docker_gwbridge`` (None if it has
-    none: a task on an overlay-less or host network)."""
+def gwbridge_addresses(c: Any, tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Node -> its task's container's address on this host's ``docker_gwbridge`` (one look at
+    the network for all of them; a container not on it is left out: its published port)."""
     import docker
 
-    cid = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
-    if not cid:
-        return None
     try:
         members = c.networks.get(GWBRIDGE).attrs.get("Containers") or {}
     except docker.errors.NotFound:
-        return None
-    addr = str((members.get(cid) or {}).get("IPv4Address") or "")
-    return addr.split("/", 1)[0] or None
+        return {}
+    out = {}
+    for name, task in tasks.items():
+        cid = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
+        addr = str((members.get(cid) or {}).get("IPv4Address") or "").split("/", 1)[0]
+        if addr:
+            out[name] = addr
+    return out

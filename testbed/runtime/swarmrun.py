@@ -65,7 +65,7 @@ from testbed.runtime.swarm_links import (
     node_networks,
     task_addresses,
 )
-from testbed.runtime.swarm_tasks import gwbridge_address, wait_running, wait_stages
+from testbed.runtime.swarm_tasks import gwbridge_addresses, wait_running, wait_stages
 
 if TYPE_CHECKING:
     from testbed.spec.plan import Plan
@@ -169,7 +169,7 @@ class SwarmTestbed(EngineBringUp):
         await asyncio.to_thread(tb.save)
         addr_of = {n.id: n.addr for n in nodes}
         into = {r: link_net_name(self.run_id, x) for x in links for r in x.receivers}
-        direct: dict[str, str] = {}
+        local_tasks: dict[str, dict[str, Any]] = {}
         for name, svc in services.items():
             node_id, ports, task = await asyncio.to_thread(wait_running, svc, RUNNING_TIMEOUT_S)
             ep = tb.nodes[name]
@@ -182,10 +182,8 @@ class SwarmTestbed(EngineBringUp):
             ep.address = addr_of.get(node_id) or "127.0.0.1"
             ep.url = f"http://{ep.address}:{ports[STAGE_PORT]}"
             ep.probe_port = ports[PROBE_PORT]
-            if node_id == local_id:  # on this host: its docker_gwbridge address, too
-                gw = await asyncio.to_thread(gwbridge_address, c, task)
-                if gw is not None:
-                    direct[name] = gw
+            if node_id == local_id:  # on this host: reached at its docker_gwbridge address too
+                local_tasks[name] = task
             tb.notes.append(f"{name}: on swarm node {node_id[:12]} ({ep.address})")
         for i, n in enumerate(sorted(tb.nodes)):
             tb.nodes[n].make_hook(self.seed * 1000 + i)
@@ -193,6 +191,7 @@ class SwarmTestbed(EngineBringUp):
         shapes = {n: (shaping[n].downlink, shaping[n].uplink) for n in tb.nodes}
         await shape_nodes(c, tb, shapes, info.mounts, link_shapes(tb, shapes))
         log_up(f"{len(tb.nodes)} services up, links shaped ({self.backend}); waiting for stages")
+        direct = await asyncio.to_thread(gwbridge_addresses, c, local_tasks)
         await wait_stages(tb, services, health_timeout_s, direct)
         tb.status = "up"
         await asyncio.to_thread(tb.save)

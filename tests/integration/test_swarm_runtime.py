@@ -166,8 +166,9 @@ def _assert_reached_on_the_gwbridge(c: Any, tb: dict[str, Any]) -> None:
         c.networks.get("docker_gwbridge").attrs["IPAM"]["Config"][0]["Subnet"]
     )
     for name, ep in tb["nodes"].items():
-        assert ipaddress.ip_address(urlsplit(ep["url"]).hostname) in subnet, (name, ep["url"])
-        assert ep["address"] == urlsplit(ep["url"]).hostname
+        host = urlsplit(ep["url"]).hostname
+        assert ipaddress.ip_address(host) in subnet, (name, ep["url"], tb["notes"])
+        assert ep["address"] == host
         assert f"{name}: reached at its docker_gwbridge address {ep['address']}" in tb["notes"]
 
 

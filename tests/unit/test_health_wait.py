@@ -14,9 +14,14 @@ from testbed.errors import StageTimeoutError
 from testbed.runtime.measure import wait_urls_healthy
 
 
-async def _server(status: int) -> tuple[web.AppRunner, str]:
+async def _server(status: int, loading: int = 0) -> tuple[web.AppRunner, str]:
+    """A /health answering ``status``, after ``loading`` answers of 503."""
+    seen = [0]
+
     async def health(_: web.Request) -> web.Response:
-        return web.Response(status=status, text="ok" if status == 200 else "loading")
+        seen[0] += 1
+        code = 503 if seen[0] <= loading else status
+        return web.Response(status=code, text="ok" if code == 200 else "loading")
 
     app = web.Application()
     app.router.add_get("/health", health)
@@ -85,3 +90,14 @@ async def test_a_node_that_is_gone_fails_at_once(servers: dict[str, str]) -> Non
             60.0,
             gone=lambda name: "exited" if name == "x" else None,
         )
+
+
+async def test_an_earlier_way_that_comes_up_meanwhile_is_preferred(servers: dict[str, str]) -> None:
+    # the bridge address refused the poll's first try (the stage was not listening yet), the
+    # published port answered right after: the bridge address is tried again and kept
+    runner, late = await _server(200, loading=1)
+    try:
+        got = await wait_urls_healthy({"n": [late, servers["ok"]]}, 5.0, interval_s=0.05)
+    finally:
+        await runner.cleanup()
+    assert got == {"n": late}
