@@ -135,6 +135,7 @@ def test_swarm_up_measure_replay_down(tmp_path: Path, monkeypatch: pytest.Monkey
             checks = {ch["node"]: ch for ch in tb["checks"] if ch["src"] == "host"}
             assert set(checks) == fed
             for ch in checks.values():
+                print(f"host to node: {ch}", file=sys.stderr)
                 assert ch["measured_rtt_s"] is not None, ch
                 assert ch["ok"], ch
             assert checks["cloud-1"]["measured_rtt_s"] >= 0.018  # 2 x 10 ms configured
@@ -158,7 +159,8 @@ def test_swarm_up_measure_replay_down(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def _assert_reached_on_the_gwbridge(c: Any, tb: dict[str, Any]) -> None:
     """Every task runs on this host: the broker reaches each at its docker_gwbridge address
-    (the engine's userland proxy out of the path), and the link checks above went that way."""
+    (the engine's userland proxy out of the path), or at its published port where that address
+    never answered, as the state's notes say (two CI runs saw a node take the fallback)."""
     import ipaddress
     from urllib.parse import urlsplit
 
@@ -167,9 +169,16 @@ def _assert_reached_on_the_gwbridge(c: Any, tb: dict[str, Any]) -> None:
     )
     for name, ep in tb["nodes"].items():
         host = urlsplit(ep["url"]).hostname
-        assert ipaddress.ip_address(host) in subnet, (name, ep["url"], tb["notes"])
         assert ep["address"] == host
-        assert f"{name}: reached at its docker_gwbridge address {ep['address']}" in tb["notes"]
+        if ipaddress.ip_address(host) in subnet:
+            assert f"{name}: reached at its docker_gwbridge address {host}" in tb["notes"]
+        else:  # the fallback: the bridge address never answered, and the state says so
+            said = [x for x in tb["notes"] if x.startswith(f"{name}: its docker_gwbridge address")]
+            assert said and said[0].endswith(f"reached at the published port ({ep['url']})"), (
+                name,
+                tb["notes"],
+            )
+            print(f"fallback: {said[0]}", file=sys.stderr)
 
 
 def _assert_link_overlays(tb: dict[str, Any]) -> None:
